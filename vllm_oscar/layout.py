@@ -1,0 +1,119 @@
+"""The paged INT2 KV-cache layout: one dataclass, every size derived from it.
+
+One vLLM KV block of one OSCAR layer is a ``uint8`` tensor of shape
+``[num_kv_heads, head_page_bytes]``; the whole layer cache is
+``[num_blocks, num_kv_heads, head_page_bytes]`` (see :meth:`Int2PageLayout.cache_shape`).
+Inside one (block, kv head) *head page* the bytes are, in order::
+
+    k_codes   [block_size, head_dim/4]  uint8  INT2 codes of rotated, clipped K, quartered packing
+    v_codes   [block_size, head_dim/4]  uint8  the same for V
+    k_params  [block_size, 2]           fp16   (scale, offset) per token: k = code*scale + offset
+    v_params  [block_size, 2]           fp16   the same for V
+
+Head-major pages keep the tokens of one KV head contiguous, so a decode CTA that owns one KV head
+streams ``block_size * head_dim/4`` code bytes with 16-byte vector loads and serves every query head
+of its GQA group from them.
+
+**Quartered packing.** With ``Q = head_dim/4``, byte ``j`` of a row holds elements
+``j, Q+j, 2Q+j, 3Q+j`` in bits ``[1:0], [3:2], [5:4], [7:6]``. One 32-bit word of 4 bytes therefore
+yields 4 *consecutive* elements of each quarter with one shift and mask per quarter (the OSCAR
+authors' layout; their kernels and ours unpack it the same way).
+
+**Scale and offset.** The per-row affine pair is stored as fp16 ``scale`` and fp16 ``offset`` (the
+row minimum after clipping), so dequantization is one fused multiply-add. This is the paper's
+``(code - zero) * scale`` with ``zero = -offset/scale``; storing the offset instead of the float zero
+point avoids one fp16 rounding of a possibly large ``zero``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+CODES_PER_BYTE = 4  # INT2
+PARAMS_PER_ROW = 2  # (scale, offset)
+PARAM_BYTES = 2  # fp16
+
+
+@dataclass(frozen=True)
+class Int2PageLayout:
+    """Byte layout of one KV block of an OSCAR INT2 layer (see the module docstring)."""
+
+    head_dim: int
+    block_size: int
+    num_kv_heads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(
+                f"head_dim={self.head_dim} is not supported by the OSCAR INT2 cache; supported head dims: "
+                f"{list(SUPPORTED_HEAD_DIMS)} (powers of two, for the Hadamard rotation and 4-way packing)"
+            )
+        if self.block_size <= 0 or self.block_size % 16 != 0:
+            raise ValueError(
+                f"block_size={self.block_size} must be a positive multiple of 16 (keeps every region of a "
+                "head page 16-byte aligned for vector loads)"
+            )
+        if self.num_kv_heads <= 0:
+            raise ValueError(f"num_kv_heads={self.num_kv_heads} must be positive")
+
+    @property
+    def packed_row_bytes(self) -> int:
+        """Bytes of INT2 codes for one (token, kv head) row of K or of V: ``head_dim / 4``."""
+        return self.head_dim // CODES_PER_BYTE
+
+    @property
+    def params_row_bytes(self) -> int:
+        """Bytes of (scale, offset) for one row: two fp16 values."""
+        return PARAMS_PER_ROW * PARAM_BYTES
+
+    @property
+    def token_bytes_per_head(self) -> int:
+        """Bytes one token costs per KV head, K and V together: codes plus scale/offset."""
+        return 2 * (self.packed_row_bytes + self.params_row_bytes)
+
+    @property
+    def k_codes_offset(self) -> int:
+        """Offset of the K code region inside a head page."""
+        return 0
+
+    @property
+    def v_codes_offset(self) -> int:
+        """Offset of the V code region inside a head page."""
+        return self.block_size * self.packed_row_bytes
+
+    @property
+    def k_params_offset(self) -> int:
+        """Offset of the K (scale, offset) fp16 pairs inside a head page."""
+        return 2 * self.block_size * self.packed_row_bytes
+
+    @property
+    def v_params_offset(self) -> int:
+        """Offset of the V (scale, offset) fp16 pairs inside a head page."""
+        return self.k_params_offset + self.block_size * self.params_row_bytes
+
+    @property
+    def head_page_bytes(self) -> int:
+        """Bytes of one (block, kv head) head page."""
+        return self.block_size * self.token_bytes_per_head
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one KV block of one layer (all KV heads): what vLLM's page-size math must see."""
+        return self.num_kv_heads * self.head_page_bytes
+
+    def cache_shape(self, num_blocks: int) -> tuple[int, int, int]:
+        """Shape of a layer's ``uint8`` cache tensor: ``[num_blocks, num_kv_heads, head_page_bytes]``."""
+        return (num_blocks, self.num_kv_heads, self.head_page_bytes)
+
+    def bf16_page_bytes(self) -> int:
+        """Bytes the same block would take in vLLM's BF16 cache (K and V), for capacity ratios."""
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * 2
+
+    def compression_ratio(self) -> float:
+        """How many INT2 tokens fit in the bytes of one BF16 token (7.11 at d=128, 6.4 at d=64)."""
+        return self.bf16_page_bytes() / self.page_bytes
+
+    def bits_per_element(self) -> float:
+        """Stored bits per K or V element in the INT2 region (2 + 32/head_dim)."""
+        return 8.0 * self.token_bytes_per_head / (2 * self.head_dim)
