@@ -26,6 +26,10 @@ def _cuda_extensions():
     if not sources:
         _say("csrc/ has no sources yet: building without CUDA kernels.")
         return [], {}
+    # torch guesses CUDA_HOME from `which nvcc`; a /usr/local/bin/nvcc shim would make that /usr/local.
+    # Prefer the toolkit's own folder when it exists.
+    if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     try:
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError as exc:  # pragma: no cover - torch is a hard dependency
