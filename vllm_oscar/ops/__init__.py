@@ -1,1 +1,335 @@
-"""OSCAR ops: the plain-PyTorch spec (:mod:`vllm_oscar.ops.reference`) and the CUDA kernels."""
+"""OSCAR ops: the plain-PyTorch spec (:mod:`vllm_oscar.ops.reference`) and the CUDA kernels.
+
+The kernels live in the optional extension ``vllm_oscar._C`` (``csrc/``, built by ``setup.py`` when a
+CUDA toolkit is present) and are registered as ``torch.ops.oscar.*`` with fake implementations
+(:mod:`vllm_oscar.ops._library`), so torch.compile and CUDA-graph capture see them. Importing this
+package never loads the extension; the first kernel call does, and raises
+:class:`KernelsUnavailableError` with the reason when it is missing or broken.
+
+Cache layouts (see :mod:`vllm_oscar.layout`):
+
+* INT2 cache, per layer: ``uint8 [num_blocks, num_kv_heads, head_page_bytes]``; a head page holds
+  ``block_size`` tokens as ``k_codes | v_codes | k (scale, offset) fp16 | v (scale, offset) fp16``.
+* Window cache, per layer: ``[num_blocks, 2, window_block_size, num_kv_heads, head_dim]`` bf16 (K then
+  V), rows in the rotated space. Decode reads position ``j`` of a sequence of length ``n`` from it
+  when ``j < sink`` or ``j >= n - recent`` and from INT2 otherwise (:func:`reference.paged_decode`).
+
+Slots and block tables follow vLLM: ``slot = block * block_size + offset`` and position ``j`` of
+sequence ``b`` lives in block ``block_table[b, j // block_size]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "DecodeWorkspace",
+    "KernelsUnavailableError",
+    "decode",
+    "decode_num_splits",
+    "gather_prefix",
+    "kernels_available",
+    "kernels_unavailable_reason",
+    "make_decode_workspace",
+    "store_kv",
+]
+
+_REBUILD_HINT = (
+    "rebuild with `pip install --no-build-isolation -e .` on a machine with a CUDA toolkit "
+    "(nvcc on PATH or CUDA_HOME set) and the same torch as at run time"
+)
+
+_loaded = False
+_load_error: str | None = None
+
+
+class KernelsUnavailableError(RuntimeError):
+    """The CUDA extension ``vllm_oscar._C`` is missing or failed to load."""
+
+
+def _load() -> None:
+    global _loaded, _load_error
+    if _loaded:
+        return
+    _loaded = True
+    try:
+        import vllm_oscar._C  # noqa: F401, PLC0415  (registers torch.ops.oscar.*)
+    except ModuleNotFoundError as exc:
+        if exc.name != "vllm_oscar._C":
+            _load_error = f"importing vllm_oscar._C failed: {exc}"
+        else:
+            _load_error = (
+                "vllm_oscar._C was not built (no CUDA toolkit at install time, or VLLM_OSCAR_SKIP_CUDA_BUILD=1)"
+            )
+        return
+    except (ImportError, OSError) as exc:  # e.g. built against another torch: undefined symbols
+        _load_error = f"vllm_oscar._C failed to load: {exc}"
+        return
+    from vllm_oscar.ops import _library  # noqa: PLC0415
+
+    _library.register_fakes()
+
+
+def kernels_available() -> bool:
+    """Whether ``vllm_oscar._C`` loaded (it may still lack a GPU to run on)."""
+    _load()
+    return _load_error is None
+
+
+def kernels_unavailable_reason() -> str | None:
+    """Why the kernels cannot be used, or ``None`` when they loaded."""
+    _load()
+    return _load_error
+
+
+def _ops():
+    _load()
+    if _load_error is not None:
+        raise KernelsUnavailableError(f"vllm_oscar CUDA kernels are unavailable: {_load_error}; {_REBUILD_HINT}.")
+    return torch.ops.oscar
+
+
+# --------------------------------------------------------------------------------------------------
+# store
+# --------------------------------------------------------------------------------------------------
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    rotation_k: torch.Tensor | None = None,
+    rotation_v: torch.Tensor | None = None,
+    *,
+    k_clip_ratio: float,
+    v_clip_ratio: float,
+    window_cache: torch.Tensor | None = None,
+    window_slot_mapping: torch.Tensor | None = None,
+) -> None:
+    """Rotate, clip, INT2-quantize and pack K/V rows into the paged cache, in place.
+
+    Args:
+        key, value: ``[num_tokens, num_kv_heads, head_dim]`` bf16 or fp16 (last dim contiguous; row
+            strides free, so views of a fused qkv tensor work). Only the first
+            ``slot_mapping.shape[0]`` tokens are read.
+        kv_cache: ``uint8 [num_blocks, num_kv_heads, head_page_bytes]``; ``block_size`` is
+            ``head_page_bytes / (2 * (head_dim / 4 + 4))``.
+        slot_mapping: ``int64 [T]``, ``block * block_size + offset``; ``-1`` skips the token.
+        rotation_k, rotation_v: ``float32 [head_dim, head_dim]`` (``x_rot = x @ R``), ``None`` = identity.
+        k_clip_ratio, v_clip_ratio: row clip quantile (``<= 0`` disables clipping).
+        window_cache: optional ``[num_window_blocks, 2, window_block_size, num_kv_heads, head_dim]``
+            bf16/fp16: the rotated, unclipped rows of tokens with ``window_slot_mapping[t] >= 0`` are
+            also written there (``int64 [>= T]``, ``-1`` skips).
+
+    Matches :func:`reference.store_kv` + :func:`reference.store_window`: fp32 rotation, the exact
+    ``sort(|x|)[idx]`` clip threshold, fp16 (scale, offset), ``floor((x - offset) / scale + 0.5)``.
+    The rotation's fp32 sums run in a different order than a CPU matmul, so with a non-identity R a
+    few codes per thousand can land one level apart from the reference; with identity R (or None)
+    the bytes are identical.
+
+    >>> store_kv(k, v, cache, slots, r_k, r_v, k_clip_ratio=0.96, v_clip_ratio=0.92)  # doctest: +SKIP
+    """
+    _ops().store_kv(
+        key, value, kv_cache, slot_mapping, rotation_k, rotation_v, float(k_clip_ratio), float(v_clip_ratio),
+        window_cache, window_slot_mapping,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# decode
+# --------------------------------------------------------------------------------------------------
+
+# Mirrors of DecodeTraits in csrc/kernels/decode.cuh (checked against the extension in tests).
+_TILE = {64: 256, 128: 256, 256: 128}  # INT2 tokens per pipeline stage
+
+
+def _window_tile(head_dim: int) -> int:
+    return int(_ops().decode_window_tile(head_dim))
+
+
+def _window_splits(head_dim: int, sink: int, recent: int, window: bool) -> int:
+    return -(-(sink + recent) // _window_tile(head_dim)) if window else 0
+
+
+def decode_num_splits(
+    batch: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    max_seq_len: int,
+    *,
+    sink: int = 0,
+    recent: int = 0,
+    window: bool = True,
+    num_sms: int | None = None,
+) -> int:
+    """INT2 split count for a batch size and maximum context: fixed per (batch, max_seq_len), so a
+    CUDA graph captured with it stays valid for every shorter sequence.
+
+    Aims at two resident CTAs per SM (the d <= 128 kernel's occupancy: 78 KB of shared memory and
+    <= 128 registers per thread), with at least one 256-token tile per split.
+    """
+    if num_sms is None:
+        num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    tiles = max(1, -(-max(max_seq_len - ((sink + recent) if window else 0), 1) // _TILE[head_dim]))
+    s = -(-2 * num_sms // max(1, batch * num_kv_heads))
+    group = num_q_heads // num_kv_heads
+    cap = int(_ops().decode_max_split_heads(head_dim, group)) // group - _window_splits(head_dim, sink, recent, window)
+    return max(1, min(s, tiles, cap))
+
+
+@dataclass(frozen=True)
+class DecodeWorkspace:
+    """Preallocated scratch of :func:`decode` (reusable across layers on one stream, not concurrently).
+
+    ``buffer`` fp32 holds the rotated queries and the per-split partial outputs and log-sum-exps;
+    ``semaphores`` int32 ``[max_batch * num_kv_heads]`` must start at zero, and the kernel leaves it at
+    zero, so one allocation serves every replay of a CUDA graph.
+    """
+
+    buffer: torch.Tensor
+    semaphores: torch.Tensor
+    num_splits: int
+    max_batch: int
+
+
+def make_decode_workspace(
+    max_batch: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    max_seq_len: int,
+    *,
+    sink: int = 0,
+    recent: int = 0,
+    window: bool = True,
+    device: torch.device | str | None = None,
+    num_splits: int | None = None,
+) -> DecodeWorkspace:
+    """Allocate a :class:`DecodeWorkspace` for up to ``max_batch`` sequences of ``max_seq_len`` tokens."""
+    device = torch.device("cuda") if device is None else torch.device(device)
+    if num_splits is None:
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        num_splits = decode_num_splits(
+            max_batch, num_q_heads, num_kv_heads, head_dim, max_seq_len,
+            sink=sink, recent=recent, window=window, num_sms=num_sms,
+        )
+    group = num_q_heads // num_kv_heads
+    s_total = num_splits + _window_splits(head_dim, sink, recent, window)
+    numel = max_batch * num_q_heads * head_dim + max_batch * num_kv_heads * s_total * group * (head_dim + 1)
+    return DecodeWorkspace(
+        buffer=torch.empty(max(numel, 1), dtype=torch.float32, device=device),
+        semaphores=torch.zeros(max(max_batch * num_kv_heads, 1), dtype=torch.int32, device=device),
+        num_splits=num_splits,
+        max_batch=max_batch,
+    )
+
+
+def decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    workspace: DecodeWorkspace | None = None,
+    *,
+    window_cache: torch.Tensor | None = None,
+    window_block_table: torch.Tensor | None = None,
+    rotation_k: torch.Tensor | None = None,
+    rotation_v: torch.Tensor | None = None,
+    sink: int = 0,
+    recent: int = 0,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention of one query token per sequence over the OSCAR cache.
+
+    Args:
+        q: ``[batch, num_q_heads, head_dim]`` bf16, the query at position ``seq_lens[b] - 1``, in the
+            model space (rotated by ``rotation_k`` inside). Query head ``h`` reads kv head
+            ``h // (num_q_heads // num_kv_heads)``.
+        kv_cache: INT2 cache ``uint8 [num_blocks, num_kv_heads, head_page_bytes]``.
+        block_table: ``int32 [>= batch, max_blocks]``; seq_lens: ``int32 [>= batch]`` (0 gives zeros).
+        workspace: from :func:`make_decode_workspace`; ``None`` allocates one per call (not
+            CUDA-graph safe).
+        window_cache, window_block_table: BF16 window cache
+            ``[num_window_blocks, 2, window_block_size, num_kv_heads, head_dim]`` and its ``int32``
+            block table; rows ``j < sink`` and ``j >= seq_len - recent`` are read from it. ``None``:
+            every row comes from INT2.
+        rotation_k: ``float32 [d, d]`` applied to q (``None`` = identity).
+        rotation_v: ``float32 [d, d]``; the output is ``o @ rotation_v.T``. ``None`` leaves the output
+            in the rotated space (use it when R_V is folded into o_proj).
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        out: optional ``[batch, num_q_heads, head_dim]`` bf16 destination.
+
+    Returns ``out``. Matches :func:`reference.paged_decode` to bf16 accuracy.
+    """
+    batch, num_q_heads, head_dim = q.shape
+    if workspace is None:
+        bs = kv_cache.shape[2] // (2 * (head_dim // 4 + 4))
+        workspace = make_decode_workspace(
+            batch, num_q_heads, kv_cache.shape[1], head_dim, block_table.shape[1] * bs,
+            sink=sink, recent=recent, window=window_cache is not None, device=q.device,
+        )
+    if out is None:
+        out = torch.empty_like(q)
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    _ops().decode(
+        out, q, kv_cache, block_table, seq_lens, window_cache, window_block_table, rotation_k, rotation_v,
+        int(sink), int(recent), scale, workspace.buffer, workspace.semaphores, int(workspace.num_splits),
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# prefix gather (chunked prefill / prefix-cache hits)
+# --------------------------------------------------------------------------------------------------
+
+
+def gather_prefix(
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    head_dim: int,
+    prefix_lens: torch.Tensor | None = None,
+    window_cache: torch.Tensor | None = None,
+    window_block_table: torch.Tensor | None = None,
+    window_starts: torch.Tensor | None = None,
+    sink: int = 0,
+    total_tokens: int | None = None,
+    key_out: torch.Tensor | None = None,
+    value_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantize the cached prefixes of several sequences into contiguous bf16 K and V (rotated space).
+
+    Sequence ``i`` owns output rows ``cu_seqlens[i] .. cu_seqlens[i+1]-1`` (``int32 [num_seqs + 1]``)
+    and its prefix positions ``j = 0 .. prefix_lens[i]-1`` (default: all of its rows) land in rows
+    ``cu_seqlens[i] + j``; rows past the prefix are left untouched, so the caller can write the new
+    chunk's K/V there and hand the same ``cu_seqlens`` to FlashAttention varlen.
+
+    Window rule: position ``j`` is copied from ``window_cache`` (bf16, through ``window_block_table``)
+    when a window cache is given and ``j < sink`` or ``j >= window_starts[i]`` (``int32 [num_seqs]``,
+    typically the first position whose BF16 copy is still held); otherwise it is dequantized from
+    INT2 as ``bf16(code * scale + offset)`` (product and sum rounded separately in fp32, exactly
+    :func:`reference.dequantize_int2` then a bf16 cast).
+
+    Returns ``(key_out, value_out)`` ``[total_tokens, num_kv_heads, head_dim]`` bf16. Without
+    ``total_tokens`` (and without outputs) this reads ``cu_seqlens[-1]`` on the host (a sync).
+    """
+    num_kv_heads = kv_cache.shape[1]
+    if key_out is None or value_out is None:
+        rows = int(cu_seqlens[-1]) if total_tokens is None else int(total_tokens)
+        shape = (rows, num_kv_heads, head_dim)
+        key_out = torch.empty(shape, dtype=torch.bfloat16, device=kv_cache.device) if key_out is None else key_out
+        value_out = (
+            torch.empty(shape, dtype=torch.bfloat16, device=kv_cache.device) if value_out is None else value_out
+        )
+    _ops().gather_prefix(
+        key_out, value_out, kv_cache, block_table, cu_seqlens, prefix_lens, window_cache, window_block_table,
+        window_starts, int(sink),
+    )
+    return key_out, value_out
+

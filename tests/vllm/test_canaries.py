@@ -1,0 +1,142 @@
+"""Canaries: fail loudly when vLLM moves or reshapes anything vllm-oscar patches or relies on.
+
+A failure here means "re-verify the integration against this vLLM", not a flaky test. Each check names
+the object and what the plugin assumes about it (see vllm_oscar/vllm_patches.py and
+docs/vllm-integration.md).
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+
+import pytest
+
+from vllm_oscar import vllm_patches
+
+
+def _params(fn) -> list[str]:
+    return list(inspect.signature(inspect.unwrap(fn)).parameters)
+
+
+def test_vllm_is_the_pinned_release():
+    import vllm
+
+    assert vllm.__version__ == vllm_patches.SUPPORTED_VLLM_VERSION, (
+        f"vllm-oscar is pinned to vLLM {vllm_patches.SUPPORTED_VLLM_VERSION}; re-run these canaries and update "
+        "the pin only once they all pass on the new version"
+    )
+
+
+@pytest.mark.parametrize("target", vllm_patches.PATCH_TARGETS, ids=lambda t: f"{t.module}.{t.attr}")
+def test_patch_target_exists(target):
+    target.resolve()  # ImportError / AttributeError = vLLM moved it
+
+
+def test_cache_dtype_is_still_a_closed_literal():
+    from vllm.config import cache
+
+    assert typing.get_origin(cache.CacheDType) is typing.Literal
+    # If CacheConfig.cache_dtype ever accepts any str (or vLLM ships register_kv_cache_dtype), the
+    # Literal patch should give way to the official route in vllm_patches._register_cache_dtype.
+    assert cache.CacheConfig.__dataclass_fields__["cache_dtype"].type in ("CacheDType", cache.CacheDType)
+    assert not hasattr(cache, "register_kv_cache_dtype")
+    assert hasattr(cache.CacheConfig, "__pydantic_validator__")
+
+
+def test_selector_calls_the_cached_function_by_module_global_name():
+    from vllm.v1.attention import selector
+
+    assert _params(selector._cached_get_attn_backend) == ["backend", "attn_selector_config", "num_heads"]
+    # get_attn_backend looks the function up in the module namespace at call time, so replacing the
+    # module attribute is enough (a `from ... import` elsewhere would bypass the wrapper).
+    assert "_cached_get_attn_backend(" in inspect.getsource(selector.get_attn_backend)
+    assert {"kv_cache_dtype", "use_mla", "has_sink", "has_sliding_window", "attn_type", "head_size", "dtype",
+            "use_kv_connector", "use_pcp"} <= set(selector.AttentionSelectorConfig._fields)
+
+
+def test_attention_layer_contract():
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    init = inspect.unwrap(Attention.__init__)
+    assert {"num_heads", "head_size", "scale", "num_kv_heads", "cache_config", "prefix"} <= set(_params(init))
+    src = inspect.getsource(init)
+    # The window companion relies on: skip layers get "auto" here, the layer registers itself by prefix,
+    # and the backend name indexes AttentionBackendEnum.
+    assert 'kv_cache_dtype = "auto"' in src
+    assert "compilation_config.static_forward_context[prefix] = self" in src
+    assert "AttentionBackendEnum[self.attn_backend.get_name()]" in src
+    assert _params(Attention.get_kv_cache_spec) == ["self", "vllm_config"]
+    assert _params(Attention.process_weights_after_loading) == ["self", "act_dtype"]
+
+
+def test_engine_args_and_spec_registry_signatures():
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    assert _params(EngineArgs.create_engine_config) == ["self", "usage_context", "headless"]
+    assert "create_engine_config" not in AsyncEngineArgs.__dict__  # `vllm serve` inherits the wrapped method
+    raw = KVCacheSpecRegistry.__dict__["_ensure_registered"]
+    assert isinstance(raw, classmethod) and _params(raw.__func__) == ["cls", "vllm_config"]
+    assert _params(KVCacheSpecRegistry.register) == ["kvcache_spec_cls", "manager_class", "uniform_type_base_spec"]
+
+
+def test_custom_backend_slot():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    assert AttentionBackendEnum.CUSTOM.value is None
+
+
+def test_sliding_window_manager_hooks_the_window_manager_overrides():
+    from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+
+    expected = {
+        "remove_skipped_blocks": ["self", "request_id", "processed_computed_tokens", "num_prompt_tokens"],
+        "get_num_blocks_to_allocate": ["self", "request_id", "num_tokens", "new_computed_blocks",
+                                       "total_computed_tokens", "num_local_computed_tokens", "num_tokens_main_model",
+                                       "apply_admission_cap"],
+        "add_local_computed_blocks": ["self", "request_id", "new_computed_blocks", "num_local_computed_tokens",
+                                      "num_external_computed_tokens"],
+        "find_longest_cache_hit": ["cls", "block_hashes", "max_length", "kv_cache_group_ids", "block_pool",
+                                   "kv_cache_spec", "drop_eagle_block", "alignment_tokens", "dcp_world_size",
+                                   "pcp_world_size"],
+        "reachable_block_mask": ["cls", "start_block", "end_block", "alignment_tokens", "kv_cache_spec", "use_eagle",
+                                 "retention_interval", "reachable_boundaries"],
+        "_remove_blocks_in_range": ["self", "request_id", "first_block", "last_block"],
+        "get_num_skipped_tokens": ["self", "num_computed_tokens"],
+    }
+    for name, params in expected.items():
+        fn = getattr(SlidingWindowManager, name)
+        got = _params(fn.__func__ if inspect.ismethod(fn) else fn)
+        assert got == params, f"SlidingWindowManager.{name}{got} changed (OscarWindowManager overrides it)"
+
+
+def test_kv_cache_utils_behaviour_the_windows_rely_on():
+    from vllm.v1.core import kv_cache_utils, single_type_kv_cache_manager
+    from vllm.v1.kv_cache_interface import AttentionSpec, SlidingWindowSpec
+
+    # One page size for every group; padding allowed for block-stride-indexed backends.
+    assert "indexes_kv_by_block_stride" in inspect.getsource(kv_cache_utils.unify_kv_cache_spec_page_size)
+    assert {"page_size_padded", "indexes_kv_by_block_stride"} <= set(AttentionSpec.__dataclass_fields__)
+    # The admission cap comes from the spec for every SlidingWindowSpec subclass.
+    src = inspect.getsource(single_type_kv_cache_manager.get_manager_for_kv_cache_spec)
+    assert "max_admission_blocks_per_request" in src and "SlidingWindowSpec" in src
+    assert _params(SlidingWindowSpec.max_admission_blocks_per_request) == [
+        "self", "max_in_flight_tokens", "max_model_len"]
+    assert _params(SlidingWindowSpec.max_memory_usage_bytes) == ["self", "vllm_config"]
+
+
+def test_runtime_objects_the_impl_reads():
+    from vllm.forward_context import ForwardContext
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    from vllm.v1.worker.gpu.attn_utils import _reshape_attention_kv_cache
+
+    # The OSCAR impl finds its window companion's cache, metadata and slot mapping here.
+    assert {"no_compile_layers", "attn_metadata", "slot_mapping"} <= set(ForwardContext.__dataclass_fields__)
+    assert {"seq_lens_cpu_upper_bound", "query_start_loc_cpu", "block_table_tensor",
+            "slot_mapping"} <= set(CommonAttentionMetadata.__dataclass_fields__)
+    # The companion implements every abstract method of the layer base class.
+    assert AttentionLayerBase.__abstractmethods__ == {"get_attn_backend", "get_kv_cache_spec"}
+    # Padded window pages are viewed with the block stride.
+    assert "page_size_padded" in inspect.getsource(_reshape_attention_kv_cache)
