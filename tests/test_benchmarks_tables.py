@@ -1,0 +1,30 @@
+"""benchmarks/run.py turns result JSON into the README tables (no GPU needed)."""
+
+from benchmarks.run import FORMATS, markdown
+
+
+def test_markdown_tables_from_results():
+    e2e = {"results": [
+        {"format": "auto", "capacity": {"8192": {"max_concurrency": 48.0}, "32768": {"max_concurrency": 12.0},
+                                        "131072": {"max_concurrency": 3.0}},
+         "latency_bs1": {"32768": {"tpot_ms": 8.45}}, "throughput": {"output_tok_s": 1984.0}},
+        {"format": "oscar_int2", "capacity": {"8192": {"max_concurrency": 250.0},
+                                              "32768": {"max_concurrency": 78.6},
+                                              "131072": {"max_concurrency": 20.5}},
+         "latency_bs1": {"32768": {"tpot_ms": 6.9}}},
+        {"format": "fp8", "error": "worker exited 1 after 30s"},
+    ]}
+    acc = {"results": [{"format": "auto", "perplexity": {"shakespeare:tragedies": 34.0}},
+                       {"format": "oscar_int2", "perplexity": {"shakespeare:tragedies": 37.4}}]}
+    text = markdown(e2e, acc)
+    assert "| `oscar_int2` | 250.00 | 78.60 | 20.50 | 6.55x |" in text
+    assert "| `fp8` | worker exited 1 after 30s |" in text
+    assert "| `auto` | 8.45 | 1984 |" in text
+    assert "| `oscar_int2` | 37.400 | +10.0% |" in text
+
+
+def test_every_format_goes_through_the_same_engine_kwargs():
+    assert {f["kv_cache_dtype"] for f in FORMATS.values()} == {
+        "auto", "fp8", "turboquant_4bit_nc", "turboquant_3bit_nc", "oscar_int2"}
+    assert FORMATS["int2_naive"]["additional_config"]["oscar"]["rotation"] == "none"
+    assert FORMATS["int2_hadamard"]["additional_config"]["oscar"]["recent_tokens"] == 0
