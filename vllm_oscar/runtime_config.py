@@ -25,6 +25,7 @@ receive a pickled copy, use exactly the same settings and do not warn again.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -389,10 +390,32 @@ def resolve(facts: ModelFacts, user: OscarUserConfig, *, defaults_dir: str | Non
     return resolved, artifact
 
 
+@contextlib.contextmanager
+def fork_safe_torch():
+    """Run CPU tensor math single-threaded.
+
+    ``LLM(...)`` forks vLLM's engine-core process from the process that resolves this config. If that
+    process has run a multi-threaded CPU op, the GNU OpenMP thread pool does not survive the fork and
+    the child hangs in its first parallel region (seen on the H100: EngineCore stuck forever in
+    ``torch.zeros(..., pin_memory=True)`` after the data-free artifact's orthogonality check;
+    reproduced on CPU by tests/vllm/test_fork_safety.py). The matrices here are a few MB: one thread
+    costs milliseconds.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def data_free_artifact(resolved: ResolvedOscarConfig, facts: ModelFacts):
     from vllm_oscar.artifact import hadamard_artifact
 
-    return hadamard_artifact(_base_model_info(facts), mode=resolved.mode)
+    with fork_safe_torch():
+        return hadamard_artifact(_base_model_info(facts), mode=resolved.mode)
 
 
 def load_artifact(source: str, subfolder: str | None, facts: ModelFacts):
@@ -402,7 +425,8 @@ def load_artifact(source: str, subfolder: str | None, facts: ModelFacts):
 
     try:
         # RotationZoo files carry no model identity: the served model's facts fill it in (shape still checked).
-        art = load_rotations(source, subfolder=subfolder, base_model=_base_model_info(facts))
+        with fork_safe_torch():
+            art = load_rotations(source, subfolder=subfolder, base_model=_base_model_info(facts))
         art.check_compatible(facts.model, facts.revision, facts.num_layers, facts.head_dim)
     except ArtifactError as exc:
         raise OscarConfigError(f"OSCAR rotations {source!r} cannot be used for {facts.model}: {exc}") from None

@@ -55,7 +55,7 @@ def _load() -> None:
         return
     _loaded = True
     try:
-        import vllm_oscar._C  # noqa: F401, PLC0415  (registers torch.ops.oscar.*)
+        import vllm_oscar._C  # noqa: F401  (registers torch.ops.oscar.*)
     except ModuleNotFoundError as exc:
         if exc.name != "vllm_oscar._C":
             _load_error = f"importing vllm_oscar._C failed: {exc}"
@@ -67,7 +67,7 @@ def _load() -> None:
     except (ImportError, OSError) as exc:  # e.g. built against another torch: undefined symbols
         _load_error = f"vllm_oscar._C failed to load: {exc}"
         return
-    from vllm_oscar.ops import _library  # noqa: PLC0415
+    from vllm_oscar.ops import _library
 
     _library.register_fakes()
 
@@ -169,15 +169,22 @@ def decode_num_splits(
     """INT2 split count for a batch size and maximum context: fixed per (batch, max_seq_len), so a
     CUDA graph captured with it stays valid for every shorter sequence.
 
-    Aims at two resident CTAs per SM (the d <= 128 kernel's occupancy: 78 KB of shared memory and
-    <= 128 registers per thread), with at least one 256-token tile per split.
+    Two CTAs fit on an SM (d <= 128: 78 KB of shared memory, <= 128 registers per thread), so there
+    are ``2 * num_sms`` slots. When the whole grid (INT2 and window splits) fits in them, every split
+    starts at once and nothing waits for a second wave; otherwise (medium batch) the INT2 splits
+    alone fill the slots and the short window splits interleave. At least one 256-token tile per split.
     """
     if num_sms is None:
         num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     tiles = max(1, -(-max(max_seq_len - ((sink + recent) if window else 0), 1) // _TILE[head_dim]))
-    s = -(-2 * num_sms // max(1, batch * num_kv_heads))
+    items = max(1, batch * num_kv_heads)
+    slots = 2 * num_sms
+    s_win = _window_splits(head_dim, sink, recent, window)
+    s = slots // items - s_win
+    if s * items < num_sms:  # too few INT2 CTAs to keep every SM streaming
+        s = -(-slots // items)
     group = num_q_heads // num_kv_heads
-    cap = int(_ops().decode_max_split_heads(head_dim, group)) // group - _window_splits(head_dim, sink, recent, window)
+    cap = int(_ops().decode_max_split_heads(head_dim, group)) // group - s_win
     return max(1, min(s, tiles, cap))
 
 

@@ -1,0 +1,431 @@
+"""Benchmark the OSCAR CUDA kernels against FlashAttention-3 BF16 decode; one command on an H100:
+
+    python benchmarks/kernels.py [--quick] [--out benchmarks/results/kernels-h100.json]
+
+Prints tables and writes JSON. Every time is the median over CUDA-graph replays of back-to-back calls
+(``time_graph``), divided by the calls per graph; when one call's cache is smaller than about 3x L2,
+consecutive calls rotate among several cache copies so that the numbers are HBM, not L2, numbers.
+
+Effective bandwidth = the fewest bytes the call must move / time: for OSCAR the INT2 rows of the
+middle ((seq_len - sink - recent) * 72 bytes per kv head at d=128, 40 at d=64), the BF16 window rows
+(sink + recent) and q/out; for FA3 the BF16 K/V rows. FA3 comes from vLLM 0.26
+(``vllm.vllm_flash_attn.flash_attn_varlen_func``, fa_version=3, paged, block size 16) or, without vLLM,
+from its ``_vllm_fa3_C`` library given by ``OSCAR_FA3_SO``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from vllm_oscar import ops
+from vllm_oscar.layout import Int2PageLayout
+
+SHAPES = {"qwen3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}
+BATCHES = (1, 8, 64, 256)
+CONTEXTS = (4096, 16384, 32768, 65536, 131072)
+SINK, RECENT = 64, 256
+L2_BYTES = 50 * 2**20
+INT2_LIMIT = 24 * 2**30  # cache bytes per config (80 GB card; FA3's BF16 cache is 7x larger)
+BF16_LIMIT = 36 * 2**30
+
+
+# --------------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------------
+
+
+def time_graph(fn, n_bufs: int, est_ms: float, reps: int = 7) -> float:
+    """Median milliseconds per call of ``fn(i)`` (i = call index) over replays of a captured graph."""
+    calls = max(n_bufs, min(96, max(3, int(40.0 / max(est_ms, 1e-3)))))
+    calls = -(-calls // n_bufs) * n_bufs
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(n_bufs):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i % n_bufs)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    del g
+    return statistics.median(times)
+
+
+def time_eager(fn, n_bufs: int, reps: int = 20) -> float:
+    for i in range(n_bufs):
+        fn(i)
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for i in range(reps):
+        fn(i % n_bufs)
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / reps
+
+
+def estimate_ms(fn) -> float:
+    fn(0)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn(0)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) * 1e3
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (TB/s)."""
+    n = 2 * 2**30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = time_graph(lambda i: dst.copy_(src), 1, 1.0)
+    return 2 * n / (ms * 1e-3) / 1e12
+
+
+# --------------------------------------------------------------------------------------------------
+# FA3
+# --------------------------------------------------------------------------------------------------
+
+
+def load_fa3():
+    """``(fn(q, k_cache, v_cache, cu_q, seq_lens, max_k, block_table, scale, out), source)`` or (None, why)."""
+    try:
+        from vllm.vllm_flash_attn.flash_attn_interface import flash_attn_varlen_func
+
+        def fa3(q, kc, vc, cu_q, lens, max_k, bt, scale, out):
+            return flash_attn_varlen_func(q, kc, vc, 1, cu_q, max_k, seqused_k=lens, softmax_scale=scale,
+                                          causal=True, block_table=bt, out=out, fa_version=3)
+
+        return fa3, "vllm.vllm_flash_attn.flash_attn_varlen_func(fa_version=3)"
+    except Exception as exc:  # noqa: BLE001
+        why = f"vllm not importable ({type(exc).__name__}: {exc})"
+    so = os.environ.get("OSCAR_FA3_SO")
+    if not so or not os.path.exists(so):
+        return None, why + "; OSCAR_FA3_SO not set"
+    torch.ops.load_library(so)
+    print("FA3 schema:", torch.ops._vllm_fa3_C.fwd.default._schema, flush=True)
+
+    def fa3(q, kc, vc, cu_q, lens, max_k, bt, scale, out):
+        # positional arguments of _vllm_fa3_C::fwd in vLLM 0.26 (see its flash_attn_interface.py)
+        return torch.ops._vllm_fa3_C.fwd(
+            q, kc, vc, None, None, None, out, cu_q, None, None, None, lens, 1, max_k, bt, None, None,
+            None, None, None, None, None, None, scale, True, -1, -1, 0.0, True, None, 0, None, 0, None, 1, 0, None,
+        )
+
+    return fa3, f"_vllm_fa3_C from {so} (vLLM 0.26 wheel), called directly"
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def random_int2_cache(layout: Int2PageLayout, num_blocks: int) -> torch.Tensor:
+    cache = torch.empty(layout.cache_shape(num_blocks), dtype=torch.uint8, device="cuda").random_()
+    for off in (layout.k_params_offset, layout.v_params_offset):
+        p = cache[..., off : off + layout.block_size * 4].view(torch.float16).view(num_blocks, -1, layout.block_size, 2)
+        p[..., 0].uniform_(0.02, 0.2)
+        p[..., 1].uniform_(-0.4, -0.1)
+    return cache
+
+
+def scattered_block_table(batch: int, blocks_per_seq: int, num_blocks: int) -> torch.Tensor:
+    return torch.randperm(num_blocks, device="cuda")[: batch * blocks_per_seq].view(batch, blocks_per_seq).int()
+
+
+def random_rotation(d: int) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float().contiguous().cuda()  # QR returns column-major Q
+
+
+def oscar_bytes(batch, hq, hkv, d, ctx, window=True):
+    layout = Int2PageLayout(d, 16, hkv)
+    n_win = min(ctx, SINK + RECENT) if window else 0
+    return batch * ((ctx - n_win) * layout.page_bytes // 16 + n_win * hkv * 4 * d + 4 * hq * d)
+
+
+def bf16_bytes(batch, hq, hkv, d, ctx):
+    return batch * (ctx * hkv * 4 * d + 4 * hq * d)
+
+
+class OscarInputs:
+    """``n_bufs`` independent caches (INT2 + window) for one (shape, batch, context)."""
+
+    def __init__(self, batch, hq, hkv, d, ctx, n_bufs, bs=16, wbs=16):
+        self.layout = Int2PageLayout(d, bs, hkv)
+        bps = -(-ctx // bs)
+        nb = batch * bps
+        self.caches = [random_int2_cache(self.layout, nb) for _ in range(n_bufs)]
+        self.tables = [scattered_block_table(batch, bps, nb) for _ in range(n_bufs)]
+        # window blocks only for the sink and recent positions; other entries point at block 0
+        wbps = -(-ctx // wbs)
+        pos_blocks = sorted({j // wbs for j in range(min(SINK, ctx))} | {j // wbs for j in range(max(ctx - RECENT, 0), ctx)})
+        nwb = batch * len(pos_blocks) + 1
+        self.windows, self.wtables = [], []
+        for _ in range(n_bufs):
+            self.windows.append(torch.randn(nwb, 2, wbs, hkv, d, device="cuda", dtype=torch.bfloat16))
+            wt = torch.zeros(batch, wbps, dtype=torch.int32, device="cuda")
+            ids = torch.randperm(nwb - 1, device="cuda")[: batch * len(pos_blocks)].view(batch, -1).int() + 1
+            wt[:, torch.tensor(pos_blocks, device="cuda")] = ids
+            self.wtables.append(wt)
+        self.seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        self.q = [torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16) for _ in range(n_bufs)]
+        self.out = torch.empty(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+        self.rk, self.rv = random_rotation(d), random_rotation(d)
+        self.dims = (batch, hq, hkv, d, ctx)
+
+    def call(self, ws, i, *, window=True, rot_v=True):
+        return ops.decode(
+            self.q[i], self.caches[i], self.tables[i], self.seq_lens, ws,
+            window_cache=self.windows[i] if window else None, window_block_table=self.wtables[i] if window else None,
+            rotation_k=self.rk, rotation_v=self.rv if rot_v else None, sink=SINK, recent=RECENT,
+            scale=self.dims[3] ** -0.5, out=self.out,
+        )
+
+
+def bench_oscar(inp: OscarInputs, n_bufs, *, window=True, rot_v=True, num_splits=None):
+    batch, hq, hkv, d, ctx = inp.dims
+    ws = ops.make_decode_workspace(batch, hq, hkv, d, ctx, sink=SINK, recent=RECENT, window=window,
+                                   num_splits=num_splits)
+    fn = lambda i: inp.call(ws, i, window=window, rot_v=rot_v)
+    ms = time_graph(fn, n_bufs, estimate_ms(fn))
+    return ms, ws.num_splits
+
+
+def bench_fa3(fa3, batch, hq, hkv, d, ctx, n_bufs, bs=16):
+    bps = -(-ctx // bs)
+    nb = batch * bps
+    kcs = [torch.randn(nb, bs, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(n_bufs)]
+    vcs = [torch.randn(nb, bs, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(n_bufs)]
+    bts = [scattered_block_table(batch, bps, nb) for _ in range(n_bufs)]
+    qs = [torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16) for _ in range(n_bufs)]
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    out = torch.empty(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+    fn = lambda i: fa3(qs[i], kcs[i], vcs[i], cu_q, lens, ctx, bts[i], d**-0.5, out)
+    try:
+        ms = time_graph(fn, n_bufs, estimate_ms(fn))
+    except Exception as exc:  # noqa: BLE001
+        print(f"  FA3 graph capture failed ({exc}); timing eagerly", flush=True)
+        ms = time_eager(fn, n_bufs)
+    return ms
+
+
+def n_buffers(bytes_per_call: int) -> int:
+    return max(1, min(32, math.ceil(3 * L2_BYTES / max(bytes_per_call, 1))))
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+
+
+class Budget:
+    """Stops starting new measurements once the time budget is spent (partial results still land)."""
+
+    def __init__(self, seconds: float, save):
+        self.deadline = time.time() + seconds
+        self.save = save
+
+    def left(self) -> bool:
+        return time.time() < self.deadline
+
+
+def run_decode(fa3, quick: bool, budget: Budget, rows: list):
+    for shape, (hq, hkv, d) in SHAPES.items():
+        for batch in BATCHES if not quick else (1, 64):
+            for ctx in CONTEXTS if not quick else (4096, 32768):
+                if not budget.left():
+                    print(f"time budget spent: skipping {shape} B={batch} ctx={ctx}", flush=True)
+                    continue
+                try:
+                    row = decode_config(fa3, shape, hq, hkv, d, batch, ctx)
+                except Exception as exc:  # noqa: BLE001  (record and go on: one run must yield a table)
+                    row = dict(shape=shape, batch=batch, ctx=ctx, error=f"{type(exc).__name__}: {exc}"[:300])
+                    torch.cuda.empty_cache()
+                if row is not None:
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    budget.save()
+    return rows
+
+
+def decode_config(fa3, shape, hq, hkv, d, batch, ctx):
+    """One row of the decode table: OSCAR (full, and ablations at some sizes) next to FA3."""
+    ob = oscar_bytes(batch, hq, hkv, d, ctx)
+    int2_cache = batch * -(-ctx // 16) * Int2PageLayout(d, 16, hkv).page_bytes
+    if int2_cache > INT2_LIMIT:
+        return None
+    nb = n_buffers(ob)
+    torch.cuda.empty_cache()
+    inp = OscarInputs(batch, hq, hkv, d, ctx, nb)
+    ms, splits = bench_oscar(inp, nb)
+    row = dict(shape=shape, batch=batch, ctx=ctx, hq=hq, hkv=hkv, d=d, splits=splits, buffers=nb,
+               oscar_ms=ms, oscar_bytes=ob, oscar_tbps=ob / (ms * 1e-3) / 1e12)
+    if batch in (1, 64) and ctx in (4096, 32768, 131072):
+        ms_nov, _ = bench_oscar(inp, nb, rot_v=False)
+        ms_now, _ = bench_oscar(inp, nb, window=False, rot_v=False)
+        row.update(oscar_no_rotv_ms=ms_nov, oscar_no_window_no_rotv_ms=ms_now,
+                   oscar_no_window_tbps=oscar_bytes(batch, hq, hkv, d, ctx, window=False)
+                   / (ms_now * 1e-3) / 1e12)
+    del inp
+    torch.cuda.empty_cache()
+    fb = bf16_bytes(batch, hq, hkv, d, ctx)
+    if fa3 is not None and fb <= BF16_LIMIT:
+        fms = bench_fa3(fa3, batch, hq, hkv, d, ctx, n_buffers(fb))
+        row.update(fa3_ms=fms, fa3_tbps=fb / (fms * 1e-3) / 1e12, speedup=fms / ms)
+    torch.cuda.empty_cache()
+    return row
+
+
+def run_split_sweep(quick: bool, budget: Budget):
+    rows = []
+    for shape, batch, ctx in (("qwen3-8b", 1, 32768), ("qwen3-8b", 1, 131072), ("qwen3-8b", 8, 32768),
+                              ("smollm2", 1, 32768)):
+        if (quick and ctx > 32768) or not budget.left():
+            continue
+        hq, hkv, d = SHAPES[shape]
+        nb = n_buffers(oscar_bytes(batch, hq, hkv, d, ctx))
+        inp = OscarInputs(batch, hq, hkv, d, ctx, nb)
+        for s in (4, 8, 11, 16, 24, 33, 48, 64, 96):
+            ms, _ = bench_oscar(inp, nb, rot_v=False, num_splits=s)
+            rows.append(dict(shape=shape, batch=batch, ctx=ctx, splits=s, oscar_ms=ms,
+                             tbps=oscar_bytes(batch, hq, hkv, d, ctx) / (ms * 1e-3) / 1e12))
+            print(json.dumps(rows[-1]), flush=True)
+        del inp
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run_store(quick: bool):
+    rows = []
+    for shape, (hq, hkv, d) in SHAPES.items():
+        for tokens in (1, 64, 256, 8192) if not quick else (1, 8192):
+            layout = Int2PageLayout(d, 16, hkv)
+            nb = -(-tokens // 16) + 1
+            n_bufs = 8
+            keys = [torch.randn(tokens, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(n_bufs)]
+            vals = [torch.randn(tokens, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(n_bufs)]
+            caches = [torch.zeros(layout.cache_shape(nb), dtype=torch.uint8, device="cuda") for _ in range(n_bufs)]
+            win = torch.zeros(nb, 2, 16, hkv, d, device="cuda", dtype=torch.bfloat16)
+            slots = torch.randperm(nb * 16, device="cuda")[:tokens]
+            rk, rv = random_rotation(d), random_rotation(d)
+            for with_win in (False, True):
+
+                def fn(i, keys=keys, vals=vals, caches=caches, slots=slots, rk=rk, rv=rv, win=win, ww=with_win):
+                    ops.store_kv(keys[i], vals[i], caches[i], slots, rk, rv, k_clip_ratio=0.96, v_clip_ratio=0.92,
+                                 window_cache=win if ww else None, window_slot_mapping=slots if ww else None)
+
+                ms = time_graph(fn, n_bufs, estimate_ms(fn))
+                moved = tokens * hkv * (2 * 2 * d + layout.token_bytes_per_head + (4 * d if with_win else 0))
+                rows.append(dict(shape=shape, tokens=tokens, window=with_win, us=ms * 1e3,
+                                 mtok_per_s=tokens / (ms * 1e-3) / 1e6, gbps=moved / (ms * 1e-3) / 1e9))
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def run_gather():
+    rows = []
+    for shape, (hq, hkv, d) in SHAPES.items():
+        for n_seq, plen in ((1, 32768), (8, 4096)):
+            layout = Int2PageLayout(d, 16, hkv)
+            bps = -(-plen // 16)
+            cache = random_int2_cache(layout, n_seq * bps)
+            bt = scattered_block_table(n_seq, bps, n_seq * bps)
+            cu = torch.arange(n_seq + 1, dtype=torch.int32, device="cuda") * plen
+            k_out = torch.empty(n_seq * plen, hkv, d, device="cuda", dtype=torch.bfloat16)
+            v_out = torch.empty_like(k_out)
+            def fn(i, cache=cache, bt=bt, cu=cu, d=d, k_out=k_out, v_out=v_out):
+                ops.gather_prefix(cache, bt, cu, head_dim=d, key_out=k_out, value_out=v_out)
+
+            ms = time_graph(fn, 1, estimate_ms(fn))
+            moved = n_seq * plen * hkv * (layout.token_bytes_per_head + 4 * d)
+            rows.append(dict(shape=shape, seqs=n_seq, prefix=plen, us=ms * 1e3, gbps=moved / (ms * 1e-3) / 1e9))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def print_tables(res):
+    print("\n== decode (ms per call; TB/s = fewest bytes moved / time) ==")
+    for r in res["decode"]:
+        if "error" in r:
+            print(f"{r['shape']:9} {r['batch']:4d} {r['ctx']:7d} ERROR {r['error']}")
+    print(f"{'shape':9} {'B':>4} {'ctx':>7} {'splits':>6} {'oscar ms':>9} {'TB/s':>5} {'no-rotV':>8} "
+          f"{'no-win':>8} {'fa3 ms':>8} {'fa3 TB/s':>8} {'speedup':>7}")
+    for r in (r for r in res["decode"] if "error" not in r):
+        print(f"{r['shape']:9} {r['batch']:4d} {r['ctx']:7d} {r['splits']:6d} {r['oscar_ms']:9.4f} "
+              f"{r['oscar_tbps']:5.2f} {r.get('oscar_no_rotv_ms', float('nan')):8.4f} "
+              f"{r.get('oscar_no_window_no_rotv_ms', float('nan')):8.4f} {r.get('fa3_ms', float('nan')):8.4f} "
+              f"{r.get('fa3_tbps', float('nan')):8.2f} {r.get('speedup', float('nan')):7.2f}")
+    if res.get("split_sweep"):
+        print("\n== INT2 split sweep (no R_V) ==")
+        for r in res["split_sweep"]:
+            print(f"{r['shape']:9} B={r['batch']:<3d} ctx={r['ctx']:<7d} splits={r['splits']:<3d} "
+                  f"{r['oscar_ms']:.4f} ms {r['tbps']:.2f} TB/s")
+    print("\n== store_kv ==")
+    for r in res["store"]:
+        print(f"{r['shape']:9} T={r['tokens']:<5d} window={int(r['window'])} {r['us']:8.1f} us "
+              f"{r['mtok_per_s']:8.2f} Mtok/s {r['gbps']:7.1f} GB/s")
+    print("\n== gather_prefix ==")
+    for r in res["gather"]:
+        print(f"{r['shape']:9} seqs={r['seqs']} prefix={r['prefix']} {r['us']:8.1f} us {r['gbps']:7.1f} GB/s")
+    print(f"\ncopy bandwidth {res['copy_tbps']:.2f} TB/s; FA3: {res['fa3_source']}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "kernels-h100.json"))
+    ap.add_argument("--quick", action="store_true", help="a few configurations only")
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--time-budget", type=float, default=1e9, help="seconds; later measurements are skipped")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    fa3, fa3_source = load_fa3()
+    res = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
+               fa3_source=fa3_source, sink=SINK, recent=RECENT, block_size=16)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+    budget = Budget(args.time_budget, save)
+    res.update(decode=[], store=[], gather=[], split_sweep=[])
+    res["copy_tbps"] = copy_bandwidth()
+    print(f"copy bandwidth {res['copy_tbps']:.2f} TB/s", flush=True)
+    run_decode(fa3, args.quick, budget, res["decode"])
+    for name, fn in (("store", lambda: run_store(args.quick)), ("gather", run_gather)):
+        try:
+            res[name] = fn()
+        except Exception as exc:  # noqa: BLE001
+            res[name + "_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        save()
+    if not args.no_sweep:
+        res["split_sweep"] = run_split_sweep(args.quick, budget)
+    save()
+    print_tables(res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

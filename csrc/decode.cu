@@ -1,0 +1,43 @@
+// Decode launch dispatch (kernels in kernels/decode.cuh, instantiated per head_dim in decode_d*.cu).
+#include "kernels/decode.cuh"
+#include "launch.h"
+
+namespace oscar {
+
+template <int D>
+void launch_rotate_q(const DecodeParams& p, cudaStream_t stream);
+template <int D, int NT>
+void launch_decode(const DecodeParams& p, cudaStream_t stream, bool pdl);
+
+int decode_window_tile_for(int head_dim) {
+  return head_dim <= 128 ? DecodeTraits<128, 1>::kWinTile : DecodeTraits<256, 1>::kWinTile;
+}
+
+int decode_max_split_heads_for(int head_dim, int group) {
+  const bool nt2 = group > 8;
+  switch (head_dim) {
+    case 64: return nt2 ? DecodeTraits<64, 2>::kMaxSplitHeads : DecodeTraits<64, 1>::kMaxSplitHeads;
+    case 128: return nt2 ? DecodeTraits<128, 2>::kMaxSplitHeads : DecodeTraits<128, 1>::kMaxSplitHeads;
+    default: return DecodeTraits<256, 1>::kMaxSplitHeads;
+  }
+}
+
+void launch_decode(const DecodeParams& p, int head_dim, bool pdl, cudaStream_t stream) {
+  const bool nt2 = p.group > 8;
+  switch (head_dim) {
+    case 64:
+      launch_rotate_q<64>(p, stream);
+      nt2 ? launch_decode<64, 2>(p, stream, pdl) : launch_decode<64, 1>(p, stream, pdl);
+      break;
+    case 128:
+      launch_rotate_q<128>(p, stream);
+      nt2 ? launch_decode<128, 2>(p, stream, pdl) : launch_decode<128, 1>(p, stream, pdl);
+      break;
+    default:
+      launch_rotate_q<256>(p, stream);
+      launch_decode<256, 1>(p, stream, pdl);
+      break;
+  }
+}
+
+}  // namespace oscar

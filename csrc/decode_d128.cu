@@ -1,0 +1,8 @@
+// decode kernels for head_dim 128 (see kernels/decode.cuh).
+#include "kernels/decode_launch.cuh"
+
+namespace oscar {
+template void launch_rotate_q<128>(const DecodeParams&, cudaStream_t);
+template void launch_decode<128, 1>(const DecodeParams&, cudaStream_t, bool);
+template void launch_decode<128, 2>(const DecodeParams&, cudaStream_t, bool);
+}  // namespace oscar

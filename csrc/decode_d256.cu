@@ -1,0 +1,7 @@
+// decode kernels for head_dim 256 (see kernels/decode.cuh).
+#include "kernels/decode_launch.cuh"
+
+namespace oscar {
+template void launch_rotate_q<256>(const DecodeParams&, cudaStream_t);
+template void launch_decode<256, 1>(const DecodeParams&, cudaStream_t, bool);
+}  // namespace oscar

@@ -1,0 +1,8 @@
+// decode kernels for head_dim 64 (see kernels/decode.cuh).
+#include "kernels/decode_launch.cuh"
+
+namespace oscar {
+template void launch_rotate_q<64>(const DecodeParams&, cudaStream_t);
+template void launch_decode<64, 1>(const DecodeParams&, cudaStream_t, bool);
+template void launch_decode<64, 2>(const DecodeParams&, cudaStream_t, bool);
+}  // namespace oscar

@@ -1,0 +1,156 @@
+// Device helpers shared by the OSCAR kernels: raw pointers only, no torch headers.
+//
+// Inline PTX used here and why:
+//   cp.async (sm_80+)            global -> shared copies that cost no registers, so a CTA can keep
+//                                3 stages (55 KB) of KV in flight while it computes on a fourth.
+//   mma.sync m16n8k16 bf16       the only way to keep up with HBM at INT2: at 4 query heads per KV head
+//                                the dot products are ~57 flop per cache byte (see decode.cuh).
+//   movmatrix.trans (sm_75+)     turns the QK^T accumulator fragment into the PV operand fragment in
+//                                registers (the score tile is computed transposed, S^T = K Q^T).
+//   ldmatrix(.trans)             BF16 window tiles from shared memory.
+//   griddepcontrol (sm_90)       programmatic dependent launch: the decode kernel starts streaming
+//                                the cache while the q-rotation kernel before it is still running.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#define OSCAR_DEVICE __device__ __forceinline__
+
+namespace oscar {
+
+constexpr float kNegInf = -__builtin_huge_valf();
+
+OSCAR_DEVICE uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy; with pred == false nothing is read and the destination is zero-filled.
+OSCAR_DEVICE void cp_async_16(void* smem, const void* gmem, bool pred = true) {
+  const int n = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(n)
+               : "memory");
+}
+OSCAR_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+OSCAR_DEVICE void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+OSCAR_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// D += A * B with A 16x16 (row), B 16x8 (col), bf16 in, fp32 accumulate.
+OSCAR_DEVICE void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                           uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Transpose of an 8x8 b16 matrix held as a fragment (thread (g,t) holds row g, cols 2t, 2t+1).
+OSCAR_DEVICE uint32_t movmatrix_trans(uint32_t a) {
+  uint32_t d;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
+  return d;
+}
+
+OSCAR_DEVICE void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(smem_addr(p)));
+}
+OSCAR_DEVICE void ldmatrix_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(smem_addr(p)));
+}
+
+OSCAR_DEVICE uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+OSCAR_DEVICE uint32_t pack_bf16x2(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// 2^x on the special-function unit (2 ulp); -inf gives +0, which the softmax relies on.
+OSCAR_DEVICE float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+OSCAR_DEVICE float warp_max_xor_g(float v) {  // over the 8 lanes sharing lane % 4
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
+  return v;
+}
+OSCAR_DEVICE float warp_sum_xor_g(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 4);
+  v += __shfl_xor_sync(0xffffffffu, v, 8);
+  v += __shfl_xor_sync(0xffffffffu, v, 16);
+  return v;
+}
+
+OSCAR_DEVICE float4 ld_cg_f4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
+
+// Programmatic dependent launch (sm_90). Both are no-ops when the launch has no PDL attribute.
+OSCAR_DEVICE void pdl_wait_primary() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+OSCAR_DEVICE void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// INT2 code extraction straight into MMA operands.
+//
+// A 32-bit word x holds four bytes b0..b3 of a quartered-packed row; byte j holds codes
+// (c0, c1, c2, c3) of elements (j, Q+j, 2Q+j, 3Q+j) in bits [1:0], [3:2], [5:4], [7:6].
+// int2_pair(x, p, q, magic = 0x43004300) returns a bf16x2 whose low half is code q of byte p and whose high half is
+// code q of byte p+2 (p in {0,1}), each multiplied by int2_weight(q) in {1, 4, 16, 1}:
+//   (x & mask) | 0x4300 puts the code bits in the bf16 mantissa of 128.0 (ulp 1 at 128), so the
+//   value is 128 + w*c exactly; one fma.bf16x2 (v*1 - 128) leaves w*c, still exact.
+// Codes 1 and 2 are taken in place (masks 0xC, 0x30) instead of being shifted down: 3 shifts and 8
+// LOP3 per word instead of 7 and 8. The weight is undone for free: K codes meet a query
+// pre-divided by w (exact, w is a power of two), V accumulators are divided by w in the epilogue.
+// ---------------------------------------------------------------------------------------------
+// (x & mask) | magic as one LOP3: with both constants as immediates the compiler emits two LOP3s
+// (an instruction takes one immediate), measured in the SASS: 265 LOP3 per stage instead of ~130.
+template <uint32_t kMask>
+OSCAR_DEVICE uint32_t and_or(uint32_t x, uint32_t magic) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(x), "n"(kMask), "r"(magic));
+  return d;
+}
+
+OSCAR_DEVICE uint32_t int2_pair(uint32_t x, int p, int q, uint32_t magic) {
+  const uint32_t b = p ? (x >> 8) : x;
+  uint32_t m;
+  if (q == 0) {
+    m = and_or<0x00030003u>(b, magic);
+  } else if (q == 1) {
+    m = and_or<0x000C000Cu>(b, magic);
+  } else if (q == 2) {
+    m = and_or<0x00300030u>(b, magic);
+  } else {
+    m = and_or<0x00030003u>(b >> 6, magic);
+  }
+  return fma_bf16x2(m, 0x3F803F80u, 0xC300C300u);
+}
+__host__ __device__ constexpr float int2_weight(int q) { return q == 1 ? 4.f : (q == 2 ? 16.f : 1.f); }
+__host__ __device__ constexpr float int2_inv_weight(int q) { return q == 1 ? 0.25f : (q == 2 ? 0.0625f : 1.f); }
+
+}  // namespace oscar

@@ -1,0 +1,748 @@
+// Split-K decode attention over the OSCAR cache: INT2 middle (paged, vllm_oscar/layout.py) plus the
+// BF16 sink/recent window (paged window cache), merged in one log-sum-exp reduction.
+// Raw pointers only; launchers and argument checks live in csrc/decode.cu.
+//
+// Two kernels per call:
+//   rotate_q_kernel  q_rot = q @ R_K into an fp32 workspace. R_K is 64 KB: loading it
+//                    in every attention CTA (up to ~2000 at batch 256) would cost more L2 traffic than
+//                    the INT2 cache itself at 4K context, so it is done once, here.
+//   decode_kernel    grid (S_win + S_int splits, Hkv, B). A window split attends over up to kWinTile
+//                    window rows, an INT2 split over a contiguous run of kTile-token tiles of
+//                    [sink, seq_len - recent). Each writes (O/l, log2-sum-exp) for its G query heads
+//                    to the workspace; the last CTA of a (b, kv head) (atomic counter, reset by that
+//                    CTA, so the kernel is CUDA-graph replayable) merges the splits, applies R_V^T and
+//                    writes bf16 out. Launched with programmatic dependent launch on sm_90, so it
+//                    issues its first cache loads while rotate_q_kernel is still running.
+//
+// Why tensor cores: a (token, kv head) of INT2 K+V is 72 bytes at d=128 and needs 2*d*G flops
+// per K and per V; the m16n8k16 MMA pads G to 8 query heads, so the kernel issues 4096 MMA flops per
+// 72 bytes, ~170 TFLOP/s at 3 TB/s, far above what FMA units give alongside the unpacking.
+//
+// INT2 tile math (per warp, 16 tokens x 8 query heads per MMA):
+//   S^T[token, head] = Kcodes[token, dim] . Q'^T[dim, head]            (A = codes, B = q fragments)
+//   score = scale_k[token] * S^T + offset_k[token] * sum_dim(q[head])  (K dequantized for free)
+//   O^T[dim, head] += Vcodes^T[dim, token] . (p * scale_v)^T[token, head]
+//   O[head, dim] = O^T / w(dim) + sum_token p * offset_v                (V dequantized for free)
+// so codes enter the MMAs as exact small integers and no element is ever dequantized.
+// The dims inside a 16-wide MMA k-step and the token rows inside a 16-row tile are permuted so
+// that each thread's operand bytes are contiguous in shared memory and the four code loads of a
+// warp hit 32 different banks (see tau() and the K/V fragment comments below).
+#pragma once
+
+#include "kernels/common.cuh"
+#include "kernels/params.h"
+
+namespace oscar {
+
+
+__host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
+
+template <int D, int NT>
+struct DecodeTraits {
+  static constexpr int kWarps = 8;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kQB = D / 4;               // INT2 code bytes of one row
+  static constexpr int kTokBytes = 2 * kQB + 8;   // K codes + V codes + K and V (scale, offset)
+  static constexpr int kTile = D <= 128 ? 256 : 128;  // tokens per pipeline stage
+  static constexpr int kTM = kTile / (16 * kWarps);   // 16-token MMA tiles per warp per stage
+  static constexpr int kStages = 4;                   // 3 stages (55 KB at d=128) in flight per CTA
+  static constexpr int kStageBytes = kTile * kTokBytes;
+  static constexpr int kWinTile = D <= 128 ? 128 : 64;  // window rows per window split
+  static constexpr int kWinBytes = kWinTile * 4 * D;    // K and V rows, bf16
+  static constexpr bool kRInSmem = D <= 128;            // R_V staged in shared memory for the epilogue
+  static constexpr int kRBytes = kRInSmem ? D * D * 4 : 0;
+  static constexpr int kGP = 8 * NT;  // query heads padded to the MMA n dimension
+  static constexpr int kMergeBytes = kWarps * kGP * (D + 2) * 4;
+  static constexpr int kFinalScratch = 8192;  // split weights + replica sums of the final merge
+  static constexpr int kRing =
+      cmax(cmax(kStages * kStageBytes, kWinBytes), cmax(kRBytes + kFinalScratch, kMergeBytes));
+  static constexpr int kSmem = kRing + (kGP * D + kGP + 4) * 4;
+  static constexpr int kKC = D / 16;  // MMA k-steps of QK^T == MMA m-tiles of PV
+  static constexpr int kNW = D / 64;  // 32-bit K code words per token per thread
+  static constexpr int kBV = D / 32;  // V code bytes per token per thread
+  static constexpr int kNX = kBV / 2; // interleaved V words per token pair
+  static constexpr int kMinBlocks = (D <= 128 && NT == 1) ? 2 : 1;
+  // The final merge keeps one fp32 weight per (split, head) next to R_V.
+  static constexpr int kMaxSplitHeads = (kRing - kRBytes - 4096 - 16) / 4;
+};
+
+// Row permutation inside a 16-token tile: S^T row r <-> token tau(r) (and r+8 <-> tau(r)+8).
+// With it the K loads of a half warp (rows 0-3 or 4-7) and the V loads of a warp (rows tau(2t),
+// tau(2t+1)) each touch 32 distinct banks at d=128 (rows are 32 bytes).
+OSCAR_DEVICE int tau(int r) { return r ^ ((r >> 2) & 1); }
+
+// ---------------------------------------------------------------------------------------------
+// q rotation
+// ---------------------------------------------------------------------------------------------
+template <int D>
+struct RotateQTraits {
+  static constexpr int kRows = 32, kCols = 32, kThreads = 256;
+  static constexpr int kSmem = (D * kCols + kRows * (D + 1)) * 4;
+};
+
+// q_rot[r, c] = sum_i q[r, i] * R_K[i, c] for a 32-row x 32-column block. The softmax scale is applied
+// to the scores, not here: q_rot is rounded to bf16 for the MMA, and without a rotation a bf16 q is
+// then exact; folding scale * log2(e) in first made that rounding real, and with the large score
+// cancellations of unrotated INT2 rows (offset term ~ +-100 against the code term) it cost 10x the
+// error of a bf16 implementation (CPU emulation of the kernel arithmetic, d=64 unrotated case).
+template <int D>
+__global__ void __launch_bounds__(256) rotate_q_kernel(const DecodeParams p) {
+  pdl_launch_dependents();  // the decode kernel may start issuing its cache loads now
+  constexpr int R = RotateQTraits<D>::kRows, C = RotateQTraits<D>::kCols;
+  extern __shared__ __align__(16) float rq_smem[];
+  float* sR = rq_smem;          // [D][C]
+  float* sq = rq_smem + D * C;  // [R][D + 1]
+  const int tid = threadIdx.x;
+  const int rows = p.batch * p.num_q_heads;
+  const int row0 = blockIdx.x * R, col0 = blockIdx.y * C;
+  for (int e = tid; e < R * D / 2; e += 256) {
+    const int r = e / (D / 2), d2 = e % (D / 2);
+    const int row = row0 + r;
+    float2 v = make_float2(0.f, 0.f);
+    if (row < rows) {
+      const int bb = row / p.num_q_heads, hq = row % p.num_q_heads;
+      v = __bfloat1622float2(
+          *reinterpret_cast<const __nv_bfloat162*>(static_cast<const __nv_bfloat16*>(p.q) + bb * p.q_s0 +
+                                                   hq * p.q_s1 + 2 * d2));
+    }
+    sq[r * (D + 1) + 2 * d2] = v.x;
+    sq[r * (D + 1) + 2 * d2 + 1] = v.y;
+  }
+  if (p.rot_k != nullptr) {
+    for (int e = tid; e < D * C / 4; e += 256) {
+      const int i = e / (C / 4), c4 = e % (C / 4);
+      *reinterpret_cast<float4*>(sR + i * C + 4 * c4) =
+          __ldg(reinterpret_cast<const float4*>(p.rot_k + i * D + col0) + c4);
+    }
+  }
+  __syncthreads();
+  const int r = tid / 8, c = (tid % 8) * 4;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (p.rot_k != nullptr) {
+#pragma unroll 8
+    for (int i = 0; i < D; ++i) {
+      const float x = sq[r * (D + 1) + i];
+      const float4 w = *reinterpret_cast<const float4*>(sR + i * C + c);
+      acc[0] = fmaf(x, w.x, acc[0]);
+      acc[1] = fmaf(x, w.y, acc[1]);
+      acc[2] = fmaf(x, w.z, acc[2]);
+      acc[3] = fmaf(x, w.w, acc[3]);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) acc[k] = sq[r * (D + 1) + col0 + c + k];
+  }
+  const int row = row0 + r;
+  if (row < rows) {
+    *reinterpret_cast<float4*>(p.q_rot + static_cast<int64_t>(row) * D + col0 + c) =
+        make_float4(acc[0], acc[1], acc[2], acc[3]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// shared-memory operand loads
+// ---------------------------------------------------------------------------------------------
+// K: thread t of a row holds bytes [t*D/16, (t+1)*D/16) of the row's D/4 code bytes.
+template <int D>
+OSCAR_DEVICE void load_k_words(const uint8_t* p, uint32_t (&w)[D / 64]) {
+  if constexpr (D == 64) {
+    w[0] = *reinterpret_cast<const uint32_t*>(p);
+  } else if constexpr (D == 128) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    w[0] = v.x;
+    w[1] = v.y;
+  } else {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    w[0] = v.x;
+    w[1] = v.y;
+    w[2] = v.z;
+    w[3] = v.w;
+  }
+}
+
+// V: thread g takes bytes [g*D/32, (g+1)*D/32) of rows a and b and interleaves them so that each
+// int2_pair() result holds the same element of the two tokens (the PV MMA reduces over tokens).
+// x[v] = bytes (2v, 2v+1) of a, then (2v, 2v+1) of b.
+template <int D>
+OSCAR_DEVICE void load_v_pair(const uint8_t* sV, int ra, int rb, int g, uint32_t (&x)[D / 64 > 0 ? D / 64 : 1]) {
+  constexpr int QB = D / 4, BV = D / 32;
+  const uint8_t* pa = sV + ra * QB + g * BV;
+  const uint8_t* pb = sV + rb * QB + g * BV;
+  if constexpr (D == 64) {
+    const uint32_t wa = *reinterpret_cast<const uint16_t*>(pa);
+    const uint32_t wb = *reinterpret_cast<const uint16_t*>(pb);
+    x[0] = __byte_perm(wa, wb, 0x5410);
+  } else if constexpr (D == 128) {
+    const uint32_t wa = *reinterpret_cast<const uint32_t*>(pa);
+    const uint32_t wb = *reinterpret_cast<const uint32_t*>(pb);
+    x[0] = __byte_perm(wa, wb, 0x5410);
+    x[1] = __byte_perm(wa, wb, 0x7632);
+  } else {
+    const uint2 wa = *reinterpret_cast<const uint2*>(pa);
+    const uint2 wb = *reinterpret_cast<const uint2*>(pb);
+    x[0] = __byte_perm(wa.x, wb.x, 0x5410);
+    x[1] = __byte_perm(wa.x, wb.x, 0x7632);
+    x[2] = __byte_perm(wa.y, wb.y, 0x5410);
+    x[3] = __byte_perm(wa.y, wb.y, 0x7632);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// decode
+// ---------------------------------------------------------------------------------------------
+template <int D, int NT>
+__global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_kernel(const DecodeParams p) {
+  using Tr = DecodeTraits<D, NT>;
+  constexpr int QB = Tr::kQB, TILE = Tr::kTile, TM = Tr::kTM, STAGES = Tr::kStages, KC = Tr::kKC;
+  constexpr int GP = Tr::kGP, NX = Tr::kNX, WT = Tr::kWinTile, BV = Tr::kBV;
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* ring = smem;
+  float* sQ = reinterpret_cast<float*>(smem + Tr::kRing);  // [GP][D] q_rot, later merge scratch
+  float* sQsum = sQ + GP * D;                                // [GP]
+  int* sFlag = reinterpret_cast<int*>(sQsum + GP);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  // Passed to int2_pair as a register operand: its LOP3 takes the code mask as the one immediate.
+  constexpr uint32_t kMagic = 0x43004300u;
+  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int s_total = p.s_win + p.s_int;
+  const int G = p.group;
+  const int bh = b * p.num_kv_heads + h;
+  const int n = max(p.seq_lens[b], 0);
+  const bool has_win = p.win != nullptr;
+  const int ws = has_win ? min(p.sink, n) : 0;           // INT2 rows are [ws, rs)
+  const int rs = has_win ? max(n - p.recent, ws) : n;
+  const bool is_win = split < p.s_win;
+
+  // This CTA's rows: window slots [lo, hi) or INT2 positions [lo, hi) within tiles [tile_lo, tile_hi).
+  int lo, hi, tile_lo = 0, tile_hi = 0;
+  if (is_win) {
+    const int n_win = ws + (n - rs);
+    lo = split * WT;
+    hi = max(lo, min(lo + WT, n_win));
+  } else {
+    lo = ws;
+    hi = rs;
+    if (hi > lo) {
+      const int t0 = lo / TILE, t1 = (hi + TILE - 1) / TILE;
+      const int per = (t1 - t0 + p.s_int - 1) / p.s_int;
+      tile_lo = min(t0 + (split - p.s_win) * per, t1);
+      tile_hi = min(tile_lo + per, t1);
+    }
+  }
+
+  const int32_t* bt = p.block_table + static_cast<int64_t>(b) * p.bt_s0;
+  const uint8_t* kv_h = p.kv + static_cast<int64_t>(h) * p.kv_s1;
+  const int bs = p.block_size;
+
+  // One stage = TILE tokens laid out as [K codes TILE x QB | V codes TILE x QB | K params | V params],
+  // whatever the block size: pages are cut into 16-byte chunks that each lie inside one block.
+  auto issue_int2 = [&](int tile, int buf) {
+    uint8_t* st = ring + buf * Tr::kStageBytes;
+    const int pos0 = tile * TILE;
+    constexpr int kCodeChunks = TILE * QB / 16;
+#pragma unroll
+    for (int k0 = 0; k0 < kCodeChunks; k0 += 256) {
+      const int k = k0 + tid;
+      if (kCodeChunks % 256 == 0 || k < kCodeChunks) {
+        const int byte = k * 16;
+        const int pos = pos0 + byte / QB;
+        if (pos >= lo && pos < hi) {
+          const int bi = p.block_shift >= 0 ? pos >> p.block_shift : pos / bs;
+          const uint8_t* page = kv_h + static_cast<int64_t>(bt[bi]) * p.kv_s0;
+          const int src = (pos - bi * bs) * QB + byte % QB;
+          cp_async_16(st + byte, page + src);
+          cp_async_16(st + TILE * QB + byte, page + bs * QB + src);
+        }
+      }
+    }
+    constexpr int kParChunks = TILE * 4 / 16;
+    if (tid < kParChunks) {
+      const int pos = pos0 + tid * 4;  // four tokens per chunk, inside one block (bs % 16 == 0)
+      if (pos < hi && pos + 4 > lo) {
+        const int bi = p.block_shift >= 0 ? pos >> p.block_shift : pos / bs;
+        const uint8_t* page = kv_h + static_cast<int64_t>(bt[bi]) * p.kv_s0 + 2 * bs * QB;
+        const int src = (pos - bi * bs) * 4;
+        cp_async_16(st + 2 * TILE * QB + tid * 16, page + src);
+        cp_async_16(st + 2 * TILE * QB + TILE * 4 + tid * 16, page + 4 * bs + src);
+      }
+    }
+  };
+
+  // Window rows: [K rows WT x D | V rows WT x D] bf16, 16-byte chunk c of row r stored at c ^ (r & 7)
+  // so that ldmatrix reads 8 rows without bank conflicts. Rows past the window are zero-filled:
+  // freed window blocks may hold anything, and 0 * NaN would poison the PV product.
+  auto issue_win = [&]() {
+    constexpr int CPR = D / 8;  // 16-byte chunks per row
+    const int32_t* wbt = p.wbt + static_cast<int64_t>(b) * p.wbt_s0;
+    for (int k = tid; k < WT * 2 * CPR; k += 256) {
+      const int c = k % CPR, kvsel = (k / CPR) & 1, r = k / (2 * CPR);
+      const int slot = lo + r;
+      const bool valid = slot < hi;
+      const __nv_bfloat16* src = static_cast<const __nv_bfloat16*>(p.win);
+      if (valid) {
+        const int pos = slot < ws ? slot : rs + (slot - ws);
+        const int64_t blk = wbt[pos / p.win_block_size];
+        src += blk * p.w_s0 + kvsel * p.w_s1 + (pos % p.win_block_size) * p.w_s2 + h * p.w_s3 + c * 8;
+      }
+      cp_async_16(ring + kvsel * (WT * 2 * D) + r * 2 * D + ((c ^ (r & 7)) * 16), src, valid);
+    }
+  };
+
+  if (is_win) {
+    if (hi > lo) issue_win();
+    cp_async_commit();
+  } else {
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (tile_lo + s < tile_hi) issue_int2(tile_lo + s, s);
+      cp_async_commit();
+    }
+  }
+
+  // q_rot comes from rotate_q_kernel: wait for it only now, after the first cache loads are out.
+  pdl_wait_primary();
+  {
+    const float* qr = p.q_rot + static_cast<int64_t>(b * p.num_q_heads + h * G) * D;
+    for (int e = tid; e < GP * D / 4; e += 256) {
+      const int head = e / (D / 4);
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (head < G) v = ld_cg_f4(qr + 4 * e);
+      reinterpret_cast<float4*>(sQ)[e] = v;
+    }
+  }
+  __syncthreads();
+  for (int head = warp; head < GP; head += Tr::kWarps) {
+    float s = 0.f;  // of the bf16-rounded q the MMAs see: score = q_bf16 . (scale * code + offset)
+    for (int d = lane; d < D; d += 32) s += __bfloat162float(__float2bfloat16_rn(sQ[head * D + d]));
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) sQsum[head] = s;
+  }
+  __syncthreads();
+
+  float o_acc[NT][KC][4];
+  float m_run[NT][2], l_run[NT][2];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < KC; ++i) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) o_acc[nt][i][k] = 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      m_run[nt][j] = kNegInf;
+      l_run[nt][j] = 0.f;
+    }
+  }
+  float* sMO = reinterpret_cast<float*>(ring);  // merge scratch [kWarps][GP][D] (ring is free by then)
+  float* sML = sMO + Tr::kWarps * GP * D;       // [kWarps][GP][2] = (m, l)
+
+  if (!is_win) {
+    // ---------------------------------------------------------------- INT2 splits
+    // Q fragments in the permuted dim order of the K code fragments: k-step c takes, for thread t,
+    // code q0 (slots 2t, 2t+1) and q0+1 (slots 2t+8, 2t+9) of bytes p, p+2 of word w of its bytes.
+    uint32_t qf[NT][KC][2];
+    float qs[NT][2], ov_run[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const float* qrow = sQ + (g + 8 * nt) * D;
+#pragma unroll
+      for (int c = 0; c < KC; ++c) {
+#pragma unroll
+        for (int bi = 0; bi < 2; ++bi) {
+          const int w = c >> 2, pb = (c >> 1) & 1, q = 2 * (c & 1) + bi;
+          const int dlo = t * (D / 16) + 4 * w + pb + q * QB;
+          const float inv = int2_inv_weight(q);
+          qf[nt][c][bi] = pack_bf16x2(qrow[dlo] * inv, qrow[dlo + 2] * inv);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        qs[nt][j] = sQsum[2 * t + j + 8 * nt];
+        ov_run[nt][j] = 0.f;
+      }
+    }
+
+    for (int it = 0, tile = tile_lo; tile < tile_hi; ++it, ++tile) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();
+      {
+        const int nxt = tile + STAGES - 1;
+        if (nxt < tile_hi) issue_int2(nxt, (it + STAGES - 1) % STAGES);
+        cp_async_commit();
+      }
+      const uint8_t* st = ring + (it % STAGES) * Tr::kStageBytes;
+      const uint8_t* sK = st;
+      const uint8_t* sV = st + TILE * QB;
+      const uint8_t* sKP = st + 2 * TILE * QB;
+      const uint8_t* sVP = sKP + TILE * 4;
+      const int pos_base = tile * TILE;
+
+      float sc[TM][NT][4];
+#pragma unroll
+      for (int mt = 0; mt < TM; ++mt) {
+        const int r0 = (warp * TM + mt) * 16 + tau(g), r1 = r0 + 8;
+        uint32_t k0[Tr::kNW], k1[Tr::kNW];
+        load_k_words<D>(sK + r0 * QB + t * (D / 16), k0);
+        load_k_words<D>(sK + r1 * QB + t * (D / 16), k1);
+        float acc[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll
+        for (int c = 0; c < KC; ++c) {
+          const int w = c >> 2, pb = (c >> 1) & 1, q0 = 2 * (c & 1);
+          const uint32_t a0 = int2_pair(k0[w], pb, q0, kMagic), a2 = int2_pair(k0[w], pb, q0 + 1, kMagic);
+          const uint32_t a1 = int2_pair(k1[w], pb, q0, kMagic), a3 = int2_pair(k1[w], pb, q0 + 1, kMagic);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma_bf16(acc[nt], a0, a1, a2, a3, qf[nt][c][0], qf[nt][c][1]);
+        }
+        // (scale, offset) of the two K rows, times softmax scale * log2(e): scores in the log2 domain
+        float2 f0 = __half22float2(*reinterpret_cast<const __half2*>(sKP + r0 * 4));
+        float2 f1 = __half22float2(*reinterpret_cast<const __half2*>(sKP + r1 * 4));
+        f0.x *= p.scale_log2;
+        f0.y *= p.scale_log2;
+        f1.x *= p.scale_log2;
+        f1.y *= p.scale_log2;
+        const int p0 = pos_base + r0, p1 = pos_base + r1;
+        const bool v0 = p0 >= lo && p0 < hi, v1 = p1 >= lo && p1 < hi;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          sc[mt][nt][0] = v0 ? fmaf(acc[nt][0], f0.x, f0.y * qs[nt][0]) : kNegInf;
+          sc[mt][nt][1] = v0 ? fmaf(acc[nt][1], f0.x, f0.y * qs[nt][1]) : kNegInf;
+          sc[mt][nt][2] = v1 ? fmaf(acc[nt][2], f1.x, f1.y * qs[nt][0]) : kNegInf;
+          sc[mt][nt][3] = v1 ? fmaf(acc[nt][3], f1.x, f1.y * qs[nt][1]) : kNegInf;
+        }
+      }
+
+      // online softmax over this stage's 16*TM tokens (thread (g, t) owns heads 2t, 2t+1)
+      float mu[NT][2];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          float mx = kNegInf;
+#pragma unroll
+          for (int mt = 0; mt < TM; ++mt) mx = fmaxf(mx, fmaxf(sc[mt][nt][j], sc[mt][nt][2 + j]));
+          mx = warp_max_xor_g(mx);
+          const float mnew = fmaxf(m_run[nt][j], mx);
+          const float muse = mnew == kNegInf ? 0.f : mnew;
+          const float alpha = fast_exp2(m_run[nt][j] - muse);
+          m_run[nt][j] = mnew;
+          mu[nt][j] = muse;
+          l_run[nt][j] *= alpha;
+          ov_run[nt][j] *= alpha;
+#pragma unroll
+          for (int i = 0; i < KC; ++i) {
+            o_acc[nt][i][j] *= alpha;
+            o_acc[nt][i][2 + j] *= alpha;
+          }
+        }
+      }
+
+#pragma unroll
+      for (int mt = 0; mt < TM; ++mt) {
+        const int rbase = (warp * TM + mt) * 16;
+        const int r0 = rbase + tau(g), r1 = r0 + 8;
+        const int p0 = pos_base + r0, p1 = pos_base + r1;
+        const bool v0 = p0 >= lo && p0 < hi, v1 = p1 >= lo && p1 < hi;
+        const float2 e0 = __half22float2(*reinterpret_cast<const __half2*>(sVP + r0 * 4));
+        const float2 e1 = __half22float2(*reinterpret_cast<const __half2*>(sVP + r1 * 4));
+        const float sv0 = v0 ? e0.x : 0.f, ofs0 = v0 ? e0.y : 0.f;
+        const float sv1 = v1 ? e1.x : 0.f, ofs1 = v1 ? e1.y : 0.f;
+        uint32_t pb[NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const float x0 = fast_exp2(sc[mt][nt][0] - mu[nt][0]);
+          const float x1 = fast_exp2(sc[mt][nt][1] - mu[nt][1]);
+          const float x2 = fast_exp2(sc[mt][nt][2] - mu[nt][0]);
+          const float x3 = fast_exp2(sc[mt][nt][3] - mu[nt][1]);
+          l_run[nt][0] += x0 + x2;
+          l_run[nt][1] += x1 + x3;
+          ov_run[nt][0] = fmaf(x0, ofs0, fmaf(x2, ofs1, ov_run[nt][0]));
+          ov_run[nt][1] = fmaf(x1, ofs0, fmaf(x3, ofs1, ov_run[nt][1]));
+          // P'^T rows (tokens) x cols (heads) -> B operand (k = tokens, n = heads) of the PV MMA
+          pb[nt][0] = movmatrix_trans(pack_bf16x2(x0 * sv0, x1 * sv0));
+          pb[nt][1] = movmatrix_trans(pack_bf16x2(x2 * sv1, x3 * sv1));
+        }
+        // V^T A operand: m = 16 dims, k = tokens (tau(2t), tau(2t+1)) and the same + 8.
+        const int ra = rbase + tau(2 * t), rb2 = rbase + tau(2 * t + 1);
+        uint32_t xab[NX], xcd[NX];
+        load_v_pair<D>(sV, ra, rb2, g, xab);
+        load_v_pair<D>(sV, ra + 8, rb2 + 8, g, xcd);
+#pragma unroll
+        for (int i = 0; i < KC; ++i) {
+          const int beta = i >> 1, v = beta >> 1, pbit = beta & 1, q0 = 2 * (i & 1);
+          const uint32_t a0 = int2_pair(xab[v], pbit, q0, kMagic), a1 = int2_pair(xab[v], pbit, q0 + 1, kMagic);
+          const uint32_t a2 = int2_pair(xcd[v], pbit, q0, kMagic), a3 = int2_pair(xcd[v], pbit, q0 + 1, kMagic);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma_bf16(o_acc[nt][i], a0, a1, a2, a3, pb[nt][0], pb[nt][1]);
+        }
+      }
+    }
+    cp_async_wait_all();
+    __syncthreads();  // every warp is done with the ring: reuse it as merge scratch
+
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        l_run[nt][j] = warp_sum_xor_g(l_run[nt][j]);
+        ov_run[nt][j] = warp_sum_xor_g(ov_run[nt][j]);
+      }
+#pragma unroll
+      for (int i = 0; i < KC; ++i) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int q = 2 * (i & 1) + half;
+          const int dim = g * BV + (i >> 1) + q * QB;
+          const float inv = int2_inv_weight(q);
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int head = 2 * t + j + 8 * nt;
+            sMO[(warp * GP + head) * D + dim] = fmaf(o_acc[nt][i][2 * half + j], inv, ov_run[nt][j]);
+          }
+        }
+      }
+    }
+  } else {
+    // ---------------------------------------------------------------- window splits
+    cp_async_wait_all();
+    __syncthreads();
+    const uint8_t* sWK = ring;
+    const uint8_t* sWV = ring + WT * 2 * D;
+    const int row0 = warp * 16;
+    if (row0 < WT && lo + row0 < hi) {  // warp-uniform
+      uint32_t qn[NT][KC][2];           // natural dim order: k-step c covers dims 16c .. 16c+15
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const float* qrow = sQ + (g + 8 * nt) * D;
+#pragma unroll
+        for (int c = 0; c < KC; ++c) {
+          qn[nt][c][0] = pack_bf16x2(qrow[16 * c + 2 * t], qrow[16 * c + 2 * t + 1]);
+          qn[nt][c][1] = pack_bf16x2(qrow[16 * c + 2 * t + 8], qrow[16 * c + 2 * t + 9]);
+        }
+      }
+      const int mat = lane >> 3, rr = lane & 7;
+      float acc[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll
+      for (int c = 0; c < KC; ++c) {
+        const int row = row0 + (mat & 1) * 8 + rr, ch = 2 * c + (mat >> 1);
+        uint32_t a0, a1, a2, a3;
+        ldmatrix_x4(a0, a1, a2, a3, sWK + row * 2 * D + ((ch ^ rr) * 16));
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma_bf16(acc[nt], a0, a1, a2, a3, qn[nt][c][0], qn[nt][c][1]);
+      }
+      const bool v0 = lo + row0 + g < hi, v1 = lo + row0 + g + 8 < hi;
+      uint32_t pb[NT][2];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const float sl = p.scale_log2;
+        float s[4] = {v0 ? acc[nt][0] * sl : kNegInf, v0 ? acc[nt][1] * sl : kNegInf,
+                      v1 ? acc[nt][2] * sl : kNegInf, v1 ? acc[nt][3] * sl : kNegInf};
+        float x[4];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const float mx = warp_max_xor_g(fmaxf(s[j], s[2 + j]));  // finite: row0 has a valid row
+          m_run[nt][j] = mx;
+          x[j] = fast_exp2(s[j] - mx);
+          x[2 + j] = fast_exp2(s[2 + j] - mx);
+          l_run[nt][j] = warp_sum_xor_g(x[j] + x[2 + j]);
+        }
+        pb[nt][0] = movmatrix_trans(pack_bf16x2(x[0], x[1]));
+        pb[nt][1] = movmatrix_trans(pack_bf16x2(x[2], x[3]));
+      }
+#pragma unroll
+      for (int i = 0; i < KC; ++i) {
+        const int row = row0 + (mat >> 1) * 8 + rr, ch = 2 * i + (mat & 1);
+        uint32_t a0, a1, a2, a3;
+        ldmatrix_x4_trans(a0, a1, a2, a3, sWV + row * 2 * D + ((ch ^ rr) * 16));
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma_bf16(o_acc[nt][i], a0, a1, a2, a3, pb[nt][0], pb[nt][1]);
+      }
+    }
+    __syncthreads();  // all ldmatrix reads done before the ring becomes merge scratch
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int i = 0; i < KC; ++i) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int head = 2 * t + j + 8 * nt;
+            sMO[(warp * GP + head) * D + 16 * i + g + 8 * half] = o_acc[nt][i][2 * half + j];
+          }
+        }
+      }
+    }
+  }
+  if (g == 0) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int head = 2 * t + j + 8 * nt;
+        sML[(warp * GP + head) * 2] = m_run[nt][j];
+        sML[(warp * GP + head) * 2 + 1] = l_run[nt][j];
+      }
+    }
+  }
+  __syncthreads();
+
+  // ---------------------------------------------------------------- merge the 8 warps
+  float* sScale = sQ;                        // [kWarps][GP]
+  float* sHead = sQ + Tr::kWarps * GP;       // [GP][2] = (max, sum)
+  if (tid < G) {
+    float M = kNegInf;
+#pragma unroll
+    for (int w = 0; w < Tr::kWarps; ++w) M = fmaxf(M, sML[(w * GP + tid) * 2]);
+    float L = 0.f;
+#pragma unroll
+    for (int w = 0; w < Tr::kWarps; ++w) {
+      const float s = M == kNegInf ? 0.f : fast_exp2(sML[(w * GP + tid) * 2] - M);
+      sScale[w * GP + tid] = s;
+      L = fmaf(s, sML[(w * GP + tid) * 2 + 1], L);
+    }
+    sHead[2 * tid] = M;
+    sHead[2 * tid + 1] = L;
+  }
+  __syncthreads();
+  {
+    float* po = p.part_o + (static_cast<int64_t>(bh) * s_total + split) * G * D;
+    for (int e = tid; e < G * D; e += 256) {
+      const int head = e / D, dim = e % D;
+      float o = 0.f;
+#pragma unroll
+      for (int w = 0; w < Tr::kWarps; ++w) o = fmaf(sMO[(w * GP + head) * D + dim], sScale[w * GP + head], o);
+      const float L = sHead[2 * head + 1];
+      po[e] = L > 0.f ? o / L : 0.f;
+    }
+    if (tid < G) {
+      const float L = sHead[2 * tid + 1];
+      p.part_lse[(static_cast<int64_t>(bh) * s_total + split) * G + tid] =
+          L > 0.f ? sHead[2 * tid] + __log2f(L) : kNegInf;
+    }
+  }
+
+  // ---------------------------------------------------------------- last CTA of (b, h): merge splits
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) *sFlag = atomicAdd(p.sem + bh, 1) == s_total - 1;
+  __syncthreads();
+  if (*sFlag == 0) return;
+  __threadfence();
+
+  const bool rotv = p.rot_v != nullptr;
+  if constexpr (Tr::kRInSmem) {
+    if (rotv) {  // R_V row j, 16-byte chunk c at c ^ (j & 7): conflict-free row reads below
+      for (int e = tid; e < D * D / 4; e += 256) {
+        const int j = e / (D / 4), c = e % (D / 4);
+        cp_async_16(ring + j * 4 * D + ((c ^ (j & 7)) * 16), p.rot_v + j * D + c * 4);
+      }
+    }
+    cp_async_commit();
+  }
+  float* sWt = reinterpret_cast<float*>(ring + Tr::kRBytes);  // [s_total][G]
+  float4* sRep = reinterpret_cast<float4*>(ring + Tr::kRBytes + ((s_total * G * 4 + 15) / 16) * 16);
+  const float* lse = p.part_lse + static_cast<int64_t>(bh) * s_total * G;
+  for (int e = tid; e < s_total * G; e += 256) sWt[e] = __ldcg(lse + e);
+  __syncthreads();
+  if (tid < G) {
+    float M = kNegInf;
+    for (int s = 0; s < s_total; ++s) M = fmaxf(M, sWt[s * G + tid]);
+    float W = 0.f;
+    for (int s = 0; s < s_total; ++s) W += M == kNegInf ? 0.f : fast_exp2(sWt[s * G + tid] - M);
+    const float inv = W > 0.f ? 1.f / W : 0.f;
+    for (int s = 0; s < s_total; ++s)
+      sWt[s * G + tid] = M == kNegInf ? 0.f : fast_exp2(sWt[s * G + tid] - M) * inv;
+  }
+  __syncthreads();
+  float* sOf = sQ;  // [G][D] merged output, rotated space
+  {
+    const float* po = p.part_o + static_cast<int64_t>(bh) * s_total * G * D;
+    const int E = G * D / 4;  // float4 elements
+    if (E >= 256) {
+      for (int e = tid; e < E; e += 256) {
+        const int head = e / (D / 4);
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+        for (int s = 0; s < s_total; ++s) {
+          const float w = sWt[s * G + head];
+          const float4 v = ld_cg_f4(po + static_cast<int64_t>(s) * G * D + 4 * e);
+          a.x = fmaf(w, v.x, a.x);
+          a.y = fmaf(w, v.y, a.y);
+          a.z = fmaf(w, v.z, a.z);
+          a.w = fmaf(w, v.w, a.w);
+        }
+        reinterpret_cast<float4*>(sOf)[e] = a;
+      }
+    } else {  // several threads per element, each over every R-th split, so loads overlap
+      const int R = 256 / E, rep = tid / E, e = tid % E, head = e / (D / 4);
+      if (rep < R) {
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+        for (int s = rep; s < s_total; s += R) {
+          const float w = sWt[s * G + head];
+          const float4 v = ld_cg_f4(po + static_cast<int64_t>(s) * G * D + 4 * e);
+          a.x = fmaf(w, v.x, a.x);
+          a.y = fmaf(w, v.y, a.y);
+          a.z = fmaf(w, v.z, a.z);
+          a.w = fmaf(w, v.w, a.w);
+        }
+        sRep[rep * E + e] = a;
+      }
+      __syncthreads();
+      if (tid < E) {
+        float4 a = sRep[tid];
+        for (int r = 1; r < R; ++r) {
+          const float4 v = sRep[r * E + tid];
+          a.x += v.x;
+          a.y += v.y;
+          a.z += v.z;
+          a.w += v.w;
+        }
+        reinterpret_cast<float4*>(sOf)[tid] = a;
+      }
+    }
+  }
+  cp_async_wait_all();
+  __syncthreads();
+
+  // out[head, j] = sum_i O[head, i] * R_V[j, i]   (O @ R_V^T), or O itself
+  __nv_bfloat16* outp = static_cast<__nv_bfloat16*>(p.out) + static_cast<int64_t>(b) * p.out_s0 + static_cast<int64_t>(h * G) * p.out_s1;
+  constexpr int kHS = 256 / D > 1 ? 256 / D : 1;
+  const int j = tid % D, hs = tid / D;
+  if (hs < kHS) {
+    for (int head = hs; head < G; head += kHS) {
+      float a = 0.f;
+      if (rotv) {
+        if constexpr (Tr::kRInSmem) {
+#pragma unroll 8
+          for (int c = 0; c < D / 4; ++c) {
+            const float4 r = *reinterpret_cast<const float4*>(ring + j * 4 * D + ((c ^ (j & 7)) * 16));
+            const float4 o = reinterpret_cast<const float4*>(sOf + head * D)[c];
+            a = fmaf(o.x, r.x, a);
+            a = fmaf(o.y, r.y, a);
+            a = fmaf(o.z, r.z, a);
+            a = fmaf(o.w, r.w, a);
+          }
+        } else {
+          const float* rrow = p.rot_v + static_cast<int64_t>(j) * D;
+#pragma unroll 8
+          for (int i = 0; i < D; ++i) a = fmaf(sOf[head * D + i], __ldg(rrow + i), a);
+        }
+      } else {
+        a = sOf[head * D + j];
+      }
+      outp[static_cast<int64_t>(head) * p.out_s1 + j] = __float2bfloat16_rn(a);
+    }
+  }
+  if (tid == 0) p.sem[bh] = 0;
+}
+
+}  // namespace oscar

@@ -1,0 +1,72 @@
+// Kernel parameter blocks shared by the g++-compiled op layer (ops.cpp) and the CUDA launchers.
+// Plain C++ only (no CUDA or torch headers): 16-bit tensors travel as void pointers.
+#pragma once
+
+#include <cstdint>
+
+namespace oscar {
+
+struct StoreParams {
+  const void* key;  // [T, Hkv, d] bf16 or fp16
+  const void* value;
+  int64_t k_s0, k_s1, v_s0, v_s1;  // elements
+  bool in_fp16;                    // key/value dtype: fp16 (true) or bf16
+  uint8_t* kv;
+  int64_t kv_s0, kv_s1;  // bytes
+  const int64_t* slots;
+  const float* rot_k;  // nullptr: identity
+  const float* rot_v;
+  int k_idx, v_idx;  // clip index (reference.clip_index) or -1 for no clipping
+  void* win;         // nullptr: no window write
+  int64_t w_s0, w_s1, w_s2, w_s3;  // elements of [blocks, 2, block_size, Hkv, d]
+  bool win_fp16;
+  const int64_t* wslots;
+  int num_tokens, num_kv_heads, block_size, win_block_size;
+  int64_t num_slots, num_win_slots;  // out-of-range slots are skipped
+};
+
+struct DecodeParams {
+  void* out;  // [B, Hq, d] bf16
+  int64_t out_s0, out_s1;  // elements
+  const void* q;           // [B, Hq, d] bf16
+  int64_t q_s0, q_s1;      // elements
+  const uint8_t* kv;
+  int64_t kv_s0, kv_s1;  // bytes
+  const int32_t* block_table;
+  int64_t bt_s0;
+  const int32_t* seq_lens;
+  const void* win;  // bf16; nullptr: no window cache, every row is read from INT2
+  int64_t w_s0, w_s1, w_s2, w_s3;  // elements of [blocks, 2, block_size, Hkv, d]
+  const int32_t* wbt;
+  int64_t wbt_s0;
+  const float* rot_k;  // nullptr: identity
+  const float* rot_v;  // nullptr: output stays in the rotated space
+  float* q_rot;        // [B * Hq, D]
+  float* part_o;       // [B * Hkv, S, G, D]
+  float* part_lse;     // [B * Hkv, S, G]   (log2 domain)
+  int32_t* sem;        // [B * Hkv], zero between calls
+  int batch, num_q_heads, num_kv_heads, group, block_size, win_block_size, sink, recent, s_win, s_int;
+  int block_shift;  // log2(block_size) when it is a power of two, else -1 (integer division is ~20
+                    // instructions and runs 3x per stage per thread)
+  float scale_log2;
+};
+
+struct GatherParams {
+  void* k_out;  // [rows, Hkv, d] bf16
+  void* v_out;
+  int64_t ko_s0, ko_s1, vo_s0, vo_s1;  // elements
+  const uint8_t* kv;
+  int64_t kv_s0, kv_s1;  // bytes
+  const int32_t* block_table;
+  int64_t bt_s0;
+  const int32_t* cu;           // [num_seqs + 1]
+  const int32_t* prefix_lens;  // [num_seqs] or nullptr (= cu[i+1] - cu[i])
+  const void* win;             // bf16; nullptr: every row from INT2
+  int64_t w_s0, w_s1, w_s2, w_s3;
+  const int32_t* wbt;
+  int64_t wbt_s0;
+  const int32_t* wstarts;  // [num_seqs]
+  int num_seqs, total_rows, num_kv_heads, block_size, win_block_size, sink;
+};
+
+}  // namespace oscar

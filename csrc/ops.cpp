@@ -1,0 +1,372 @@
+// The oscar:: op layer: argument checks (TORCH_CHECK messages name the argument and the expectation),
+// parameter blocks, dispatch to the CUDA launchers. Compiled by g++ only (see launch.h for why).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+
+#include "checks.h"
+#include "launch.h"
+#include "ops.h"
+
+namespace oscar {
+
+// ---------------------------------------------------------------------------------------------
+// store_kv
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+// reference.clip_index: ratio <= 0 disables clipping, else min(int(ratio * d), d - 1).
+int clip_index(double ratio, int64_t d) {
+  if (!(ratio > 0)) return -1;
+  const int64_t idx = static_cast<int64_t>(ratio * static_cast<double>(d));
+  return static_cast<int>(idx < d - 1 ? idx : d - 1);
+}
+}  // namespace
+
+void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& kv_cache,
+              const torch::Tensor& slot_mapping, const std::optional<torch::Tensor>& rotation_k,
+              const std::optional<torch::Tensor>& rotation_v, double k_clip_ratio, double v_clip_ratio,
+              const std::optional<torch::Tensor>& window_cache,
+              const std::optional<torch::Tensor>& window_slot_mapping) {
+  const auto dev = key.device();
+  check_cuda(key, "key", dev);
+  TORCH_CHECK(key.scalar_type() == at::kBFloat16 || key.scalar_type() == at::kHalf,
+              "oscar: key must be bfloat16 or float16, got ", key.scalar_type());
+  check_dim(key, "key", 3, "[num_tokens, num_kv_heads, head_dim]");
+  const int64_t Hkv = key.size(1), D = key.size(2);
+  check_head_dim(D, "key.shape[2]");
+  TORCH_CHECK(key.stride(2) == 1, "oscar: key must be contiguous in its last dimension, got strides ",
+              list_str(key.strides()));
+  check_cuda(value, "value", dev);
+  TORCH_CHECK(value.scalar_type() == key.scalar_type(), "oscar: value must have key's dtype ", key.scalar_type(),
+              ", got ", value.scalar_type());
+  TORCH_CHECK(value.sizes() == key.sizes(), "oscar: value must have key's shape ", shape_str(key), ", got ",
+              shape_str(value));
+  TORCH_CHECK(value.stride(2) == 1, "oscar: value must be contiguous in its last dimension, got strides ",
+              list_str(value.strides()));
+  check_kv_cache(kv_cache, dev, Hkv);
+  const int64_t bs = int2_block_size(kv_cache, D);
+  check_cuda(slot_mapping, "slot_mapping", dev);
+  check_dtype(slot_mapping, "slot_mapping", at::kLong);
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.is_contiguous() && slot_mapping.size(0) <= key.size(0),
+              "oscar: slot_mapping must be a contiguous 1-D int64 tensor with at most num_tokens = ", num(key.size(0)),
+              " entries, got shape ", shape_str(slot_mapping));
+  const int64_t T = slot_mapping.size(0);  // like vLLM's reshape_and_cache: key may be padded beyond it
+  check_rotation(rotation_k, "rotation_k", dev, D);
+  check_rotation(rotation_v, "rotation_v", dev, D);
+  const bool has_win = window_cache.has_value();
+  if (has_win) {
+    const auto& w = *window_cache;
+    check_window_cache(w, dev, Hkv, D);
+    TORCH_CHECK(w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
+                "oscar: window_cache must be bfloat16 or float16, got ", w.scalar_type());
+    TORCH_CHECK(window_slot_mapping.has_value(), "oscar: window_slot_mapping is required with window_cache");
+    const auto& ws = *window_slot_mapping;
+    check_cuda(ws, "window_slot_mapping", dev);
+    check_dtype(ws, "window_slot_mapping", at::kLong);
+    TORCH_CHECK(ws.dim() == 1 && ws.is_contiguous() && ws.size(0) >= T, "oscar: window_slot_mapping must be a "
+                "contiguous 1-D int64 tensor with at least ", num(T), " entries, got shape ", shape_str(ws));
+  }
+  TORCH_CHECK(T * Hkv < (int64_t{1} << 31), "oscar: store_kv supports fewer than 2^31 rows, got ", num(T * Hkv));
+  if (T == 0) return;
+
+  const c10::cuda::CUDAGuard guard(dev);
+  StoreParams p{};
+  p.key = key.data_ptr();
+  p.value = value.data_ptr();
+  p.k_s0 = key.stride(0);
+  p.k_s1 = key.stride(1);
+  p.v_s0 = value.stride(0);
+  p.v_s1 = value.stride(1);
+  p.in_fp16 = key.scalar_type() == at::kHalf;
+  p.kv = kv_cache.data_ptr<uint8_t>();
+  p.kv_s0 = kv_cache.stride(0);
+  p.kv_s1 = kv_cache.stride(1);
+  p.slots = slot_mapping.data_ptr<int64_t>();
+  p.rot_k = rotation_k.has_value() ? rotation_k->data_ptr<float>() : nullptr;
+  p.rot_v = rotation_v.has_value() ? rotation_v->data_ptr<float>() : nullptr;
+  p.k_idx = clip_index(k_clip_ratio, D);
+  p.v_idx = clip_index(v_clip_ratio, D);
+  p.num_tokens = static_cast<int>(T);
+  p.num_kv_heads = static_cast<int>(Hkv);
+  p.block_size = static_cast<int>(bs);
+  p.num_slots = kv_cache.size(0) * bs;
+  if (has_win) {
+    const auto& w = *window_cache;
+    p.win = w.data_ptr();
+    p.w_s0 = w.stride(0);
+    p.w_s1 = w.stride(1);
+    p.w_s2 = w.stride(2);
+    p.w_s3 = w.stride(3);
+    p.win_fp16 = w.scalar_type() == at::kHalf;
+    p.wslots = window_slot_mapping->data_ptr<int64_t>();
+    p.win_block_size = static_cast<int>(w.size(2));
+    p.num_win_slots = w.size(0) * w.size(2);
+  }
+  launch_store(p, static_cast<int>(D), T * Hkv >= 4096, c10::cuda::getCurrentCUDAStream());
+}
+
+// ---------------------------------------------------------------------------------------------
+// decode
+// ---------------------------------------------------------------------------------------------
+
+int64_t decode_window_tile(int64_t head_dim) {
+  check_head_dim(head_dim, "head_dim");
+  return decode_window_tile_for(static_cast<int>(head_dim));
+}
+
+int64_t decode_max_split_heads(int64_t head_dim, int64_t group) {
+  check_head_dim(head_dim, "head_dim");
+  return decode_max_split_heads_for(static_cast<int>(head_dim), static_cast<int>(group));
+}
+
+namespace {
+// Programmatic dependent launch needs sm_90. OSCAR_KERNELS_NO_PDL=1 launches the decode kernel plainly
+// (A/B and debugging). Cached: no runtime query under CUDA-graph capture.
+bool use_pdl(c10::DeviceIndex dev) {
+  static const bool disabled = [] {
+    const char* e = std::getenv("OSCAR_KERNELS_NO_PDL");
+    return e != nullptr && e[0] == '1';
+  }();
+  static std::atomic<int> cc_major_cache[64];
+  if (disabled || dev < 0 || dev >= 64) return false;
+  int cc = cc_major_cache[dev].load();
+  if (cc == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, dev));
+    cc_major_cache[dev].store(cc);
+  }
+  return cc >= 9;
+}
+}  // namespace
+
+void decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv_cache,
+            const torch::Tensor& block_table, const torch::Tensor& seq_lens,
+            const std::optional<torch::Tensor>& window_cache,
+            const std::optional<torch::Tensor>& window_block_table,
+            const std::optional<torch::Tensor>& rotation_k, const std::optional<torch::Tensor>& rotation_v,
+            int64_t sink, int64_t recent, double scale, torch::Tensor& workspace, torch::Tensor& semaphores,
+            int64_t num_splits) {
+  const auto dev = q.device();
+  check_cuda(q, "q", dev);
+  check_dtype(q, "q", at::kBFloat16);
+  check_dim(q, "q", 3, "[batch, num_q_heads, head_dim]");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  check_head_dim(D, "q.shape[2]");
+  check_rows_aligned(q, "q", 8);
+  check_cuda(out, "out", dev);
+  check_dtype(out, "out", at::kBFloat16);
+  TORCH_CHECK(out.sizes() == q.sizes(), "oscar: out must have the shape of q ", shape_str(q), ", got ",
+              shape_str(out));
+  TORCH_CHECK(out.stride(2) == 1, "oscar: out must be contiguous in its last dimension, got strides ",
+              list_str(out.strides()));
+
+  check_cuda(kv_cache, "kv_cache", dev);
+  check_dim(kv_cache, "kv_cache", 3, "[num_blocks, num_kv_heads, head_page_bytes]");
+  const int64_t Hkv = kv_cache.size(1);
+  check_kv_cache(kv_cache, dev, Hkv);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "oscar: num_q_heads (q.shape[1] = ", num(Hq),
+              ") must be a multiple of num_kv_heads (kv_cache.shape[1] = ", num(Hkv), ")");
+  const int64_t G = Hq / Hkv;
+  TORCH_CHECK(G <= 16 && (D < 256 || G <= 8), "oscar: decode supports up to ", D < 256 ? "16" : "8",
+              " query heads per kv head at head_dim ", num(D), ", got ", num(G));
+  const int64_t bs = int2_block_size(kv_cache, D);
+  TORCH_CHECK(B <= 65535, "oscar: decode batch must be at most 65535, got ", num(B));
+
+  check_cuda(block_table, "block_table", dev);
+  check_dtype(block_table, "block_table", at::kInt);
+  check_dim(block_table, "block_table", 2, "[batch, max_blocks_per_seq]");
+  TORCH_CHECK(block_table.size(0) >= B && block_table.stride(1) == 1, "oscar: block_table must have at least ",
+              num(B), " rows and contiguous rows, got shape ", shape_str(block_table), " strides ",
+              list_str(block_table.strides()));
+  check_cuda(seq_lens, "seq_lens", dev);
+  check_dtype(seq_lens, "seq_lens", at::kInt);
+  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) >= B && seq_lens.is_contiguous(),
+              "oscar: seq_lens must be a contiguous 1-D int32 tensor of at least ", num(B), " entries, got shape ",
+              shape_str(seq_lens));
+
+  const bool has_win = window_cache.has_value();
+  TORCH_CHECK(sink >= 0 && recent >= 0, "oscar: sink and recent must be >= 0, got ", num(sink), " and ", num(recent));
+  if (has_win) {
+    check_window_cache(*window_cache, dev, Hkv, D);
+    check_dtype(*window_cache, "window_cache", at::kBFloat16);
+    TORCH_CHECK(window_block_table.has_value(), "oscar: window_block_table is required with window_cache");
+    const auto& wbt = *window_block_table;
+    check_cuda(wbt, "window_block_table", dev);
+    check_dtype(wbt, "window_block_table", at::kInt);
+    check_dim(wbt, "window_block_table", 2, "[batch, max_window_blocks_per_seq]");
+    TORCH_CHECK(wbt.size(0) >= B && wbt.stride(1) == 1, "oscar: window_block_table must have at least ", num(B),
+                " rows and contiguous rows, got shape ", shape_str(wbt));
+  }
+  check_rotation(rotation_k, "rotation_k", dev, D);
+  check_rotation(rotation_v, "rotation_v", dev, D);
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "oscar: scale must be a positive finite number, got ", num(scale));
+  TORCH_CHECK(num_splits >= 1, "oscar: num_splits must be >= 1, got ", num(num_splits));
+
+  const int64_t wt = decode_window_tile(D);
+  const int64_t s_win = has_win ? (sink + recent + wt - 1) / wt : 0;
+  const int64_t s_total = s_win + num_splits;
+  const int64_t max_sh = decode_max_split_heads(D, G);
+  TORCH_CHECK(s_total * G <= max_sh, "oscar: (num_splits + window splits) * query heads per kv head = ",
+              num(s_total), " * ", num(G), " exceeds ", num(max_sh), " for head_dim ", num(D), "; use fewer splits");
+  const int64_t need = B * Hq * D + B * Hkv * s_total * G * (D + 1);
+  check_cuda(workspace, "workspace", dev);
+  check_dtype(workspace, "workspace", at::kFloat);
+  TORCH_CHECK(workspace.is_contiguous() && workspace.numel() >= need, "oscar: workspace must be a contiguous "
+              "float32 tensor of at least ", num(need), " elements for batch ", num(B), " and ", num(s_total),
+              " splits, got ", num(workspace.numel()), " (allocate it with vllm_oscar.ops.make_decode_workspace)");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(workspace.data_ptr()) % 16 == 0, "oscar: workspace must be 16-byte aligned");
+  check_cuda(semaphores, "semaphores", dev);
+  check_dtype(semaphores, "semaphores", at::kInt);
+  TORCH_CHECK(semaphores.is_contiguous() && semaphores.numel() >= B * Hkv, "oscar: semaphores must be a contiguous "
+              "int32 tensor of at least ", num(B * Hkv), " zeros, got ", num(semaphores.numel()), " elements");
+  if (B == 0) return;
+
+  const c10::cuda::CUDAGuard guard(dev);
+  DecodeParams p{};
+  p.out = out.data_ptr();
+  p.out_s0 = out.stride(0);
+  p.out_s1 = out.stride(1);
+  p.q = q.data_ptr();
+  p.q_s0 = q.stride(0);
+  p.q_s1 = q.stride(1);
+  p.kv = kv_cache.data_ptr<uint8_t>();
+  p.kv_s0 = kv_cache.stride(0);
+  p.kv_s1 = kv_cache.stride(1);
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.bt_s0 = block_table.stride(0);
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  if (has_win) {
+    const auto& w = *window_cache;
+    p.win = w.data_ptr();
+    p.w_s0 = w.stride(0);
+    p.w_s1 = w.stride(1);
+    p.w_s2 = w.stride(2);
+    p.w_s3 = w.stride(3);
+    p.win_block_size = static_cast<int>(w.size(2));
+    p.wbt = window_block_table->data_ptr<int32_t>();
+    p.wbt_s0 = window_block_table->stride(0);
+  }
+  p.rot_k = rotation_k.has_value() ? rotation_k->data_ptr<float>() : nullptr;
+  p.rot_v = rotation_v.has_value() ? rotation_v->data_ptr<float>() : nullptr;
+  float* ws = workspace.data_ptr<float>();
+  p.q_rot = ws;
+  p.part_o = ws + B * Hq * D;
+  p.part_lse = p.part_o + B * Hkv * s_total * G * D;
+  p.sem = semaphores.data_ptr<int32_t>();
+  p.batch = static_cast<int>(B);
+  p.num_q_heads = static_cast<int>(Hq);
+  p.num_kv_heads = static_cast<int>(Hkv);
+  p.group = static_cast<int>(G);
+  p.block_size = static_cast<int>(bs);
+  p.block_shift = (bs & (bs - 1)) == 0 ? __builtin_ctzll(static_cast<unsigned long long>(bs)) : -1;
+  p.sink = static_cast<int>(sink);
+  p.recent = static_cast<int>(recent);
+  p.s_win = static_cast<int>(s_win);
+  p.s_int = static_cast<int>(num_splits);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  launch_decode(p, static_cast<int>(D), use_pdl(dev.index()), c10::cuda::getCurrentCUDAStream());
+}
+
+// ---------------------------------------------------------------------------------------------
+// gather_prefix
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+void check_int32_vec(const torch::Tensor& t, const char* name, const torch::Device& dev, int64_t n) {
+  check_cuda(t, name, dev);
+  check_dtype(t, name, at::kInt);
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous() && t.size(0) == n, "oscar: ", name,
+              " must be a contiguous 1-D int32 tensor of ", num(n), " entries, got shape ", shape_str(t));
+}
+}  // namespace
+
+void gather_prefix(torch::Tensor& key_out, torch::Tensor& value_out, const torch::Tensor& kv_cache,
+                   const torch::Tensor& block_table, const torch::Tensor& cu_seqlens,
+                   const std::optional<torch::Tensor>& prefix_lens,
+                   const std::optional<torch::Tensor>& window_cache,
+                   const std::optional<torch::Tensor>& window_block_table,
+                   const std::optional<torch::Tensor>& window_starts, int64_t sink) {
+  const auto dev = kv_cache.device();
+  check_cuda(key_out, "key_out", dev);
+  check_dtype(key_out, "key_out", at::kBFloat16);
+  check_dim(key_out, "key_out", 3, "[total_tokens, num_kv_heads, head_dim]");
+  const int64_t rows = key_out.size(0), Hkv = key_out.size(1), D = key_out.size(2);
+  check_head_dim(D, "key_out.shape[2]");
+  check_rows_aligned(key_out, "key_out", 8);
+  check_cuda(value_out, "value_out", dev);
+  check_dtype(value_out, "value_out", at::kBFloat16);
+  TORCH_CHECK(value_out.sizes() == key_out.sizes(), "oscar: value_out must have key_out's shape ",
+              shape_str(key_out), ", got ", shape_str(value_out));
+  check_rows_aligned(value_out, "value_out", 8);
+  check_kv_cache(kv_cache, dev, Hkv);
+  const int64_t bs = int2_block_size(kv_cache, D);
+  check_cuda(cu_seqlens, "cu_seqlens", dev);
+  check_dtype(cu_seqlens, "cu_seqlens", at::kInt);
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.is_contiguous() && cu_seqlens.size(0) >= 1,
+              "oscar: cu_seqlens must be a contiguous 1-D int32 tensor [num_seqs + 1], got shape ",
+              shape_str(cu_seqlens));
+  const int64_t N = cu_seqlens.size(0) - 1;
+  check_cuda(block_table, "block_table", dev);
+  check_dtype(block_table, "block_table", at::kInt);
+  check_dim(block_table, "block_table", 2, "[num_seqs, max_blocks_per_seq]");
+  TORCH_CHECK(block_table.size(0) >= N && block_table.stride(1) == 1, "oscar: block_table must have at least ",
+              num(N), " rows and contiguous rows, got shape ", shape_str(block_table));
+  if (prefix_lens.has_value()) check_int32_vec(*prefix_lens, "prefix_lens", dev, N);
+  const bool has_win = window_cache.has_value();
+  if (has_win) {
+    check_window_cache(*window_cache, dev, Hkv, D);
+    check_dtype(*window_cache, "window_cache", at::kBFloat16);
+    TORCH_CHECK(window_block_table.has_value() && window_starts.has_value(),
+                "oscar: window_block_table and window_starts are required with window_cache");
+    const auto& wbt = *window_block_table;
+    check_cuda(wbt, "window_block_table", dev);
+    check_dtype(wbt, "window_block_table", at::kInt);
+    check_dim(wbt, "window_block_table", 2, "[num_seqs, max_window_blocks_per_seq]");
+    TORCH_CHECK(wbt.size(0) >= N && wbt.stride(1) == 1, "oscar: window_block_table must have at least ", num(N),
+                " rows and contiguous rows, got shape ", shape_str(wbt));
+    check_int32_vec(*window_starts, "window_starts", dev, N);
+  }
+  TORCH_CHECK(sink >= 0, "oscar: sink must be >= 0, got ", num(sink));
+  TORCH_CHECK(rows < (int64_t{1} << 31), "oscar: gather_prefix supports fewer than 2^31 rows, got ", num(rows));
+  if (rows == 0 || N == 0) return;
+
+  const c10::cuda::CUDAGuard guard(dev);
+  GatherParams p{};
+  p.k_out = key_out.data_ptr();
+  p.v_out = value_out.data_ptr();
+  p.ko_s0 = key_out.stride(0);
+  p.ko_s1 = key_out.stride(1);
+  p.vo_s0 = value_out.stride(0);
+  p.vo_s1 = value_out.stride(1);
+  p.kv = kv_cache.data_ptr<uint8_t>();
+  p.kv_s0 = kv_cache.stride(0);
+  p.kv_s1 = kv_cache.stride(1);
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.bt_s0 = block_table.stride(0);
+  p.cu = cu_seqlens.data_ptr<int32_t>();
+  p.prefix_lens = prefix_lens.has_value() ? prefix_lens->data_ptr<int32_t>() : nullptr;
+  if (has_win) {
+    const auto& w = *window_cache;
+    p.win = w.data_ptr();
+    p.w_s0 = w.stride(0);
+    p.w_s1 = w.stride(1);
+    p.w_s2 = w.stride(2);
+    p.w_s3 = w.stride(3);
+    p.win_block_size = static_cast<int>(w.size(2));
+    p.wbt = window_block_table->data_ptr<int32_t>();
+    p.wbt_s0 = window_block_table->stride(0);
+    p.wstarts = window_starts->data_ptr<int32_t>();
+  }
+  p.num_seqs = static_cast<int>(N);
+  p.total_rows = static_cast<int>(rows);
+  p.num_kv_heads = static_cast<int>(Hkv);
+  p.block_size = static_cast<int>(bs);
+  p.sink = static_cast<int>(sink);
+  launch_gather(p, static_cast<int>(D), c10::cuda::getCurrentCUDAStream());
+}
+
+}  // namespace oscar

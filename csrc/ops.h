@@ -1,0 +1,35 @@
+// Host entry points of the oscar:: ops (registered in torch_bindings.cpp).
+#pragma once
+
+#include <torch/all.h>
+
+#include <optional>
+
+namespace oscar {
+
+void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& kv_cache,
+              const torch::Tensor& slot_mapping, const std::optional<torch::Tensor>& rotation_k,
+              const std::optional<torch::Tensor>& rotation_v, double k_clip_ratio, double v_clip_ratio,
+              const std::optional<torch::Tensor>& window_cache,
+              const std::optional<torch::Tensor>& window_slot_mapping);
+
+void decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv_cache,
+            const torch::Tensor& block_table, const torch::Tensor& seq_lens,
+            const std::optional<torch::Tensor>& window_cache,
+            const std::optional<torch::Tensor>& window_block_table,
+            const std::optional<torch::Tensor>& rotation_k, const std::optional<torch::Tensor>& rotation_v,
+            int64_t sink, int64_t recent, double scale, torch::Tensor& workspace, torch::Tensor& semaphores,
+            int64_t num_splits);
+
+void gather_prefix(torch::Tensor& key_out, torch::Tensor& value_out, const torch::Tensor& kv_cache,
+                   const torch::Tensor& block_table, const torch::Tensor& cu_seqlens,
+                   const std::optional<torch::Tensor>& prefix_lens,
+                   const std::optional<torch::Tensor>& window_cache,
+                   const std::optional<torch::Tensor>& window_block_table,
+                   const std::optional<torch::Tensor>& window_starts, int64_t sink);
+
+// Sizes the Python side mirrors (vllm_oscar/ops/__init__.py asserts they agree at load time).
+int64_t decode_window_tile(int64_t head_dim);
+int64_t decode_max_split_heads(int64_t head_dim, int64_t group);
+
+}  // namespace oscar

@@ -1,0 +1,122 @@
+"""CPU checks of the kernel package (run in CI, no GPU): the extension was built and loads, the fake
+implementations accept valid fake CUDA tensors and reject bad ones, and a missing extension gives a
+clear error instead of failing at import."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from vllm_oscar import ops
+
+_NVCC = shutil.which("nvcc") is not None or os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
+_SKIP_BUILD = os.environ.get("VLLM_OSCAR_SKIP_CUDA_BUILD", "0") == "1"
+needs_extension = pytest.mark.skipif(
+    not ops.kernels_available(), reason=f"vllm_oscar._C not loaded: {ops.kernels_unavailable_reason()}"
+)
+
+
+@pytest.mark.skipif(not _NVCC or _SKIP_BUILD, reason="no CUDA toolkit here, so the package installs without kernels")
+def test_extension_built_and_loads():
+    """With nvcc available at install time the extension must have compiled and must load (no GPU needed)."""
+    assert ops.kernels_available(), ops.kernels_unavailable_reason()
+    for name in ("store_kv", "decode", "gather_prefix"):
+        assert hasattr(torch.ops.oscar, name), name
+
+
+def test_missing_extension_error(monkeypatch):
+    monkeypatch.setattr(ops, "_loaded", True)
+    monkeypatch.setattr(ops, "_load_error", "vllm_oscar._C was not built (no CUDA toolkit at install time)")
+    assert not ops.kernels_available()
+    with pytest.raises(ops.KernelsUnavailableError, match=r"unavailable: .*pip install --no-build-isolation -e \."):
+        ops.decode(torch.zeros(1, 8, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 640, dtype=torch.uint8),
+                   torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), workspace=object())
+
+
+def _cuda(*shape, dtype):
+    return torch.empty(*shape, dtype=dtype, device="cuda")
+
+
+@needs_extension
+def test_fake_store_kv():
+    with FakeTensorMode():
+        k = _cuda(5, 2, 128, dtype=torch.bfloat16)
+        cache = _cuda(4, 2, 16 * 72, dtype=torch.uint8)
+        slots = _cuda(5, dtype=torch.int64)
+        r = _cuda(128, 128, dtype=torch.float32)
+        win = _cuda(3, 2, 16, 2, 128, dtype=torch.bfloat16)
+        assert torch.ops.oscar.store_kv(k, k, cache, slots, r, r, 0.96, 0.92, win, slots) is None
+        assert cache.shape == (4, 2, 1152) and cache.dtype == torch.uint8
+        with pytest.raises(RuntimeError, match="key must be bf16/fp16"):
+            torch.ops.oscar.store_kv(k.float(), k.float(), cache, slots, None, None, 0.96, 0.92)
+        with pytest.raises(RuntimeError, match="head page of"):
+            torch.ops.oscar.store_kv(k, k, _cuda(4, 2, 1000, dtype=torch.uint8), slots, None, None, 0.96, 0.92)
+        with pytest.raises(RuntimeError, match="rotation_k must be float32"):
+            torch.ops.oscar.store_kv(k, k, cache, slots, r[:64, :64], None, 0.96, 0.92)
+
+
+@needs_extension
+def test_fake_decode():
+    with FakeTensorMode():
+        q = _cuda(3, 8, 64, dtype=torch.bfloat16)
+        out = torch.empty_like(q)
+        cache = _cuda(10, 2, 16 * 40, dtype=torch.uint8)
+        bt = _cuda(3, 5, dtype=torch.int32)
+        lens = _cuda(3, dtype=torch.int32)
+        win = _cuda(4, 2, 16, 2, 64, dtype=torch.bfloat16)
+        ws = _cuda(100000, dtype=torch.float32)
+        sem = _cuda(6, dtype=torch.int32)
+        args = [out, q, cache, bt, lens, win, bt, None, None, 64, 256, 0.125, ws, sem, 4]
+        assert torch.ops.oscar.decode(*args) is None
+        assert out.shape == q.shape and out.dtype == torch.bfloat16
+        bad = list(args)
+        bad[1] = q.float()
+        with pytest.raises(RuntimeError, match="q must be bfloat16"):
+            torch.ops.oscar.decode(*bad)
+        bad = list(args)
+        bad[1], bad[0] = _cuda(3, 7, 64, dtype=torch.bfloat16), _cuda(3, 7, 64, dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError, match="not a multiple of 2 kv heads"):
+            torch.ops.oscar.decode(*bad)
+        bad = list(args)
+        bad[5] = _cuda(4, 2, 16, 3, 64, dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError, match="window_cache must be"):
+            torch.ops.oscar.decode(*bad)
+
+
+@needs_extension
+def test_fake_gather_prefix():
+    with FakeTensorMode():
+        k = _cuda(30, 2, 128, dtype=torch.bfloat16)
+        cache = _cuda(10, 2, 16 * 72, dtype=torch.uint8)
+        bt = _cuda(2, 5, dtype=torch.int32)
+        cu = _cuda(3, dtype=torch.int32)
+        assert torch.ops.oscar.gather_prefix(k, torch.empty_like(k), cache, bt, cu, None, None, None, None, 0) is None
+        with pytest.raises(RuntimeError, match="unsupported head_dim 96"):
+            k96 = _cuda(30, 2, 96, dtype=torch.bfloat16)
+            torch.ops.oscar.gather_prefix(k96, torch.empty_like(k96), cache, bt, cu, None, None, None, None, 0)
+
+
+@needs_extension
+def test_compile_traces_through_decode():
+    """Fake-mode tracing (what torch.compile and vLLM's graph capture do) goes through the op's fake."""
+
+    def f(out, q, cache, bt, lens, ws, sem):
+        torch.ops.oscar.decode(out, q, cache, bt, lens, None, None, None, None, 0, 0, 0.125, ws, sem, 2)
+        return out * 2
+
+    gm = torch.fx.experimental.proxy_tensor.make_fx(f, tracing_mode="fake")(
+        *[
+            torch.empty(2, 4, 64, dtype=torch.bfloat16),
+            torch.empty(2, 4, 64, dtype=torch.bfloat16),
+            torch.empty(4, 1, 640, dtype=torch.uint8),
+            torch.empty(2, 2, dtype=torch.int32),
+            torch.empty(2, dtype=torch.int32),
+            torch.empty(10000, dtype=torch.float32),
+            torch.empty(2, dtype=torch.int32),
+        ]
+    )
+    assert "oscar.decode" in str(gm.graph)

@@ -1,0 +1,171 @@
+"""oscar::store_kv against reference.store_kv / reference.store_window (GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_utils import (
+    kv_rows,
+    nan_window_cache,
+    poisoned_int2_cache,
+    random_rotation,
+    requires_gpu,
+    unpack_cache,
+)
+
+from vllm_oscar import ops
+from vllm_oscar.layout import Int2PageLayout
+from vllm_oscar.ops import reference as ref
+
+pytestmark = requires_gpu
+
+
+def _slots(n_tokens: int, n_slots: int, gen: torch.Generator, skip: float = 0.2) -> torch.Tensor:
+    """Distinct random slots with about `skip` of the tokens set to -1."""
+    s = torch.randperm(n_slots, generator=gen)[:n_tokens].long()
+    return torch.where(torch.rand(n_tokens, generator=gen) < skip, torch.full_like(s, -1), s)
+
+
+def _run_both(key, value, layout, num_blocks, rot_k, rot_v, clip, window, gen, wbs=16, strided=False):
+    t, hkv, d = key.shape
+    slots = _slots(t, num_blocks * layout.block_size, gen)
+    cache_ref = poisoned_int2_cache(layout, num_blocks)
+    win_blocks = max(1, -(-t // wbs) + 1)
+    wslots = _slots(t, win_blocks * wbs, gen) if window else None
+    win_ref = nan_window_cache(win_blocks, wbs, hkv, d) if window else None
+    ref.store_kv(key, value, cache_ref, slots, rot_k, rot_v, layout, *clip)
+    if window:
+        ref.store_window(key, value, win_ref, wslots, rot_k, rot_v)
+
+    dev = "cuda"
+    if strided:  # key/value as views of a fused [T, 3*Hkv, d] tensor, like vLLM's qkv split
+        fused = torch.empty(t, 3 * hkv, d, dtype=key.dtype, device=dev)
+        fused[:, hkv : 2 * hkv] = key.to(dev)
+        fused[:, 2 * hkv :] = value.to(dev)
+        k_dev, v_dev = fused[:, hkv : 2 * hkv], fused[:, 2 * hkv :]
+    else:
+        k_dev, v_dev = key.to(dev), value.to(dev)
+    cache = poisoned_int2_cache(layout, num_blocks, dev)
+    win = nan_window_cache(win_blocks, wbs, hkv, d, dev) if window else None
+    ops.store_kv(
+        k_dev, v_dev, cache, slots.to(dev),
+        None if rot_k is None else rot_k.to(dev), None if rot_v is None else rot_v.to(dev),
+        k_clip_ratio=clip[0], v_clip_ratio=clip[1],
+        window_cache=win, window_slot_mapping=None if wslots is None else wslots.to(dev),
+    )
+    torch.cuda.synchronize()
+    return cache.cpu(), cache_ref, (None if win is None else win.cpu()), win_ref
+
+
+STORE_CASES = [
+    # head_dim, block_size, dtype, tokens, (k_clip, v_clip), rotation, window, strided inputs
+    (64, 16, torch.bfloat16, 1, (0.96, 0.92), None, True, False),
+    (128, 32, torch.bfloat16, 63, (0.96, 0.92), "identity", True, True),
+    (128, 64, torch.float16, 700, (0.96, 0.92), None, False, False),  # 5600 rows: 4 rows per warp pass
+    (64, 128, torch.bfloat16, 700, (0.0, 0.0), "identity", True, False),  # no clipping
+    (128, 16, torch.bfloat16, 65, (0.4, 1.0), None, True, False),  # threshold from the small side; ratio 1
+    (64, 32, torch.float16, 320, (0.96, 0.5), "identity", False, True),
+    (256, 16, torch.bfloat16, 33, (0.96, 0.92), None, True, False),
+]
+
+
+@pytest.mark.parametrize(
+    "d,bs,dtype,t,clip,rot,window,strided", STORE_CASES,
+    ids=[f"d{c[0]}-bs{c[1]}-{str(c[2])[6:]}-T{c[3]}-clip{c[4][0]}_{c[4][1]}-{c[5]}-win{int(c[6])}" for c in STORE_CASES],
+)
+def test_store_bit_exact(d, bs, dtype, t, clip, rot, window, strided):
+    """Identity rotation (None or an explicit identity matrix): every byte equals the reference's,
+    including slots skipped with -1, which stay poisoned (0xFF)."""
+    gen = torch.Generator().manual_seed(1000 * d + t)
+    hkv = 8 if d < 256 else 2
+    layout = Int2PageLayout(d, bs, hkv)
+    num_blocks = -(-t // bs) + 3
+    key, value = kv_rows(t, hkv, d, gen, dtype), kv_rows(t, hkv, d, gen, dtype)
+    r = torch.eye(d) if rot == "identity" else None
+    cache, cache_ref, win, win_ref = _run_both(key, value, layout, num_blocks, r, r, clip, window, gen,
+                                               strided=strided)
+    assert torch.equal(cache, cache_ref), f"{(cache != cache_ref).sum().item()} cache bytes differ"
+    if window:
+        assert torch.equal(win.view(torch.int16), win_ref.view(torch.int16)), "window cache differs"
+
+
+def test_store_ties_bit_exact():
+    """Rows full of equal magnitudes: the clip threshold is sort(|x|)[idx] exactly, ties included."""
+    gen = torch.Generator().manual_seed(7)
+    d, hkv, t, bs = 128, 4, 257, 32
+    layout = Int2PageLayout(d, bs, hkv)
+    key = torch.randint(-3, 4, (t, hkv, d), generator=gen).to(torch.bfloat16)
+    value = (torch.randint(-2, 3, (t, hkv, d), generator=gen) * 0.5).to(torch.bfloat16)
+    key[0] = 1.0  # constant row: scale floor, every code 0
+    cache, cache_ref, _, _ = _run_both(key, value, layout, -(-t // bs) + 2, None, None, (0.96, 0.92), False, gen)
+    assert torch.equal(cache, cache_ref)
+
+
+@pytest.mark.parametrize("d,bs,t", [(64, 16, 300), (128, 64, 600)])
+def test_store_with_rotation(d, bs, t):
+    """A real rotation: fp32 sums run in another order than the CPU matmul, so allow <= 0.1% of the
+    codes one level apart and (scale, offset) within one fp16 ulp; window rows within one bf16 ulp."""
+    gen = torch.Generator().manual_seed(d + t)
+    hkv = 8
+    layout = Int2PageLayout(d, bs, hkv)
+    num_blocks = -(-t // bs) + 2
+    key, value = kv_rows(t, hkv, d, gen), kv_rows(t, hkv, d, gen)
+    rk, rv = random_rotation(d, gen), random_rotation(d, gen)
+    cache, cache_ref, win, win_ref = _run_both(key, value, layout, num_blocks, rk, rv, (0.96, 0.92), True, gen)
+    got, want = unpack_cache(cache, layout), unpack_cache(cache_ref, layout)
+    for codes, codes_ref in zip(got[:2], want[:2]):
+        diff = (codes.int() - codes_ref.int()).abs()
+        assert diff.max().item() <= 1
+        assert diff.float().mean().item() <= 1e-3, f"{diff.float().mean().item():.2e} of the codes differ"
+    for params, params_ref in zip(got[2:], want[2:]):
+        written = ~torch.isnan(params_ref.float())
+        assert torch.equal(written, ~torch.isnan(params.float())), "written slots differ"
+        a, b = params.float()[written], params_ref.float()[written]
+        assert ((a - b).abs() <= 1e-3 * b.abs() + 1e-7).all()
+    ok = ~torch.isnan(win_ref.float())
+    assert torch.equal(ok, ~torch.isnan(win.float()))
+    a, b = win.float()[ok], win_ref.float()[ok]
+    assert ((a - b).abs() <= 2**-7 * b.abs() + 1e-6).all()
+
+
+def test_store_opcheck():
+    gen = torch.Generator().manual_seed(3)
+    d, hkv, t, bs = 64, 2, 20, 16
+    layout = Int2PageLayout(d, bs, hkv)
+    dev = "cuda"
+    key, value = kv_rows(t, hkv, d, gen).to(dev), kv_rows(t, hkv, d, gen).to(dev)
+    cache = poisoned_int2_cache(layout, 3, dev)
+    slots = _slots(t, 3 * bs, gen).to(dev)
+    win = nan_window_cache(2, 16, hkv, d, dev)
+    wslots = _slots(t, 32, gen).to(dev)
+    r = random_rotation(d, gen).to(dev)
+    torch.library.opcheck(
+        torch.ops.oscar.store_kv.default, (key, value, cache, slots, r, r, 0.96, 0.92, win, wslots)
+    )
+
+
+def test_store_errors():
+    dev = "cuda"
+    layout = Int2PageLayout(128, 16, 2)
+    cache = poisoned_int2_cache(layout, 2, dev)
+    key = torch.zeros(4, 2, 128, dtype=torch.bfloat16, device=dev)
+    slots = torch.zeros(4, dtype=torch.long, device=dev)
+    kw = dict(k_clip_ratio=0.96, v_clip_ratio=0.92)
+    with pytest.raises(RuntimeError, match="key must be bfloat16 or float16"):
+        ops.store_kv(key.float(), key.float(), cache, slots, **kw)
+    with pytest.raises(RuntimeError, match="slot_mapping must be Long"):
+        ops.store_kv(key, key, cache, slots.int(), **kw)
+    with pytest.raises(RuntimeError, match="key must be a CUDA tensor"):
+        ops.store_kv(key.cpu(), key.cpu(), cache, slots, **kw)
+    with pytest.raises(RuntimeError, match="unsupported head_dim 96"):
+        k96 = torch.zeros(4, 2, 96, dtype=torch.bfloat16, device=dev)
+        ops.store_kv(k96, k96, cache, slots, **kw)
+    with pytest.raises(RuntimeError, match="kv_cache has 2 kv heads, expected 4"):
+        k4 = torch.zeros(4, 4, 128, dtype=torch.bfloat16, device=dev)
+        ops.store_kv(k4, k4, cache, slots, **kw)
+    with pytest.raises(RuntimeError, match="head page of"):
+        ops.store_kv(key, key, cache[:, :, :-16], slots, **kw)
+    with pytest.raises(RuntimeError, match="rotation_k must be a contiguous float32"):
+        ops.store_kv(key, key, cache, slots, torch.eye(64, device=dev), **kw)
+    with pytest.raises(RuntimeError, match="window_slot_mapping is required"):
+        ops.store_kv(key, key, cache, slots, window_cache=nan_window_cache(1, 16, 2, 128, dev), **kw)
