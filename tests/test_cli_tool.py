@@ -75,6 +75,7 @@ def test_env_command(capsys):
     assert cli.main(["env"]) == 0
     out = capsys.readouterr().out
     assert "VLLM_OSCAR_SKIP_CUDA_BUILD=" in out and "torch:" in out
+    assert "kernels: " in out
 
 
 def test_env_registry(monkeypatch):

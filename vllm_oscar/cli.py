@@ -189,12 +189,12 @@ def cmd_env(args) -> int:
             print(f"{mod}: {getattr(m, '__version__', '?')}")
         except Exception as exc:  # noqa: BLE001 - report, don't fail
             print(f"{mod}: not importable ({type(exc).__name__}: {exc})")
-    try:
-        from vllm_oscar.ops import _library  # noqa: PLC0415
+    from vllm_oscar import ops  # noqa: PLC0415
 
-        print("kernels:", _library.status())
-    except ImportError:
-        print("kernels: not built in this version")
+    if ops.kernels_available():
+        print("kernels: vllm_oscar._C loaded")
+    else:
+        print(f"kernels: unavailable ({ops.kernels_unavailable_reason()})")
     for var in envs.REGISTRY.values():
         print(f"{var.name}={envs.get(var.name)!r}  # {var.doc}")
     return 0
