@@ -38,6 +38,8 @@ REGISTRY: dict[str, EnvVar] = {
                "Where the CLI keeps derived files (converted GGUF models, default artifacts)."),
         EnvVar("VLLM_OSCAR_NUM_THREADS", int, 0,
                "torch CPU threads for calibration/eval on CPU; 0 keeps torch's default."),
+        EnvVar("OSCAR_KERNELS_NO_PDL", _bool, False,
+               "Debug: decode without programmatic dependent launch (read by csrc/ops.cpp at each call)."),
     )
 }
 
