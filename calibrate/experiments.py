@@ -1,0 +1,413 @@
+"""The accuracy-variant sweep (issue 6): statistics, captures, proxy screening and perplexity.
+
+``python -m vllm_oscar.calibrate.experiments --help``. Everything is tuned on the calibration text
+(``shakespeare:comedies``) or the dev split (``shakespeare:problems``); the held-out sets
+(``shakespeare:tragedies``, ``shakespeare:histories`` and a modern-English set) are only evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+from vllm_oscar.calibrate import variants as V
+from vllm_oscar.calibrate.capture import attention_override, causal_sdpa, layer_index
+from vllm_oscar.ops import reference as ref
+
+DEV_SET = "shakespeare:problems"
+CALIBRATION_SET = "shakespeare:comedies"
+HELDOUT_SETS = ("shakespeare:tragedies", "shakespeare:histories")
+#: modern English: the Lee news corpus (Australian Broadcasting Corporation news, 2000s) that
+#: gensim ships as test data (``gensim/test/test_data/lee_background.cor``), taken from the PyPI wheel.
+MODERN_PACKAGE = "gensim==4.4.0"
+MODERN_MEMBER = "gensim/test/test_data/lee_background.cor"
+DEFAULT_CACHE = Path.home() / ".cache" / "vllm-oscar" / "text"
+
+
+def modern_english_text(cache: Path = DEFAULT_CACHE) -> Path:
+    """Path of the modern-English held-out text, extracted from the gensim wheel (downloaded with
+    ``pip download --no-deps``, never installed) on first use."""
+    out = cache / "lee_background.txt"
+    if out.is_file():
+        return out
+    import subprocess  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                        MODERN_PACKAGE, "-d", tmp], check=True, capture_output=True)
+        wheel = next(Path(tmp).glob("gensim-*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            text = z.read(MODERN_MEMBER).decode("utf-8")
+    # one news story per line: keep them as paragraphs
+    out.write_text("\n\n".join(line.strip() for line in text.splitlines() if line.strip()) + "\n")
+    return out
+
+
+def resolve_set(name: str) -> str:
+    return str(modern_english_text()) if name == "modern:lee" else name
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics and captures
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def collect_stats(model, sequences: torch.Tensor, info, progress: bool = True) -> V.VariantStats:
+    """One exact pass over ``sequences [N, T]`` accumulating :class:`variants.VariantStats`."""
+    stats = V.VariantStats(info.num_layers, info.num_kv_heads, info.head_dim)
+
+    def hook(module, q, k, v):
+        o = causal_sdpa(module, q, k, v)
+        stats.add(layer_index(module), q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), o[0])
+        return o
+
+    with attention_override(model, hook):
+        for n, seq in enumerate(sequences):
+            t0 = time.time()
+            model.get_decoder()(seq[None])
+            if progress:
+                print(f"  stats seq {n + 1}/{len(sequences)} {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
+    return stats
+
+
+@torch.inference_mode()
+def collect_weighted_stats(model, sequences: torch.Tensor, stats: V.VariantStats, *, sink: int = 64,
+                           recent: int = 256, k_weight: str = "p2", progress: bool = True) -> V.VariantStats:
+    """Add attention-weighted K/V moments (:func:`variants.attention_token_weights`) to ``stats``."""
+
+    def hook(module, q, k, v):
+        q_, k_, v_ = (x[0].transpose(0, 1) for x in (q, k, v))
+        wk, wv = V.attention_token_weights(q_, k_, v_, module.scaling, sink=sink, recent=recent, k_weight=k_weight)
+        stats.add_weighted(layer_index(module), k_, v_, wk, wv)
+        return causal_sdpa(module, q, k, v)
+
+    with attention_override(model, hook):
+        for n, seq in enumerate(sequences):
+            t0 = time.time()
+            model.get_decoder()(seq[None])
+            if progress:
+                print(f"  weighted stats seq {n + 1}/{len(sequences)} {time.time() - t0:.1f}s", file=sys.stderr,
+                      flush=True)
+    return stats
+
+
+@torch.inference_mode()
+def capture(model, seq: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``[(q [T,Hq,d], k [T,Hkv,d], v [T,Hkv,d])]`` per layer from one exact forward of ``seq [T]``."""
+    out: dict[int, tuple] = {}
+
+    def hook(module, q, k, v):
+        out[layer_index(module)] = tuple(x[0].transpose(0, 1).float().clone() for x in (q, k, v))
+        return causal_sdpa(module, q, k, v)
+
+    with attention_override(model, hook):
+        model.get_decoder()(seq[None])
+    return [out[i] for i in range(len(out))]
+
+
+def o_proj_weights(model) -> list[torch.Tensor]:
+    return [layer.self_attn.o_proj.weight.detach().float() for layer in model.get_decoder().layers]
+
+
+def proxy_errors(captures, transforms, variant: V.AttentionVariant, w_os, scale, q_start: int = 512,
+                 q_stride: int = 4, o_refs=None) -> list[float]:
+    """Per-layer proxy error (relative, after ``o_proj``) averaged over the captured sequences, on
+    every ``q_stride``-th query from ``q_start`` (``o_refs[c][i]``: cached exact outputs)."""
+    errs = []
+    for i, t in enumerate(transforms):
+        ks, vs = variant.specs(i)
+        e = [V.layer_proxy_error(c[i][0], c[i][1], c[i][2], t, ks, vs, w_os[i], scale, sink=variant.sink,
+                                 recent=variant.recent, q_start=q_start, q_stride=q_stride,
+                                 o_ref=None if o_refs is None else o_refs[n][i])
+             for n, c in enumerate(captures)]
+        errs.append(sum(e) / len(e))
+    return errs
+
+
+def exact_outputs(captures, scale, q_start: int = 512, q_stride: int = 4):
+    """``[capture][layer]`` exact attention outputs at the proxy's query positions."""
+    return [[V.exact_attention(q, k, v, scale)[q_start::q_stride] for q, k, v in c] for c in captures]
+
+
+@torch.inference_mode()
+def perplexity(model, sequences: torch.Tensor, attention_fn) -> tuple[float, float]:
+    """``(ppl, nll_sum)`` over ``sequences [N, T]``."""
+    nll, count = 0.0, 0
+    with attention_override(model, attention_fn):
+        for seq in sequences:
+            logits = model(seq[None]).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, seq[1:], reduction="sum"))
+            count += seq.numel() - 1
+    return math.exp(nll / count), nll
+
+
+# --------------------------------------------------------------------------------------------------
+# The sweep
+# --------------------------------------------------------------------------------------------------
+
+MSE = V.QuantSpec("mse", 0.0, "fp16")
+MSE_LOG8 = V.QuantSpec("mse", 0.0, "log8_i8")
+PAPER = V.AttentionVariant()  # minmax, clip 0.96/0.92, fp16 scale+offset, 64+256 windows
+
+
+class Setup:
+    """Model, faithful artifact, calibration statistics and captures, computed once and cached."""
+
+    def __init__(self, args):
+        from vllm_oscar.calibrate.data import token_sequences  # noqa: PLC0415
+        from vllm_oscar.calibrate.models import load_model  # noqa: PLC0415
+        from vllm_oscar.calibrate.pipeline import calibrate, collect_moments  # noqa: PLC0415
+        from vllm_oscar.hub import load_rotations  # noqa: PLC0415
+
+        self.work = Path(args.workdir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.lm = load_model("smollm2")
+        info = self.lm.info
+        self.info = info
+        cal = token_sequences(self.lm.tokenizer, CALIBRATION_SET, 2048, 16)
+        if args.rotations:
+            self.artifact = load_rotations(args.rotations)
+        else:
+            art_dir = self.work / "faithful-artifact"
+            if not (art_dir / "oscar_config.json").is_file():
+                calibrate(self.lm.model, cal, info, source=CALIBRATION_SET).save(art_dir)
+            self.artifact = load_rotations(str(art_dir))
+        stats_file = self.work / "variant-stats.pt"
+        keys = ("qq", "q_rows", "k_sum", "kk", "v_sum", "vv", "oo", "tokens",
+                "kkw", "vvw", "kw_sum", "vw_sum", "k_wtot", "v_wtot")
+        self.stats = V.VariantStats(info.num_layers, info.num_kv_heads, info.head_dim)
+        if stats_file.is_file():
+            for k, v in torch.load(stats_file).items():
+                setattr(self.stats, k, v)
+        else:
+            print("statistics: 16 x 2048 comedies tokens (+ attention-weighted on every other)", file=sys.stderr)
+            self.stats = collect_stats(self.lm.model, cal, info)
+            collect_weighted_stats(self.lm.model, cal[::2], self.stats, k_weight="p2dv")
+            torch.save({k: getattr(self.stats, k) for k in keys}, stats_file)
+        heads_file = self.work / "paper-per-head.pt"
+        if heads_file.is_file():
+            self.per_head = torch.load(heads_file)
+        else:  # the faithful targets per KV group (two passes, as the calibrator does)
+            moments = collect_moments(self.lm.model, cal, info, progress=False)
+            rk = torch.stack([torch.stack([ref.fit_rotation(m.qq_sum[g] / m.q_rows)[0] for g in range(info.num_kv_heads)])
+                              for m in moments])
+            rv = torch.stack([torch.stack([ref.fit_rotation(m.wvv_sum[g] / m.w_sum[g].clamp(min=1e-12))[0]
+                                           for g in range(info.num_kv_heads)]) for m in moments])
+            self.per_head = {"k": rk.float(), "v": rv.float()}
+            torch.save(self.per_head, heads_file)
+        self.imp_v = V.o_proj_importance(self.lm.model, info.num_kv_heads, info.head_dim)
+        self._cal = cal
+        self._captures = None
+
+    def captures(self):
+        if self._captures is None:
+            self._captures = [capture(self.lm.model, self._cal[i]) for i in (3, 11)]
+        return self._captures
+
+    # transforms ------------------------------------------------------------------------------------
+    def orthogonal(self, which: str) -> list[V.LayerTransform]:
+        h = self.info.num_kv_heads
+        if which == "hadamard":
+            had = ref.hadamard(self.info.head_dim, torch.float32)
+            return [V.LayerTransform.orthogonal(had, had, h) for _ in range(self.info.num_layers)]
+        if which == "paper":
+            a = self.artifact
+            return [V.LayerTransform.orthogonal(a.k_rotation[i], a.v_rotation[i], h) for i in range(a.num_layers)]
+        if which == "paper_per_head":
+            return [V.LayerTransform.orthogonal(self.per_head["k"][i], self.per_head["v"][i], h)
+                    for i in range(self.info.num_layers)]
+        if which == "paper_softmax_v":
+            tv = V.fit_transforms(self.stats, "oscar", "oscar_softmax_v")
+            a = self.artifact
+            return [V.LayerTransform.orthogonal(a.k_rotation[i], tv[i].v_store, h) for i in range(a.num_layers)]
+        raise ValueError(which)
+
+    def centered(self, kind: str) -> list[V.LayerTransform]:
+        """Attention-weighted K and V means removed; ``kind`` = hadamard | paper | importance."""
+        kw = dict(weighted=True, center_k=True, center_v=True, v_importance=self.imp_v)
+        if kind == "paper":
+            return V.fit_transforms(self.stats, "oscar", "oscar", artifact=self.artifact, **kw)
+        return V.fit_transforms(self.stats, kind, kind, **kw)
+
+
+def variant_registry() -> dict[str, dict]:
+    """name -> {description, transforms(setup) (None = exact attention), variant(setup)}."""
+    def entry(description, transforms, variant=lambda s: PAPER):
+        return {"description": description, "transforms": transforms, "variant": variant}
+
+    def clip_searched(s):
+        k, v = V.search_clip_ratios(s.captures(), s.orthogonal("paper"), PAPER, o_proj_weights(s.lm.model), 0.125)
+        return replace_variant(PAPER, k_clips=k, v_clips=v)
+
+    return {
+        "exact": entry("no quantization", None, lambda s: None),
+        "paper": entry("faithful OSCAR: calibrated per-layer R = U H P_br, clip 0.96/0.92, min-max INT2, fp16 "
+                       "scale+offset, 64+256 BF16 windows", lambda s: s.orthogonal("paper")),
+        "hadamard": entry("data-free Hadamard, otherwise the paper (same clipping, quantizer, windows)",
+                          lambda s: s.orthogonal("hadamard")),
+        "paper_per_head": entry("(1) the paper's targets fitted per KV head", lambda s: s.orthogonal("paper_per_head")),
+        "paper_clip_search": entry("(2) paper rotations, per-layer K/V clip ratios minimizing the attention-output "
+                                   "error on calibration captures", lambda s: s.orthogonal("paper"), clip_searched),
+        "paper_softmax_v": entry("(3) paper K rotation, V rotation from the true softmax target (SV)^T(SV)/N",
+                                 lambda s: s.orthogonal("paper_softmax_v")),
+        "paper_lloyd_max": entry("(4) paper rotations + the authors' Lloyd-Max levels (ratio 1.16) after clipping",
+                                 lambda s: s.orthogonal("paper"),
+                                 lambda s: V.AttentionVariant(k=V.QuantSpec("lm", 0.96), v=V.QuantSpec("lm", 0.92))),
+        "hadamard_mse": entry("(4) Hadamard + MSE-fitted affine grid per row (no clipping), fp16 scale+offset",
+                              lambda s: s.orthogonal("hadamard"), lambda s: V.AttentionVariant(k=MSE, v=MSE)),
+        "hadamard_mse_log8": entry("data-free: Hadamard + MSE grid with 8-bit log scale + 8-bit offset (16 bits/row)",
+                                   lambda s: s.orthogonal("hadamard"),
+                                   lambda s: V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8)),
+        "paper_mse": entry("(4) paper rotations + MSE-fitted grid, fp16", lambda s: s.orthogonal("paper"),
+                           lambda s: V.AttentionVariant(k=MSE, v=MSE)),
+        "hadamard_wc_mse": entry("(6) Hadamard, attention-weighted K/V means removed (calibrated), MSE grid, fp16",
+                                 lambda s: s.centered("hadamard"), lambda s: V.AttentionVariant(k=MSE, v=MSE)),
+        "paper_wc_mse": entry("(6) paper rotations + weighted means removed + MSE grid, fp16",
+                              lambda s: s.centered("paper"), lambda s: V.AttentionVariant(k=MSE, v=MSE)),
+        "importance_wc_mse": entry("(6) weighted means removed, importance transform G^1/2 H, MSE grid, fp16",
+                                   lambda s: s.centered("importance"), lambda s: V.AttentionVariant(k=MSE, v=MSE)),
+        "paper_wc_mse_log8": entry("paper_wc_mse with 8-bit log scale + 8-bit offset (16 bits/row)",
+                                   lambda s: s.centered("paper"),
+                                   lambda s: V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8)),
+        "hadamard_wc_mse_log8": entry("hadamard_wc_mse with 8-bit log scale + 8-bit offset (16 bits/row)",
+                                      lambda s: s.centered("hadamard"),
+                                      lambda s: V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8)),
+        "importance_wc_mse_log8": entry("importance_wc_mse with 8-bit log scale + 8-bit offset (16 bits/row)",
+                                        lambda s: s.centered("importance"),
+                                        lambda s: V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8)),
+        "paper_wc_mse_log8_r512": entry("(5) paper_wc_mse_log8 with the saved bits spent on a 512-token recent "
+                                        "window", lambda s: s.centered("paper"),
+                                        lambda s: V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8, recent=512)),
+    }
+
+
+def replace_variant(v: V.AttentionVariant, **kw) -> V.AttentionVariant:
+    from dataclasses import replace  # noqa: PLC0415
+
+    return replace(v, **kw)
+
+
+def run_sweep(args) -> dict:
+    from vllm_oscar.calibrate.data import token_sequences  # noqa: PLC0415
+
+    registry = variant_registry()
+    names = args.variants.split(",") if args.variants else list(registry)
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; valid: {list(registry)}")
+    setup = Setup(args)
+    out_path = Path(args.output_json)
+    results = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    results.setdefault("variants", {})
+    results["settings"] = {
+        "model": setup.info.id, "calibration": f"{CALIBRATION_SET}, 16 x 2048 tokens (weighted moments: 8 x 2048)",
+        "faithful_artifact": args.rotations or "calibrated by this command",
+        "semantics": "teacher-forced; each token reads K/V outside the BF16 windows from INT2 (decode-like)",
+    }
+    sets = {s: token_sequences(setup.lm.tokenizer, resolve_set(s), args.seq_len, args.num_seqs) for s in args.eval_data}
+    d = setup.info.head_dim
+    for name in names:
+        spec = registry[name]
+        r = results["variants"].setdefault(name, {"description": spec["description"], "perplexity": {}})
+        todo = [s for s in sets if f"{s}@{args.seq_len}" not in r["perplexity"]]
+        if not todo:
+            continue
+        tr = spec["transforms"](setup) if spec["transforms"] else None
+        var = spec["variant"](setup)
+        fn = causal_sdpa if tr is None else V.make_variant_attention(tr, var)
+        if var is not None:
+            r["bits_per_element"] = {f"at_{c}": round(var.bits(d, c), 4) for c in (2048, 4096, 32768)}
+            r["config"] = {"k": var.k.__dict__, "v": var.v.__dict__, "sink": var.sink, "recent": var.recent,
+                           "k_clips": var.k_clips, "v_clips": var.v_clips}
+        else:
+            r["bits_per_element"] = {f"at_{c}": 16.0 for c in (2048, 4096, 32768)}
+        for s in todo:
+            t0 = time.time()
+            ppl, _ = perplexity(setup.lm.model, sets[s], fn)
+            r["perplexity"][f"{s}@{args.seq_len}"] = ppl
+            print(f"{name:28s} {s:28s} @{args.seq_len}: {ppl:.3f} ({time.time() - t0:.0f}s)", flush=True)
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps(results, indent=2) + "\n")
+    base = results["variants"].get("exact", {}).get("perplexity", {})
+    for r in results["variants"].values():
+        r["increase_over_exact_pct"] = {k: round(100 * (v / base[k] - 1), 2) for k, v in r["perplexity"].items()
+                                        if k in base}
+    results.setdefault("runs", []).append({"seq_len": args.seq_len, "num_seqs": args.num_seqs, "sets": list(sets),
+                                           "variants": names})
+    return results
+
+
+def format_table(results: dict, seq_len: int = 2048) -> str:
+    """Markdown table (variant x held-out set, % over exact, bits/element) from a results file."""
+    sets = []
+    for r in results["variants"].values():
+        for k in r["perplexity"]:
+            s, ctx = k.rsplit("@", 1)
+            if int(ctx) == seq_len and s not in sets:
+                sets.append(s)
+    short = {s: s.split(":")[-1] for s in sets}
+    head = ["variant"] + [f"{short[s]} ppl (vs exact)" for s in sets] + ["bits/elem @2048", "@32K"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results["variants"].items():
+        cells = []
+        for s in sets:
+            key = f"{s}@{seq_len}"
+            if key not in r["perplexity"]:
+                cells.append("")
+                continue
+            base = results["variants"].get("exact", {}).get("perplexity", {}).get(key)
+            inc = None if base is None else 100 * (r["perplexity"][key] / base - 1)
+            cells.append(f"{r['perplexity'][key]:.3f}" + ("" if name == "exact" or inc is None else f" ({inc:+.1f}%)"))
+        b = r.get("bits_per_element", {})
+        lines.append("| " + " | ".join([f"`{name}`", *cells, f"{b.get('at_2048', 16):.3f}",
+                                          f"{b.get('at_32768', 16):.3f}"]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:  # pragma: no cover - the CLI is exercised by hand (CPU minutes)
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--output-json", default="benchmarks/results/accuracy-variants-smollm2.json")
+    p.add_argument("--workdir", default="/tmp/vllm-oscar-variants", help="cached statistics and captures")
+    p.add_argument("--rotations", default=None, help="the faithful artifact (default: calibrate one)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--num-seqs", type=int, default=4)
+    p.add_argument("--variants", default=None, help="comma-separated subset of the sweep's variant names")
+    p.add_argument("--eval-data", nargs="+", default=[*HELDOUT_SETS, "modern:lee"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--list", action="store_true", help="list the variants and exit")
+    p.add_argument("--table", action="store_true", help="print the markdown table of --output-json and exit")
+    args = p.parse_args(argv)
+    if args.list:
+        for name, spec in variant_registry().items():
+            print(f"{name:28s} {spec['description']}")
+        return 0
+    if args.table:
+        print(format_table(json.loads(Path(args.output_json).read_text()), args.seq_len))
+        return 0
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    results = run_sweep(args)
+    results["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
+                              "threads": args.threads, "total_seconds": round(time.time() - t0, 1)}
+    results.setdefault("commands", []).append(
+        "python -m vllm_oscar.calibrate.experiments " + " ".join(argv or sys.argv[1:]))
+    out = Path(args.output_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,634 @@
+"""Accuracy variants of the OSCAR INT2 KV cache (issue 6), kept apart from the faithful spec.
+
+``vllm_oscar.ops.reference`` is the faithful method (``method: paper``) and is not changed here; this
+module reuses its pieces (Hadamard, clipping, the mixed-window attention) and adds:
+
+* **Row quantizers** with the same storage form ``x_hat = code * scale + offset`` (one FMA per
+  element at dequant), differing in how ``(scale, offset)`` and the codes are chosen:
+
+  - ``minmax``: the paper's (optionally clipped) min-max grid;
+  - ``lm``: the OSCAR authors' Lloyd-Max trick (thresholds ``mean +- 0.98107 std`` and 0, affine
+    pair ``scale = 1.00637 * lm_ratio * std``, ``offset = mean - 1.5 scale``);
+  - ``mse``: the uniform 4-level grid fitted per row by alternating least squares (codes = nearest
+    level; ``(scale, offset)`` = least-squares line through ``(code, x)``) from five starting grids
+    (Lloyd-Max and the min-max grid shrunk to 100/80/60/45% of the range), keeping the best: a
+    near-MSE-optimal affine grid, still one FMA to dequantize.
+
+* **Per-row parameter formats** (what one row's ``(scale, offset)`` costs in the cache):
+  ``fp16`` (32 bits, the reference), ``bf16`` (32), ``fp16_i8`` (fp16 scale + 8-bit offset in units
+  of the scale: 24), ``log8_i8`` (8-bit log2 scale + 8-bit offset: 16), ``log8_sym`` (8-bit log2
+  scale, offset fixed at ``-1.5 scale``: 8). Codes are always computed against the *stored* (rounded)
+  parameters, as a store kernel would.
+
+* **Transforms** that replace the orthogonal rotation ``R`` by an invertible ``T`` (per layer or per
+  KV head) plus an optional mean vector ``mu``: the cache stores ``(k - mu_K) T_K`` and
+  ``(v - mu_V) T_V``; queries use ``q T_K^{-T}`` (scores unchanged up to a per-query constant, which
+  softmax ignores) and the output is ``o T_V^{-1} + mu_V`` (attention weights sum to one). With
+  ``T`` orthogonal and ``mu = 0`` this is exactly the reference.
+
+* **Calibration statistics and fits** (:class:`VariantStats`, :func:`fit_transforms`): centered K/V
+  covariances, the query second moment, the V-side importance ``W_o W_o^T`` of the output
+  projection, and the paper's *true* softmax V target ``C_S = (1/N) (SV)^T (SV)`` (the second moment
+  of the attention outputs). The ``importance`` transform minimizes the first-order INT2 error model
+  ``tr(T^T Sigma_X T) * tr(Sigma_imp T^{-T} T^{-1})`` (per-row step proportional to the row's RMS,
+  error isotropic in the quantized coordinates): the optimum is ``T T^T = Sigma_X^{-1} # Sigma_imp``
+  (matrix geometric mean), followed by a Hadamard to spread it over the row. Any *orthogonal* ``T``
+  leaves that objective at ``tr(Sigma_X) tr(Sigma_imp)``, which is why calibrated rotations alone buy
+  little over a Hadamard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+
+from vllm_oscar.ops import reference as ref
+
+# The OSCAR authors' Lloyd-Max constants (reference notes §4.3).
+LM_THRESHOLD = 0.98107
+LM_UNIFORM_FACTOR = 1.00637
+LOG8_STEPS_PER_OCTAVE = 16  # log8 scale: s = 2**(m/16 + LOG8_MIN_EXP), m in 0..255
+LOG8_MIN_EXP = -10.0  # smallest representable scale 2**-10, largest 2**(-10 + 255/16) ~ 61
+MSE_INIT_RANGE_FRACTIONS = (1.0, 0.8, 0.6, 0.45)  # starting grids of the "mse" fit (plus Lloyd-Max)
+OFFSET_I8_STEPS = 16  # int8 offset: offset = scale * (m/16 - 1.5), m in -128..127 (+-8 scale units)
+
+Levels = Literal["minmax", "lm", "mse"]
+ParamFormat = Literal["fp32", "fp16", "bf16", "fp16_i8", "log8_i8", "log8_sym"]
+
+PARAM_BITS: dict[str, int] = {"fp32": 64, "fp16": 32, "bf16": 32, "fp16_i8": 24, "log8_i8": 16, "log8_sym": 8}
+
+
+# --------------------------------------------------------------------------------------------------
+# Row quantizers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one side (K or V) quantizes a row of ``d`` elements to INT2 + a per-row affine pair."""
+
+    levels: Levels = "minmax"
+    clip: float = 0.0  # row quantile clip ratio (reference rule); 0 = off
+    params: ParamFormat = "fp16"
+    lm_ratio: float = 1.16  # only for levels="lm"
+    iters: int = 6  # only for levels="mse"
+
+    def bits_per_row_params(self) -> int:
+        return PARAM_BITS[self.params]
+
+
+def _round_scale(s: torch.Tensor, fmt: str) -> torch.Tensor:
+    if fmt == "fp32":
+        return torch.clamp(s, min=1e-30)
+    if fmt in ("fp16", "fp16_i8"):
+        return torch.clamp(s, min=ref.SCALE_FLOOR, max=ref.FP16_MAX).to(torch.float16).float()
+    if fmt == "bf16":
+        return torch.clamp(s, min=ref.SCALE_FLOOR).to(torch.bfloat16).float()
+    if fmt in ("log8_i8", "log8_sym"):
+        m = torch.round((torch.log2(torch.clamp(s, min=1e-30)) - LOG8_MIN_EXP) * LOG8_STEPS_PER_OCTAVE)
+        return torch.exp2(m.clamp(0, 255) / LOG8_STEPS_PER_OCTAVE + LOG8_MIN_EXP)
+    raise ValueError(f"unknown parameter format {fmt!r}; valid: {list(PARAM_BITS)}")
+
+
+def round_params(scale: torch.Tensor, offset: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round a per-row ``(scale, offset)`` to what format ``fmt`` stores; returns fp32 tensors."""
+    s = _round_scale(scale.float(), fmt)
+    o = offset.float()
+    if fmt == "fp16":
+        o = torch.clamp(o, -ref.FP16_MAX, ref.FP16_MAX).to(torch.float16).float()
+    elif fmt == "bf16":
+        o = o.to(torch.bfloat16).float()
+    elif fmt in ("fp16_i8", "log8_i8"):
+        m = torch.round((o / s + 1.5) * OFFSET_I8_STEPS).clamp(-128, 127)
+        o = s * (m / OFFSET_I8_STEPS - 1.5)
+    elif fmt == "log8_sym":
+        o = -1.5 * s
+    return s, o
+
+
+def _codes(x: torch.Tensor, s: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.floor((x - o[..., None]) / s[..., None] + 0.5), 0, ref.INT2_LEVELS - 1)
+
+
+def _sse(x, c, s, o):
+    return ((c * s[..., None] + o[..., None] - x) ** 2).sum(-1)
+
+
+def _minmax_params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = x.amin(-1), x.amax(-1)
+    return (hi - lo) / 3.0, lo
+
+
+def _lm_params(x: torch.Tensor, lm_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The authors' Lloyd-Max affine pair and threshold codes: ``(codes, scale, offset)`` (unrounded)."""
+    mean = x.mean(-1)
+    std = torch.sqrt(x.var(-1, unbiased=False) + 1e-8)
+    z = (x - mean[..., None]) / std[..., None]
+    codes = (z >= -LM_THRESHOLD).float() + (z >= 0).float() + (z >= LM_THRESHOLD).float()
+    scale = LM_UNIFORM_FACTOR * lm_ratio * std
+    return codes, scale, mean - 1.5 * scale
+
+
+def _ls_fit(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, o: torch.Tensor, symmetric: bool):
+    """Least-squares ``x ~ c*s + o`` per row (``o = -1.5 s`` when ``symmetric``); keeps ``(s, o)``
+    where the fit is degenerate (one distinct code) or gives a non-positive scale."""
+    d = x.shape[-1]
+    if symmetric:
+        u = c - 1.5
+        den = (u * u).sum(-1)
+        s_new = (u * x).sum(-1) / torch.clamp(den, min=1e-30)
+        ok = s_new > 0
+        return torch.where(ok, s_new, s), torch.where(ok, -1.5 * s_new, o)
+    sc, scc, sx, scx = c.sum(-1), (c * c).sum(-1), x.sum(-1), (c * x).sum(-1)
+    det = d * scc - sc * sc
+    s_new = (d * scx - sc * sx) / torch.where(det > 0, det, torch.ones_like(det))
+    o_new = (sx - s_new * sc) / d
+    ok = (det > 0) & (s_new > 0)
+    return torch.where(ok, s_new, s), torch.where(ok, o_new, o)
+
+
+def quantize_rows_variant(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize rows ``x [..., d]`` (fp32): ``(codes uint8 [..., d], scale fp32 [...], offset fp32 [...])``.
+
+    ``scale``/``offset`` are exactly the stored (rounded) values and the codes are nearest-level codes
+    against them, except for ``levels="lm"`` whose codes are the authors' threshold codes.
+    """
+    x = ref.clip_rows(x.float(), spec.clip)
+    symmetric = spec.params == "log8_sym"
+    if spec.levels == "minmax":
+        s, o = _minmax_params(x)
+        if symmetric:  # levels +-s/2, +-3s/2 reaching the row's largest magnitude
+            s = torch.maximum(x.amax(-1).abs(), x.amin(-1).abs()) / 1.5
+            o = -1.5 * s
+        s, o = round_params(s, o, spec.params)
+        c = _codes(x, s, o)
+    elif spec.levels == "lm":
+        c, s, o = _lm_params(x, spec.lm_ratio)
+        s, o = round_params(s, o, spec.params)
+    elif spec.levels == "mse":
+        best = None
+        lo, hi = x.amin(-1), x.amax(-1)
+        mid, rng = (lo + hi) / 2, hi - lo
+        inits = [_lm_params(x, 1.0)[1:]]
+        for a in MSE_INIT_RANGE_FRACTIONS:  # min-max grid shrunk around the mid-range
+            inits.append((a * rng / 3.0, mid - 0.5 * a * rng))
+        for s, o in inits:
+            s = torch.clamp(s, min=1e-30)
+            if symmetric:
+                o = -1.5 * s
+            c = _codes(x, s, o)
+            for _ in range(spec.iters):
+                s, o = _ls_fit(x, c, s, o, symmetric)
+                c = _codes(x, s, o)
+            sr, orr = round_params(s, o, spec.params)
+            cr = _codes(x, sr, orr)
+            err = _sse(x, cr, sr, orr)
+            if best is None:
+                best = (err, cr, sr, orr)
+            else:
+                keep = err < best[0]
+                best = (torch.where(keep, err, best[0]), torch.where(keep[..., None], cr, best[1]),
+                        torch.where(keep, sr, best[2]), torch.where(keep, orr, best[3]))
+        _, c, s, o = best
+    else:
+        raise ValueError(f"unknown levels {spec.levels!r}")
+    return c.to(torch.uint8), s, o
+
+
+def fake_quantize_variant(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize + dequantize rows (``code * scale + offset``), fp32."""
+    c, s, o = quantize_rows_variant(x, spec)
+    return c.float() * s[..., None] + o[..., None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage cost
+# --------------------------------------------------------------------------------------------------
+
+
+def bits_per_element(head_dim: int, context: int, *, sink: int, recent: int, param_bits: int | tuple[int, int],
+                     window_bits: int = 16, extra_window_tokens: int = 0) -> float:
+    """Average stored bits per K/V element of a ``context``-token request: INT2 codes + per-row
+    parameters for the quantized tokens, ``window_bits`` for the BF16 sink/recent tokens.
+    ``param_bits`` may be a (K, V) pair."""
+    kb, vb = (param_bits, param_bits) if isinstance(param_bits, int) else param_bits
+    int2 = 2 + (kb + vb) / 2 / head_dim
+    full = min(context, sink + recent + extra_window_tokens)
+    return ((context - full) * int2 + full * window_bits) / context
+
+
+# --------------------------------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerTransform:
+    """What one layer stores and applies. Matrices are ``[Hkv, d, d]`` (per KV head; a per-layer
+    transform is repeated), means ``[Hkv, d]`` or ``None``.
+
+    cache K row: ``(k - k_mean) @ k_store``; query: ``q @ k_query`` with ``k_query = k_store^{-T}``;
+    cache V row: ``(v - v_mean) @ v_store``; output: ``o_cache @ v_out + v_mean``, ``v_out = v_store^{-1}``.
+    """
+
+    k_store: torch.Tensor
+    v_store: torch.Tensor
+    k_mean: torch.Tensor | None = None
+    v_mean: torch.Tensor | None = None
+    k_query: torch.Tensor | None = None
+    v_out: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.k_query is None:
+            self.k_query = torch.linalg.inv(self.k_store.double()).transpose(-1, -2).float()
+        if self.v_out is None:
+            self.v_out = torch.linalg.inv(self.v_store.double()).float()
+
+    @staticmethod
+    def orthogonal(rk: torch.Tensor, rv: torch.Tensor, num_kv_heads: int) -> "LayerTransform":
+        rk = rk.float().expand(num_kv_heads, *rk.shape[-2:]) if rk.dim() == 2 else rk.float()
+        rv = rv.float().expand(num_kv_heads, *rv.shape[-2:]) if rv.dim() == 2 else rv.float()
+        return LayerTransform(rk, rv, k_query=rk, v_out=rv.transpose(-1, -2))
+
+
+def _per_head(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``x [T, H, d] @ m[h]`` for every head ``h`` (``m [H, d, d]``)."""
+    return torch.einsum("thd,hde->the", x, m)
+
+
+def _per_group(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Query heads ``[T, Hq, d]`` times their KV group's matrix (``m [Hkv, d, d]``)."""
+    g = x.shape[1] // m.shape[0]
+    return _per_head(x, m.repeat_interleave(g, 0))
+
+
+@dataclass(frozen=True)
+class AttentionVariant:
+    """One point of the sweep: quantizers, windows and whether the layer transforms are used."""
+
+    k: QuantSpec = QuantSpec(clip=0.96)
+    v: QuantSpec = QuantSpec(clip=0.92)
+    sink: int = 64
+    recent: int = 256
+    # per-layer clip ratios (override ``k.clip``/``v.clip``), e.g. from :func:`search_clip_ratios`
+    k_clips: tuple[float, ...] | None = None
+    v_clips: tuple[float, ...] | None = None
+
+    def specs(self, layer: int) -> tuple[QuantSpec, QuantSpec]:
+        k, v = self.k, self.v
+        if self.k_clips is not None:
+            k = replace(k, clip=self.k_clips[layer])
+        if self.v_clips is not None:
+            v = replace(v, clip=self.v_clips[layer])
+        return k, v
+
+    def bits(self, head_dim: int, context: int) -> float:
+        return bits_per_element(head_dim, context, sink=self.sink, recent=self.recent,
+                                param_bits=(self.k.bits_per_row_params(), self.v.bits_per_row_params()))
+
+
+def transformed_kv(k: torch.Tensor, v: torch.Tensor, t: LayerTransform) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows the cache holds (before quantization): ``(k - mu_K) T_K``, ``(v - mu_V) T_V``."""
+    kc = k if t.k_mean is None else k - t.k_mean
+    vc = v if t.v_mean is None else v - t.v_mean
+    return _per_head(kc, t.k_store), _per_head(vc, t.v_store)
+
+
+def variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: LayerTransform,
+                      kspec: QuantSpec | None, vspec: QuantSpec | None, q_positions: torch.Tensor, *,
+                      sink: int, recent: int, scale: float | None = None) -> torch.Tensor:
+    """Attention of ``q [Tq, Hq, d]`` over ``k, v [Tkv, Hkv, d]`` (model space, fp32) with the cache
+    transformed by ``t`` and quantized outside the windows; ``None`` spec = that side unquantized.
+    Returns ``[Tq, Hq, d]`` in the model space."""
+    kt, vt = transformed_kv(k.float(), v.float(), t)
+    kq = kt if kspec is None else fake_quantize_variant(kt, kspec)
+    vq = vt if vspec is None else fake_quantize_variant(vt, vspec)
+    qt = _per_group(q.float(), t.k_query)
+    o = ref.mixed_window_attention(qt, kt, vt, kq, vq, q_positions, sink, recent, scale)
+    o = _per_group(o, t.v_out)
+    if t.v_mean is not None:
+        o = o + t.v_mean.repeat_interleave(q.shape[1] // t.v_mean.shape[0], 0)
+    return o
+
+
+def make_variant_attention(transforms: list[LayerTransform], variant: AttentionVariant):
+    """An attention function for ``capture.attention_override`` / ``evaluate.perplexity``."""
+    from vllm_oscar.calibrate.capture import layer_index  # noqa: PLC0415
+
+    def attention(module, q, k, v):
+        i = layer_index(module)
+        q_, k_, v_ = (x[0].transpose(0, 1).float() for x in (q, k, v))
+        ks, vs = variant.specs(i)
+        o = variant_attention(q_, k_, v_, transforms[i], ks, vs, torch.arange(q_.shape[0]), sink=variant.sink,
+                              recent=variant.recent, scale=module.scaling)
+        return o[None].to(q.dtype)
+
+    return attention
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration statistics (streaming, float64) and transform fits
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VariantStats:
+    """Per-layer, per-KV-group float64 sums over calibration tokens.
+
+    ``qq``: query second moment (sum over the group's query heads); ``k_sum/kk``, ``v_sum/vv``: first
+    and second moments of K and V; ``oo``: second moment of the true attention outputs ``o = S V`` of
+    the group's heads (the paper's ``C_S = V^T S^T S V / N``); ``wvv``/``w_sum``: the code's diagonal
+    proxy (``w_t = k_t^T Sigma_Q k_t``), accumulated with the *running* Sigma_Q estimate of the
+    previous sequences when used streaming (exact when Sigma_Q is supplied).
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    qq: torch.Tensor = field(init=False)
+    q_rows: torch.Tensor = field(init=False)
+    k_sum: torch.Tensor = field(init=False)
+    kk: torch.Tensor = field(init=False)
+    v_sum: torch.Tensor = field(init=False)
+    vv: torch.Tensor = field(init=False)
+    oo: torch.Tensor = field(init=False)
+    tokens: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        L, H, d = self.num_layers, self.num_kv_heads, self.head_dim
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+        self.qq, self.kk, self.vv, self.oo = z(L, H, d, d), z(L, H, d, d), z(L, H, d, d), z(L, H, d, d)
+        self.k_sum, self.v_sum = z(L, H, d), z(L, H, d)
+        self.q_rows, self.tokens = z(L), z(L)
+
+    def add(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor) -> None:
+        """``q, o [T, Hq, d]``; ``k, v [T, Hkv, d]`` (post-RoPE, exact attention output ``o``)."""
+        H = self.num_kv_heads
+        qg = ref._group_queries(q.double(), H)  # [H, T*G, d]
+        og = ref._group_queries(o.double(), H)
+        k64, v64 = k.double().transpose(0, 1), v.double().transpose(0, 1)  # [H, T, d]
+        self.qq[layer] += qg.transpose(1, 2) @ qg
+        self.oo[layer] += og.transpose(1, 2) @ og
+        self.q_rows[layer] += qg.shape[1]
+        self.kk[layer] += k64.transpose(1, 2) @ k64
+        self.vv[layer] += v64.transpose(1, 2) @ v64
+        self.k_sum[layer] += k64.sum(1)
+        self.v_sum[layer] += v64.sum(1)
+        self.tokens[layer] += k.shape[0]
+
+    def add_weighted(self, layer: int, k: torch.Tensor, v: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> None:
+        """Attention-weighted moments: ``k, v [T, Hkv, d]``, token weights ``wk, wv [Hkv, T]`` (see
+        :func:`attention_token_weights`)."""
+        if not hasattr(self, "kkw"):
+            L, H, d = self.num_layers, self.num_kv_heads, self.head_dim
+            z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+            self.kkw, self.vvw, self.kw_sum, self.vw_sum = z(L, H, d, d), z(L, H, d, d), z(L, H, d), z(L, H, d)
+            self.k_wtot, self.v_wtot = z(L, H), z(L, H)
+        for x, w, xx, xs, tot in ((k, wk, self.kkw, self.kw_sum, self.k_wtot), (v, wv, self.vvw, self.vw_sum, self.v_wtot)):
+            x64, w64 = x.double().transpose(0, 1), w.double()  # [H, T, d], [H, T]
+            xx[layer] += (x64 * w64[..., None]).transpose(1, 2) @ x64
+            xs[layer] += (x64 * w64[..., None]).sum(1)
+            tot[layer] += w64.sum(1)
+
+    def wmean(self, side: str) -> torch.Tensor:
+        s, t = (self.kw_sum, self.k_wtot) if side == "k" else (self.vw_sum, self.v_wtot)
+        return s / t[..., None]
+
+    def wcov(self, side: str, centered: bool) -> torch.Tensor:
+        xx, t = (self.kkw, self.k_wtot) if side == "k" else (self.vvw, self.v_wtot)
+        m2 = xx / t[..., None, None]
+        if not centered:
+            return m2
+        mu = self.wmean(side)
+        return m2 - mu[..., :, None] * mu[..., None, :]
+
+    def sigma_q(self) -> torch.Tensor:
+        return self.qq / self.q_rows[:, None, None, None]
+
+    def c_s(self) -> torch.Tensor:
+        """The paper's softmax V target per group, ``[L, H, d, d]``."""
+        return self.oo / self.q_rows[:, None, None, None]
+
+    def mean(self, side: str) -> torch.Tensor:
+        return (self.k_sum if side == "k" else self.v_sum) / self.tokens[:, None, None]
+
+    def cov(self, side: str, centered: bool) -> torch.Tensor:
+        m2 = (self.kk if side == "k" else self.vv) / self.tokens[:, None, None, None]
+        if not centered:
+            return m2
+        mu = self.mean(side)
+        return m2 - mu[..., :, None] * mu[..., None, :]
+
+
+def attention_token_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, sink: int,
+                            recent: int, k_weight: Literal["p2", "p2dv"] = "p2") -> tuple[torch.Tensor, torch.Tensor]:
+    """How much an INT2 error on each token's K and V row moves the attention outputs, from exact
+    attention over ``q [T, Hq, d]``, ``k, v [T, Hkv, d]``; only (query, key) pairs that read the key
+    from INT2 (outside the sink/recent windows) count. Returns ``(wk, wv)``, each ``[Hkv, T]``:
+
+    * ``wv[t] = sum_q p_qt^2`` (an error ``e`` on ``v_t`` moves ``o_q`` by ``p_qt e``);
+    * ``wk[t] = sum_q p_qt^2`` (``"p2"``) or ``sum_q p_qt^2 ||v_t - o_q||^2`` (``"p2dv"``: a logit
+      error ``delta`` on key ``t`` moves ``o_q`` by ``p_qt delta (v_t - o_q)``).
+
+    Summed over the query heads of each KV group.
+    """
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    qh = q.float().transpose(0, 1)  # [Hq, T, d]
+    kh = k.float().transpose(0, 1).repeat_interleave(g, 0)
+    vh = v.float().transpose(0, 1).repeat_interleave(g, 0)
+    causal, exact = ref.exact_window_mask(torch.arange(t), t, sink, recent)
+    s = (qh @ kh.transpose(1, 2)) * scale
+    p = torch.softmax(s.masked_fill_(~causal, float("-inf")), -1)
+    p2 = (p * p).masked_fill_(~(causal & ~exact), 0.0)  # [Hq, Tq, Tk]
+    wv = p2.sum(1)
+    if k_weight == "p2":
+        wk = wv
+    else:
+        o = p @ vh  # [Hq, T, d]
+        dist = (vh * vh).sum(-1)[:, None, :] - 2 * (o @ vh.transpose(1, 2)) + (o * o).sum(-1)[:, :, None]
+        wk = (p2 * dist.clamp_(min=0)).sum(1)
+    return wk.view(hkv, g, t).sum(1), wv.view(hkv, g, t).sum(1)
+
+
+def o_proj_importance(model, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """``[L, Hkv, d, d]``: per KV group, ``sum_{h in g} W_o^h W_o^h^T`` with ``W_o^h`` the output
+    projection's input block of query head ``h`` (``[d, hidden]``): how much an error in that head's
+    attention output moves the residual stream."""
+    out = []
+    for layer in model.get_decoder().layers:
+        w = layer.self_attn.o_proj.weight.detach().double()  # [hidden, Hq*d]
+        hq = w.shape[1] // head_dim
+        wh = w.T.reshape(hq, head_dim, -1)  # [Hq, d, hidden]
+        m = wh @ wh.transpose(1, 2)  # [Hq, d, d]
+        out.append(m.reshape(num_kv_heads, hq // num_kv_heads, head_dim, head_dim).sum(1))
+    return torch.stack(out)
+
+
+def _sym_pow(a: torch.Tensor, p: float, eps_rel: float = 1e-9) -> torch.Tensor:
+    a = (a + a.transpose(-1, -2)) / 2
+    w, u = torch.linalg.eigh(a)
+    w = torch.clamp(w, min=eps_rel * w.amax(-1, keepdim=True).clamp(min=1e-300))
+    return (u * w[..., None, :] ** p) @ u.transpose(-1, -2)
+
+
+def importance_metric(sigma_x: torch.Tensor, sigma_imp: torch.Tensor, shrink: float = 0.0) -> torch.Tensor:
+    """``G = Sigma_X^{-1} # Sigma_imp`` (geometric mean), the minimizer of
+    ``tr(Sigma_X G) tr(Sigma_imp G^{-1})``; normalized to ``det G = 1`` in log terms (mean log
+    eigenvalue 0). ``shrink`` blends both inputs towards their scaled identity for robustness."""
+    d = sigma_x.shape[-1]
+    eye = torch.eye(d, dtype=torch.float64)
+
+    def blend(a):
+        a = a.double()
+        if shrink:
+            tr = torch.diagonal(a, dim1=-2, dim2=-1).sum(-1)[..., None, None] / d
+            a = (1 - shrink) * a + shrink * tr * eye
+        return a
+
+    sx, si = blend(sigma_x), blend(sigma_imp)
+    sx_h, sx_ih = _sym_pow(sx, 0.5), _sym_pow(sx, -0.5)
+    g = sx_ih @ _sym_pow(sx_h @ si @ sx_h, 0.5) @ sx_ih
+    w = torch.linalg.eigvalsh((g + g.transpose(-1, -2)) / 2)
+    return g / torch.exp(torch.log(w).mean(-1))[..., None, None]
+
+
+def error_model(sigma_x: torch.Tensor, sigma_imp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``tr(T^T Sigma_X T) tr(Sigma_imp T^{-T} T^{-1}) / d^2``: the first-order INT2 error of storing
+    ``x T`` (relative units; invariant to orthogonal ``T``)."""
+    t = t.double()
+    ti = torch.linalg.inv(t)
+    a = torch.diagonal(t.transpose(-1, -2) @ sigma_x.double() @ t, dim1=-2, dim2=-1).sum(-1)
+    b = torch.diagonal(sigma_imp.double() @ ti.transpose(-1, -2) @ ti, dim1=-2, dim2=-1).sum(-1)
+    return a * b / t.shape[-1] ** 2
+
+
+TransformKind = Literal["hadamard", "oscar", "oscar_softmax_v", "importance", "random"]
+
+
+def fit_transforms(stats: VariantStats, kind_k: TransformKind, kind_v: TransformKind, *,
+                   per_head: bool = False, center_k: bool = False, center_v: bool = False,
+                   v_importance: torch.Tensor | None = None, shrink: float = 0.0, power: float = 1.0,
+                   seed: int = 0, artifact=None, weighted: bool = False) -> list[LayerTransform]:
+    """Fit one :class:`LayerTransform` per layer.
+
+    Kinds: ``hadamard`` (data-free), ``oscar`` (the artifact's rotations, or refit ``U H P_br`` from
+    the paper's targets: K ``qqt``; V the code's diagonal proxy needs a second pass, so without an
+    artifact V falls back to ``oscar_softmax_v``), ``oscar_softmax_v`` (V: ``U H P_br`` of the paper's
+    softmax target ``C_S``), ``importance`` (``T = G^{power/2} H``, ``G`` from :func:`importance_metric`
+    with ``Sigma_X`` the (centered if ``center_*``) covariance and importance ``Sigma_Q`` for K /
+    ``v_importance`` for V), ``random`` (a seeded random orthogonal matrix, per layer).
+    ``per_head`` fits per KV group instead of pooling the groups. ``weighted`` uses the
+    attention-weighted moments (:meth:`VariantStats.add_weighted`) for ``Sigma_X`` and the means.
+    """
+    L, H, d = stats.num_layers, stats.num_kv_heads, stats.head_dim
+    had = ref.hadamard(d, torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+
+    def pool(x):  # [L, H, d, d] -> [L, H, d, d] (mean over groups unless per_head)
+        return x if per_head else x.mean(1, keepdim=True).expand_as(x)
+
+    def rot_from_target(target):  # [L, H, d, d]
+        out = torch.empty_like(target)
+        for i in range(L):
+            for h in range(H):
+                out[i, h] = ref.fit_rotation(target[i, h])[0]
+        return out
+
+    def side(kind, s):
+        centered = center_k if s == "k" else center_v
+        sig_x = pool(stats.wcov(s, centered) if weighted else stats.cov(s, centered))
+        if kind == "hadamard":
+            return had.expand(L, H, d, d).clone(), None
+        if kind == "random":
+            mats = []
+            for _ in range(L):
+                qm, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+                mats.append(qm * torch.sign(torch.diagonal(r)))
+            return torch.stack(mats)[:, None].expand(L, H, d, d).clone(), None
+        if kind == "oscar":
+            if artifact is not None:
+                r = (artifact.k_rotation if s == "k" else artifact.v_rotation).double()
+                return r[:, None].expand(L, H, d, d).clone(), None
+            if s == "k":
+                return rot_from_target(pool(stats.sigma_q())), None
+            kind = "oscar_softmax_v"
+        if kind == "oscar_softmax_v":
+            return rot_from_target(pool(stats.c_s() if s == "v" else stats.sigma_q())), None
+        if kind == "importance":
+            imp = pool(stats.sigma_q()) if s == "k" else pool(v_importance)
+            g = importance_metric(sig_x, imp, shrink)
+            return _sym_pow(g, power / 2) @ had, None
+        raise ValueError(f"unknown transform kind {kind!r}")
+
+    tk, _ = side(kind_k, "k")
+    tv, _ = side(kind_v, "v")
+    mean = stats.wmean if weighted else stats.mean
+    mk = mean("k") if center_k else None
+    mv = mean("v") if center_v else None
+    out = []
+    for i in range(L):
+        out.append(LayerTransform(tk[i].float(), tv[i].float(), None if mk is None else mk[i].float(),
+                                  None if mv is None else mv[i].float()))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Proxy error on captured tensors (screening) and per-layer clip search
+# --------------------------------------------------------------------------------------------------
+
+
+def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal GQA attention ``[T, Hq, d]`` (fp32), for proxy targets."""
+    g = q.shape[1] // k.shape[1]
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.float().transpose(0, 1), k.float().repeat_interleave(g, 1).transpose(0, 1),
+        v.float().repeat_interleave(g, 1).transpose(0, 1), is_causal=True, scale=scale)
+    return o.transpose(0, 1)
+
+
+def output_error(o_var: torch.Tensor, o_ref: torch.Tensor, w_o: torch.Tensor) -> float:
+    """Relative error after the output projection: ``||(o_var - o_ref) W_o^T||^2 / ||o_ref W_o^T||^2``
+    (``o [T, Hq, d]``, ``w_o [hidden, Hq*d]``)."""
+    t = o_ref.shape[0]
+    e = (o_var - o_ref).reshape(t, -1) @ w_o.T.float()
+    r = o_ref.reshape(t, -1) @ w_o.T.float()
+    return float((e * e).sum() / (r * r).sum())
+
+
+def layer_proxy_error(q, k, v, t: LayerTransform, kspec, vspec, w_o, scale, *, sink, recent,
+                      q_start: int = 0, q_stride: int = 1, o_ref: torch.Tensor | None = None) -> float:
+    """Proxy error of one layer on captured ``q, k, v`` for queries at positions
+    ``q_start, q_start + q_stride, ...`` (``o_ref``: their exact outputs, if already computed)."""
+    pos = torch.arange(q_start, q.shape[0], q_stride)
+    if o_ref is None:
+        o_ref = exact_attention(q, k, v, scale)[pos]
+    o = variant_attention(q[pos], k, v, t, kspec, vspec, pos, sink=sink, recent=recent, scale=scale)
+    return output_error(o, o_ref, w_o)
+
+
+def search_clip_ratios(captures, transforms: list[LayerTransform], base: AttentionVariant, w_os, scale, *,
+                       candidates=(0.0, 0.98, 0.96, 0.94, 0.92, 0.9, 0.88, 0.85, 0.8), q_start: int = 512):
+    """Per layer, pick the K clip (V unquantized) and then the V clip (K at its chosen clip) that
+    minimize the proxy error summed over ``captures`` (``[(q, k, v) per layer]`` per sequence).
+    Returns ``(k_clips, v_clips)`` tuples."""
+    kc, vc = [], []
+    for i, t in enumerate(transforms):
+        def err(ks, vs):
+            return sum(layer_proxy_error(c[i][0], c[i][1], c[i][2], t, ks, vs, w_os[i], scale, sink=base.sink,
+                                         recent=base.recent, q_start=q_start) for c in captures)
+        ek = {r: err(replace(base.k, clip=r), None) for r in candidates}
+        bk = min(ek, key=ek.get)
+        ev = {r: err(replace(base.k, clip=bk), replace(base.v, clip=r)) for r in candidates}
+        bv = min(ev, key=ev.get)
+        kc.append(bk)
+        vc.append(bv)
+    return tuple(kc), tuple(vc)
+
+
+def clip_note(ratios) -> str:
+    return ",".join(f"{r:g}" for r in ratios)
+

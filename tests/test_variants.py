@@ -1,0 +1,312 @@
+"""The accuracy variants (calibrate/variants.py) against brute-force definitions. CPU, seconds."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from vllm_oscar.calibrate import variants as V
+from vllm_oscar.ops import reference as ref
+
+
+def rows(n=64, d=64, seed=0, heavy=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) * torch.exp(torch.randn(n, 1, generator=g))
+    if heavy:  # a few outliers per row, a non-zero mean
+        x = x + 4 * torch.randn(n, d, generator=g) * (torch.rand(n, d, generator=g) < 0.05) + 0.7
+    return x
+
+
+# ---- parameter formats ------------------------------------------------------------------------------
+
+
+def test_fp16_minmax_with_clip_is_the_reference_quantizer():
+    x = rows(heavy=True)
+    for clip in (0.0, 0.96, 0.92):
+        c, s, o = V.quantize_rows_variant(x, V.QuantSpec("minmax", clip, "fp16"))
+        rc, rs, ro = ref.quantize_int2(ref.clip_rows(x, clip))
+        assert torch.equal(c, rc) and torch.equal(s, rs.float()) and torch.equal(o, ro.float())
+
+
+def test_log8_scale_and_int8_offset_grids():
+    s = torch.tensor([1e-3, 0.0371, 0.5, 1.0, 3.3, 40.0])
+    o = torch.tensor([-0.1, 0.02, -0.7, 2.0, -5.0, -60.0])
+    rs, ro = V.round_params(s, o, "log8_i8")
+    for si, oi, rsi, roi in zip(s.tolist(), o.tolist(), rs.tolist(), ro.tolist()):
+        m = round((math.log2(si) - V.LOG8_MIN_EXP) * 16)  # brute force: nearest 1/16 octave
+        assert rsi == pytest.approx(2 ** (m / 16 + V.LOG8_MIN_EXP), rel=1e-6)
+        assert abs(rsi / si - 1) <= 2 ** (1 / 32) - 1 + 1e-6  # at most half a step away
+        k = max(-128, min(127, round((oi / rsi + 1.5) * 16)))
+        assert roi == pytest.approx(rsi * (k / 16 - 1.5), rel=1e-6)
+    _, osym = V.round_params(s, o, "log8_sym")
+    assert torch.allclose(osym, -1.5 * rs)
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16", "fp16_i8", "log8_i8", "log8_sym"])
+def test_codes_are_nearest_levels_of_the_stored_parameters(fmt):
+    x = rows(heavy=True)
+    for levels in ("minmax", "mse"):
+        c, s, o = V.quantize_rows_variant(x, V.QuantSpec(levels, 0.0, fmt))
+        assert torch.equal(s, V.round_params(s, o, fmt)[0])  # parameters are representable
+        levels_ = torch.arange(4.0) * s[:, None] + o[:, None]  # [n, 4]
+        dist = (x[..., None] - levels_[:, None, :]).abs()  # [n, d, 4]
+        chosen = dist.gather(-1, c.long()[..., None])[..., 0]
+        assert torch.all(chosen <= dist.amin(-1) + 1e-5 * s[:, None])
+
+
+# ---- Lloyd-Max (the authors' trick) -----------------------------------------------------------------
+
+
+def test_lloyd_max_matches_elementwise_definition():
+    x = rows(n=8, d=16, heavy=True)
+    for ratio in (1.0, 1.16):
+        c, s, o = V.quantize_rows_variant(x, V.QuantSpec("lm", 0.0, "fp32", lm_ratio=ratio))
+        for i in range(x.shape[0]):
+            r = x[i].tolist()
+            mean = sum(r) / len(r)
+            std = math.sqrt(sum((a - mean) ** 2 for a in r) / len(r) + 1e-8)
+            for j, a in enumerate(r):
+                z = (a - mean) / std
+                want = 0 if z < -0.98107 else 1 if z < 0 else 2 if z < 0.98107 else 3
+                assert int(c[i, j]) == want
+            scale = 1.00637 * ratio * std
+            assert float(s[i]) == pytest.approx(scale, rel=1e-5)
+            assert float(o[i]) == pytest.approx(mean - 1.5 * scale, rel=1e-5, abs=1e-6)
+        # reconstruction levels mean +- {0.5, 1.5} * 1.00637 * ratio * std
+        xh = c.float() * s[:, None] + o[:, None]
+        std = x.std(-1, unbiased=False)
+        lv = ((xh - x.mean(-1, keepdim=True)) / std[:, None]).abs().unique().tolist()
+        assert all(min(abs(v - 0.5 * 1.00637 * ratio), abs(v - 1.5 * 1.00637 * ratio)) < 1e-3 for v in lv)
+
+
+# ---- MSE-fitted uniform grid ------------------------------------------------------------------------
+
+
+def brute_best_uniform_grid(r: list[float], symmetric: bool) -> float:
+    """Global minimum over every code assignment of the least-squares affine fit's SSE."""
+    d, best = len(r), float("inf")
+    for codes in itertools.product(range(4), repeat=d):
+        if symmetric:
+            u = [c - 1.5 for c in codes]
+            s = sum(a * b for a, b in zip(u, r)) / sum(a * a for a in u)
+            if s <= 0:
+                continue
+            sse = sum((a - s * b) ** 2 for a, b in zip(r, u))
+        else:
+            n, sc, scc = d, sum(codes), sum(c * c for c in codes)
+            det = n * scc - sc * sc
+            if det == 0:
+                continue
+            sx, scx = sum(r), sum(c * a for c, a in zip(codes, r))
+            s = (n * scx - sc * sx) / det
+            if s <= 0:
+                continue
+            o = (sx - s * sc) / n
+            sse = sum((a - (c * s + o)) ** 2 for c, a in zip(codes, r))
+        best = min(best, sse)
+    return best
+
+
+def partition_brute_force(x: torch.Tensor) -> torch.Tensor:
+    """Global minimum SSE of an affine 4-level grid per row of ``x [n, d]``: nearest-level codes are
+    monotone in ``x``, so enumerate every split of the sorted row into 4 runs (codes 0..3) and fit
+    each split by least squares in closed form from prefix sums."""
+    n, d = x.shape
+    xs = torch.sort(x.double(), -1).values
+    zero = torch.zeros(n, 1, dtype=torch.float64)
+    p1, p2 = torch.cat([zero, xs.cumsum(-1)], -1), torch.cat([zero, (xs * xs).cumsum(-1)], -1)
+    a, b, c = torch.tensor([(a, b, c) for a in range(d + 1) for b in range(a, d + 1) for c in range(b, d + 1)]).T
+    cnt = torch.stack([a, b - a, c - b, d - c], -1).double()
+    code = torch.arange(4, dtype=torch.float64)
+    sc, scc = (cnt * code).sum(-1), (cnt * code * code).sum(-1)
+    seg = torch.stack([p1[:, a], p1[:, b] - p1[:, a], p1[:, c] - p1[:, b], p1[:, d:] - p1[:, c]], -1)
+    sx, sxx, scx = p1[:, d:], p2[:, d:], (seg * code).sum(-1)
+    det = d * scc - sc * sc
+    s = (d * scx - sc * sx) / torch.where(det > 0, det, torch.ones_like(det))
+    o = (sx - s * sc) / d
+    sse = sxx - 2 * s * scx - 2 * o * sx + s * s * scc + 2 * s * o * sc + d * o * o
+    return torch.where((det > 0) & (s > 0), sse, torch.full_like(sse, float("inf"))).amin(-1)
+
+
+def test_partition_brute_force_is_the_exhaustive_optimum():
+    x = rows(n=12, d=6, seed=3, heavy=True)
+    want = torch.tensor([brute_best_uniform_grid(r, False) for r in x.tolist()], dtype=torch.float64)
+    assert torch.allclose(partition_brute_force(x), want, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("heavy", [False, True])
+def test_mse_grid_is_near_the_global_optimum(heavy):
+    x = rows(n=24, d=64, seed=1, heavy=heavy)
+    sse = ((V.fake_quantize_variant(x, V.QuantSpec("mse", 0.0, "fp32")) - x) ** 2).sum(-1).double()
+    ratio = sse / partition_brute_force(x)
+    assert torch.all(ratio >= 1 - 1e-4)  # the brute force is a true lower bound
+    assert float(ratio.mean()) < 1.03  # alternating least squares lands within a few percent
+    # ... where the paper's clipped min-max grid is far off
+    mm = ((V.fake_quantize_variant(x, V.QuantSpec("minmax", 0.92, "fp32")) - x) ** 2).sum(-1).double()
+    assert float((mm / partition_brute_force(x)).mean()) > 1.15
+
+
+def test_symmetric_mse_grid_is_near_its_brute_force_optimum():
+    x = rows(n=30, d=6, seed=3)
+    x = x - x.mean(-1, keepdim=True)
+    c, s, o = V.quantize_rows_variant(x, V.QuantSpec("mse", 0.0, "log8_sym"))
+    sse = ((c.float() * s[:, None] + o[:, None] - x) ** 2).sum(-1)
+    brute = torch.tensor([brute_best_uniform_grid(r, True) for r in x.tolist()])
+    assert float((sse / brute).mean()) < 1.05  # 8-bit log scale rounding included
+
+
+def test_mse_grid_beats_minmax_and_lloyd_max_on_every_row():
+    x = rows(n=256, d=64, heavy=True)
+    def sse(spec):
+        return ((V.fake_quantize_variant(x, spec) - x) ** 2).sum(-1)
+    m = sse(V.QuantSpec("mse", 0.0, "fp32"))
+    assert torch.all(m <= sse(V.QuantSpec("minmax", 0.0, "fp32")) * (1 + 1e-5))
+    for clip in (0.96, 0.92):  # clipping is a special case the fit explores too
+        assert float(m.mean()) < float(sse(V.QuantSpec("minmax", clip, "fp32")).mean())
+    assert float(m.mean()) < float(sse(V.QuantSpec("lm", 0.0, "fp32", lm_ratio=1.0)).mean())
+
+
+# ---- transforms and attention -----------------------------------------------------------------------
+
+
+def qkv(t=40, hq=6, hkv=2, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(t, hq, d, generator=g)
+    k = torch.randn(t, hkv, d, generator=g) + 2.0  # non-zero means
+    v = torch.randn(t, hkv, d, generator=g) - 1.0
+    return q, k, v
+
+
+def test_invertible_transforms_and_means_leave_unquantized_attention_exact():
+    q, k, v = qkv()
+    d = q.shape[-1]
+    g = torch.Generator().manual_seed(1)
+    def well_conditioned():  # orthogonal times a diagonal in [0.5, 2]
+        qm, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+        return qm * torch.exp2(2 * torch.rand(d, generator=g) - 1)
+    tk = torch.stack([well_conditioned(), well_conditioned()])
+    tv = torch.stack([well_conditioned(), well_conditioned()])
+    t = V.LayerTransform(tk, tv, k_mean=k.mean(0), v_mean=v.mean(0))
+    pos = torch.arange(q.shape[0])
+    got = V.variant_attention(q, k, v, t, None, None, pos, sink=4, recent=8)
+    want = V.exact_attention(q, k, v, d**-0.5)
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_orthogonal_transform_with_fp16_minmax_is_oscar_attention():
+    q, k, v = qkv(d=16)
+    rk, rv = ref.hadamard(16, torch.float32), ref.fit_rotation(torch.cov(v.reshape(-1, 16).T))[0].float()
+    t = V.LayerTransform.orthogonal(rk, rv, 2)
+    pos = torch.arange(q.shape[0])
+    got = V.variant_attention(q, k, v, t, V.QuantSpec("minmax", 0.96, "fp16"), V.QuantSpec("minmax", 0.92, "fp16"),
+                              pos, sink=4, recent=8)
+    want = ref.oscar_attention(q, k, v, rk, rv, pos, k_clip_ratio=0.96, v_clip_ratio=0.92, sink=4, recent=8,
+                               window_dtype=None)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_importance_metric_minimizes_the_error_model():
+    g = torch.Generator().manual_seed(0)
+    d = 8
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    b = torch.randn(d, d, generator=g, dtype=torch.float64)
+    sx = a @ a.T + 0.1 * torch.eye(d, dtype=torch.float64)
+    si = b @ torch.diag(torch.linspace(0.1, 3, d, dtype=torch.float64)) @ b.T + 0.1 * torch.eye(d, dtype=torch.float64)
+    gm = V.importance_metric(sx, si)
+    t = V._sym_pow(gm, 0.5)
+    best = float(V.error_model(sx, si, t))
+    closed = float(torch.linalg.eigvalsh(V._sym_pow(sx, 0.5) @ si @ V._sym_pow(sx, 0.5)).sqrt().sum() ** 2 / d**2)
+    assert best == pytest.approx(closed, rel=1e-8)
+    # orthogonal transforms all give tr(Sx) tr(Si) / d^2 ...
+    qm, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    iso = float(torch.trace(sx) * torch.trace(si) / d**2)
+    assert float(V.error_model(sx, si, qm)) == pytest.approx(iso, rel=1e-8)
+    # ... and no perturbation of the optimum does better
+    assert best < iso
+    for _ in range(20):
+        p = t @ (torch.eye(d, dtype=torch.float64) + 0.05 * torch.randn(d, d, generator=g, dtype=torch.float64))
+        assert float(V.error_model(sx, si, p)) >= best * (1 - 1e-9)
+
+
+def test_streaming_stats_match_brute_force():
+    q, k, v = qkv(t=30)
+    q2, k2, v2 = qkv(t=20, seed=5)
+    st = V.VariantStats(1, 2, 16)
+    for a, b, c in ((q, k, v), (q2, k2, v2)):
+        st.add(0, a, b, c, V.exact_attention(a, b, c, 0.25))
+    kk = torch.cat([k, k2]).double()
+    mu = kk.mean(0)
+    cov = torch.einsum("thd,the->hde", kk - mu, kk - mu) / kk.shape[0]
+    assert torch.allclose(st.cov("k", True)[0], cov, atol=1e-9)
+    assert torch.allclose(st.mean("v")[0], torch.cat([v, v2]).double().mean(0), atol=1e-9)
+    o = torch.cat([V.exact_attention(q, k, v, 0.25), V.exact_attention(q2, k2, v2, 0.25)]).double()
+    og = o.reshape(-1, 2, 3, 16)  # [T, Hkv, G, d]
+    cs = torch.einsum("thgd,thge->hde", og, og) / (og.shape[0] * 3)
+    assert torch.allclose(st.c_s()[0], cs, atol=1e-6)
+    assert torch.allclose(st.sigma_q()[0], ref.query_second_moments(torch.cat([q, q2]).double(), 2), atol=1e-9)
+
+
+def test_bits_per_element_accounting():
+    # the faithful method: fp16 scale+offset (2.5 bits) + 320 BF16 tokens at 32K
+    assert V.bits_per_element(64, 32768, sink=64, recent=256, param_bits=32) == pytest.approx(
+        (320 * 16 + (32768 - 320) * 2.5) / 32768)
+    assert V.bits_per_element(128, 131072, sink=64, recent=256, param_bits=32) == pytest.approx(2.2836, abs=1e-4)
+    assert V.bits_per_element(64, 32768, sink=64, recent=256, param_bits=16) < 2.5
+
+
+def test_attention_token_weights_match_a_loop_over_pairs():
+    q, k, v = qkv(t=24, hq=4, hkv=2, d=8)
+    sink, recent, scale = 3, 5, 0.3
+    wk, wv = V.attention_token_weights(q, k, v, scale, sink=sink, recent=recent, k_weight="p2dv")
+    wk2, wv2 = V.attention_token_weights(q, k, v, scale, sink=sink, recent=recent, k_weight="p2")
+    t, hq, _ = q.shape
+    bk, bv = torch.zeros(2, t, dtype=torch.float64), torch.zeros(2, t, dtype=torch.float64)
+    for h in range(hq):
+        g = h // 2
+        for i in range(t):
+            s = torch.tensor([float(q[i, h] @ k[j, g]) * scale for j in range(i + 1)], dtype=torch.float64)
+            p = torch.softmax(s, 0)
+            o = sum(p[j] * v[j, g].double() for j in range(i + 1))
+            for j in range(i + 1):
+                if j < sink or j >= i + 1 - recent:  # read from the BF16 windows: no INT2 error
+                    continue
+                bv[g, j] += p[j] ** 2
+                bk[g, j] += p[j] ** 2 * float(((v[j, g].double() - o) ** 2).sum())
+    assert torch.allclose(wv.double(), bv, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(wk.double(), bk, rtol=1e-4, atol=1e-6)
+    assert torch.equal(wk2, wv2)
+
+
+def test_weighted_moments_match_brute_force():
+    _, k, v = qkv(t=30)
+    g = torch.Generator().manual_seed(2)
+    wk, wv = torch.rand(2, 30, generator=g), torch.rand(2, 30, generator=g)
+    st = V.VariantStats(1, 2, 16)
+    st.add_weighted(0, k[:12], v[:12], wk[:, :12], wv[:, :12])
+    st.add_weighted(0, k[12:], v[12:], wk[:, 12:], wv[:, 12:])
+    for side, x, w in (("k", k, wk), ("v", v, wv)):
+        for h in range(2):
+            xh, wh = x[:, h].double(), w[h].double()
+            mu = (wh[:, None] * xh).sum(0) / wh.sum()
+            cov = ((xh - mu) * wh[:, None]).T @ (xh - mu) / wh.sum()
+            assert torch.allclose(st.wmean(side)[0, h], mu, atol=1e-9)
+            assert torch.allclose(st.wcov(side, True)[0, h], cov, atol=1e-9)
+
+
+def test_clip_search_returns_the_per_layer_argmin():
+    q, k, v = qkv(t=48, hq=4, hkv=2, d=16)
+    captures = [[(q, k, v)]]
+    t = [V.LayerTransform.orthogonal(ref.hadamard(16, torch.float32), ref.hadamard(16, torch.float32), 2)]
+    w_o = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    base = V.AttentionVariant(sink=2, recent=6)
+    cands = (0.0, 0.9, 0.8)
+    kc, vc = V.search_clip_ratios(captures, t, base, [w_o], 0.25, candidates=cands, q_start=8)
+
+    def err(kr, vr):
+        ks = V.QuantSpec("minmax", kr)
+        vs = None if vr is None else V.QuantSpec("minmax", vr)
+        return V.layer_proxy_error(q, k, v, t[0], ks, vs, w_o, 0.25, sink=2, recent=6, q_start=8)
+
+    assert kc[0] == min(cands, key=lambda r: err(r, None))
+    assert vc[0] == min(cands, key=lambda r: err(kc[0], r))
