@@ -1,35 +1,32 @@
-"""The front-end's rotation handling must leave the process safe to fork (vLLM's LLM() default)."""
+"""The front-end's rotation handling must leave the process safe to fork (vLLM's LLM() default).
 
-import multiprocessing as mp
+Runs in a fresh interpreter: the pytest process has already run multi-threaded CPU math in other
+tests, so forking it would hang whatever the code under test does.
+"""
 
-import torch
+import subprocess
+import sys
 
+SCRIPT = r'''
+import multiprocessing as mp, torch
+torch.set_num_threads(2)
 from vllm_oscar import runtime_config as rc
-from vllm_oscar.config import RotationMode
+from vllm_oscar.config import BaseModelInfo, RotationMode
+info = BaseModelInfo(id="m", architecture="LlamaForCausalLM", num_layers=30, num_attention_heads=9,
+                     num_kv_heads=3, head_dim=64)
+rc._base_model_info = lambda f: info
+art = rc.data_free_artifact(type("R", (), {"mode": RotationMode.HADAMARD})(), None)
+assert art.k_rotation.shape == (30, 64, 64)
+def child():
+    assert float(torch.zeros(20_000_000).sum()) == 0.0  # parallel fill: hangs on a forked OpenMP pool
+p = mp.get_context("fork").Process(target=child); p.start(); p.join(60)
+alive = p.is_alive()
+if alive: p.kill()
+print("HUNG" if alive else f"EXIT {p.exitcode}")
+'''
 
 
-def _child():
-    x = torch.zeros(20_000_000)  # a parallel CPU fill: hangs if the parent's OpenMP pool was forked
-    assert float(x.sum()) == 0.0
-
-
-def test_fork_after_data_free_artifact_does_not_hang(monkeypatch):
-    if torch.get_num_threads() < 2:
-        torch.set_num_threads(2)
-    facts = type("Facts", (), {})()
-    resolved = type("Resolved", (), {"mode": RotationMode.HADAMARD})()
-    from vllm_oscar.config import BaseModelInfo
-
-    info = BaseModelInfo(id="m", architecture="LlamaForCausalLM", num_layers=30, num_attention_heads=9,
-                         num_kv_heads=3, head_dim=64)
-    monkeypatch.setattr(rc, "_base_model_info", lambda f: info)
-    art = rc.data_free_artifact(resolved, facts)
-    assert art.k_rotation.shape == (30, 64, 64)
-    p = mp.get_context("fork").Process(target=_child)
-    p.start()
-    p.join(60)
-    alive = p.is_alive()
-    if alive:
-        p.kill()
-    assert not alive, "forked child hung: the parent ran multi-threaded CPU math (OpenMP pool after fork)"
-    assert p.exitcode == 0
+def test_fork_after_data_free_artifact_does_not_hang():
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("EXIT 0"), (out.stdout, "forked child hung: OpenMP pool after fork")
