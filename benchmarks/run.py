@@ -97,6 +97,10 @@ def worker_perf(args) -> dict:
                   max_model_len=max_len, gpu_memory_utilization=args.gpu_mem, enable_prefix_caching=False,
                   max_num_seqs=256, seed=0)
     out: dict = {"format": args.format, "startup_s": round(time.time() - t0, 1), "max_model_len": max_len}
+
+    def save():  # after every measurement, so a worker cut off by a time limit keeps what it finished
+        Path(args.worker_out).write_text(json.dumps(out))
+
     vcfg = llm.llm_engine.vllm_config
     kvc = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_config
     cap = {}
@@ -110,6 +114,7 @@ def worker_perf(args) -> dict:
         cap[str(n)] = {"max_concurrency": round(conc, 3), "kv_tokens": int(tokens)}
     out["capacity"] = cap
     out["num_blocks"] = kvc.num_blocks
+    save()
     rng = random.Random(0)
 
     def prompt(n):
@@ -130,7 +135,8 @@ def worker_perf(args) -> dict:
         t2 = min(timed([p], many) for _ in range(2))
         lat[str(c)] = {"tpot_ms": round(1000 * (t2 - t1) / 128, 3), "prefill_s": round(t1, 3)}
         print(f"[{args.format}] ctx {c}: TPOT {lat[str(c)]['tpot_ms']} ms", flush=True)
-    out["latency_bs1"] = lat
+        out["latency_bs1"] = lat
+        save()
     if args.tp_requests:
         prompts = [prompt(args.tp_in) for _ in range(args.tp_requests)]
         sp = SamplingParams(max_tokens=args.tp_out, ignore_eos=True, temperature=0)
@@ -168,6 +174,7 @@ def worker_accuracy(args) -> dict:
                 count += 1
         out["perplexity"][set_name] = math.exp(nll / count)
         print(f"[{args.format}] {set_name}: ppl {out['perplexity'][set_name]:.3f}", flush=True)
+        Path(args.worker_out).write_text(json.dumps(out))
     return out
 
 
@@ -177,15 +184,35 @@ def worker_accuracy(args) -> dict:
 def _run_worker(kind: str, fmt: str, args, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.run", "--worker", kind, "--format", fmt, *extra]
     res_file = RESULTS / f".worker-{kind}-{fmt}.json"
+    res_file.unlink(missing_ok=True)
     cmd += ["--worker-out", str(res_file)]
     print("$", " ".join(cmd), flush=True)
     t = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, timeout=args.worker_timeout)
-    if proc.returncode != 0 or not res_file.exists():
-        return {"format": fmt, "error": f"worker exited {proc.returncode} after {time.time() - t:.0f}s"}
-    data = json.loads(res_file.read_text())
-    res_file.unlink()
+    try:
+        rc = subprocess.run(cmd, cwd=ROOT, timeout=args.worker_timeout).returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    data = json.loads(res_file.read_text()) if res_file.exists() else {"format": fmt}
+    res_file.unlink(missing_ok=True)
+    if rc != 0:  # keep the partial measurements, say why the rest is missing
+        data["error"] = f"worker {'timed out' if rc == 'timeout' else f'exited {rc}'} after {time.time() - t:.0f}s"
     return data
+
+
+def _merge(path: Path, fresh: dict, merge: bool) -> dict:
+    """Results of the formats run now replace theirs in ``path``; other formats' results are kept (one
+    format per device call fits the 10-minute limit)."""
+    if merge and path.exists():
+        old = json.loads(path.read_text())
+        now = {r["format"] for r in fresh["results"]}
+        kept = [r for r in old.get("results", []) if r["format"] not in now]
+        runs = old.get("runs", []) + [{"command": fresh["command"], "environment": fresh["environment"],
+                                       "formats": sorted(now)}]
+        fresh = {**fresh, "results": kept + fresh["results"], "runs": runs}
+    order = list(FORMATS)
+    fresh["results"].sort(key=lambda r: order.index(r["format"]) if r["format"] in order else len(order))
+    path.write_text(json.dumps(fresh, indent=2) + "\n")
+    return fresh
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -249,6 +276,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=32, help="chunked-prefill size for perplexity")
     p.add_argument("--tag", default="h100", help="file suffix: e2e-<tag>.json")
     p.add_argument("--worker-timeout", type=int, default=1500)
+    p.add_argument("--fresh", action="store_true", help="replace the result JSON instead of merging formats into it")
     p.add_argument("--markdown", action="store_true", help="print tables from existing results and exit")
     p.add_argument("--worker", choices=["perf", "accuracy"], help=argparse.SUPPRESS)
     p.add_argument("--format", help=argparse.SUPPRESS)
@@ -267,6 +295,9 @@ def main(argv=None) -> int:
         Path(args.worker_out).write_text(json.dumps(res))
         return 0
 
+    unknown = [f for f in (args.formats or "").split(",") if f and f not in FORMATS]
+    if unknown:
+        raise SystemExit(f"unknown --formats {unknown}; valid: {list(FORMATS)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     shared = ["--model-dir", args.model_dir, "--contexts", args.contexts, "--gpu-mem", str(args.gpu_mem),
               "--tp-requests", str(args.tp_requests), "--tp-in", str(args.tp_in), "--tp-out", str(args.tp_out)]
@@ -277,7 +308,7 @@ def main(argv=None) -> int:
                "settings": {"model": "Qwen3-8B shape, dummy weights", "gpu_memory_utilization": args.gpu_mem,
                             "contexts": args.contexts, "throughput": [args.tp_requests, args.tp_in, args.tp_out]},
                "results": [_run_worker("perf", f, args, shared) for f in fmts]}
-        e2e_path.write_text(json.dumps(e2e, indent=2) + "\n")
+        e2e = _merge(e2e_path, e2e, not args.fresh)
     if args.suite in ("all", "accuracy"):
         if not args.model:
             raise SystemExit("--model (or OSCAR_TEST_MODEL) is required for the accuracy suite")
@@ -290,7 +321,7 @@ def main(argv=None) -> int:
                "settings": {"model": args.model, "seq_len": args.seq_len, "num_seqs": args.num_seqs,
                             "chunk": args.chunk, "eval_sets": args.eval_sets, "rotations": args.rotations},
                "results": [_run_worker("accuracy", f, args, extra) for f in fmts]}
-        acc_path.write_text(json.dumps(acc, indent=2) + "\n")
+        acc = _merge(acc_path, acc, not args.fresh)
     print(markdown(e2e, acc))
     return 0
 

@@ -28,3 +28,18 @@ def test_every_format_goes_through_the_same_engine_kwargs():
         "auto", "fp8", "turboquant_4bit_nc", "turboquant_3bit_nc", "oscar_int2"}
     assert FORMATS["int2_naive"]["additional_config"]["oscar"]["rotation"] == "none"
     assert FORMATS["int2_hadamard"]["additional_config"]["oscar"]["recent_tokens"] == 0
+
+
+def test_results_of_a_later_call_merge_by_format(tmp_path):
+    """One format per device call: a later call replaces its own formats' rows and keeps the others."""
+    from benchmarks.run import _merge
+
+    path = tmp_path / "e2e.json"
+    first = {"command": "a", "environment": {}, "results": [{"format": "oscar_int2", "x": 1}, {"format": "auto", "x": 1}]}
+    _merge(path, first, merge=True)
+    second = {"command": "b", "environment": {}, "results": [{"format": "oscar_int2", "x": 2}]}
+    merged = _merge(path, second, merge=True)
+    assert [(r["format"], r["x"]) for r in merged["results"]] == [("auto", 1), ("oscar_int2", 2)]
+    assert [r["command"] for r in merged["runs"]] == ["b"]
+    replaced = _merge(path, {"command": "c", "environment": {}, "results": [{"format": "fp8"}]}, merge=False)
+    assert [r["format"] for r in replaced["results"]] == ["fp8"]

@@ -15,9 +15,12 @@ Cases (``--cases`` names):
   prompts from 20 to ~1500 tokens (INT2 history beyond the 320 BF16 window tokens), greedy; the same
   prompts as one batch, so long prompts prefill in chunks while short ones decode (mixed
   prefill+decode batches), and one at a time; BF16 (``auto``) outputs for reference.
-* ``eager``: the same with ``enforce_eager=True``; the driver compares its tokens with ``generate``
-  (CUDA graphs vs eager must give identical tokens). ``control_graphs`` / ``control_eager`` run the
-  same comparison with the BF16 cache, to tell OSCAR differences from vLLM's own.
+* ``no_graphs``: the same torch.compile'd model with ``cudagraph_mode=NONE``; must give tokens identical
+  to ``generate`` (isolates CUDA-graph capture and replay of the OSCAR path).
+* ``eager``: the same with ``enforce_eager=True`` (no torch.compile either); the driver compares its
+  tokens with ``generate`` (must be identical). ``control_graphs`` / ``control_no_graphs`` /
+  ``control_eager`` run the same comparisons with the BF16 cache, to tell OSCAR differences from
+  vLLM's own.
 * ``v1_runner``: ``generate`` again on vLLM's V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``; the V2
   runner is the default for dense models), compared with ``generate``.
 * ``chunks``: prompt logprobs of a 300-token prompt prefilled in one chunk vs in 64-token chunks (all
@@ -25,7 +28,8 @@ Cases (``--cases`` names):
   size of the INT2 effect (reported, not asserted).
 * ``prefix``: a prefix-cache hit gives the same tokens and logprobs as a miss (128-token chunks, the
   INT2 page, so both runs cut the prompt at the same positions).
-* ``preemption``: a KV pool for ~3 requests and 12 long requests: all complete, preemptions counted.
+* ``preemption``: a KV pool for ~2 requests and 12 long requests: all complete, and vLLM counts >0
+  preemptions.
 * ``serve``: ``vllm serve MODEL --kv-cache-dtype oscar_int2`` on loopback answers
   ``/v1/completions`` and ``/v1/chat/completions``.
 * ``capacity``: the Qwen3-8B shape with dummy weights at ``max_model_len=32768``: the maximum
@@ -63,7 +67,8 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "e2e-smoke-h100.json"
 CPU_RESULTS = REPO / "benchmarks" / "results" / "accuracy-cpu-smollm2.json"
 RESULT_TAG = "E2E_RESULT "
-ALL_CASES = ("generate", "eager", "v1_runner", "control_graphs", "control_eager", "chunks", "prefix", "preemption",
+ALL_CASES = ("control_graphs", "control_eager", "generate", "no_graphs", "eager", "v1_runner", "control_no_graphs",
+             "chunks", "prefix", "preemption",
              "serve", "capacity", "ppl")
 SMALL = dict(gpu_memory_utilization=0.35, max_model_len=4096)  # SmolLM2 engines: fast to start, room to spare
 
@@ -82,14 +87,18 @@ QWEN3_8B_SHAPE = {
 
 
 def _prompts(tokenizer) -> list[str]:
-    """Prompts from 20 to ~1500 tokens; the long ones carry INT2 history past the BF16 windows."""
+    """Chat-formatted prompts from ~30 to ~1500 tokens; the long ones carry INT2 history past the BF16 windows.
+
+    Through the model's chat template, so a 135M instruct model answers instead of ending at once (raw
+    one-line prompts made it emit end-of-turn first, which compares nothing)."""
     story = ("The keeper of the lighthouse wrote every evening in a thick ledger: the colour of the sea, the ships "
              "that passed, the birds that rested on the rail, and whatever the wind had brought to the rocks. ")
     base = ["Write a haiku about the sea.", "List three prime numbers and explain why they are prime.",
             "What is the capital of France? Answer in one sentence.", "Explain what a KV cache is in a transformer."]
     long = [story * n + "\nSummarize the ledger in two sentences." for n in (6, 14, 30, 40)]
-    out = base + long
-    lens = [len(tokenizer(p)["input_ids"]) for p in out]
+    out = [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True)
+           for m in base + long]
+    lens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in out]
     assert max(lens) < SMALL["max_model_len"] - 200, lens
     return out
 
@@ -125,9 +134,10 @@ def _metric(llm, name: str) -> float:
 # ================================================================================================
 
 
-def case_generate(args, eager: bool = False, kv: str = "oscar_int2") -> dict:
+def case_generate(args, eager: bool = False, kv: str = "oscar_int2", graphs: bool = True) -> dict:
+    extra = {} if graphs else {"compilation_config": {"cudagraph_mode": "NONE"}}
     llm = _llm(args.model, kv_cache_dtype=kv, enforce_eager=eager, max_num_batched_tokens=512,
-               long_prefill_token_threshold=256)
+               long_prefill_token_threshold=256, **extra)
     tok = llm.get_tokenizer()
     prompts = _prompts(tok)
     t0 = time.time()
@@ -137,10 +147,11 @@ def case_generate(args, eager: bool = False, kv: str = "oscar_int2") -> dict:
     b_ids, s_ids = _token_ids(batched), _token_ids(solo)
     same_prefix = [b[:16] == s[:16] for b, s in zip(b_ids, s_ids)]
     res = {
-        "kv_cache_dtype": kv, "enforce_eager": eager,
+        "kv_cache_dtype": kv, "enforce_eager": eager, "cuda_graphs": graphs and not eager,
         "prompt_tokens": [len(o.prompt_token_ids) for o in batched],
         "tokens": b_ids,
         "texts": [o.outputs[0].text for o in batched],
+        "finish_reasons": [o.outputs[0].finish_reason for o in batched],
         "mixed_batch_completed": all(len(x) > 0 for x in b_ids),
         "mixed_batch_first16_equal_solo": sum(same_prefix),
         "mixed_batch_all_tokens_equal_solo": sum(b == s for b, s in zip(b_ids, s_ids)),
@@ -150,12 +161,21 @@ def case_generate(args, eager: bool = False, kv: str = "oscar_int2") -> dict:
     # Batched and solo runs differ in GEMM shapes and decode split counts (fp32 summation order), as in BF16
     # vLLM, so a late greedy flip is possible; the first 16 tokens must agree for most prompts.
     res["ok"] = res["mixed_batch_completed"] and sum(same_prefix) >= 0.75 * len(prompts) and all(
-        len(t) == 64 or tok.eos_token_id in t for t in b_ids)
+        r in ("stop", "length") for r in res["finish_reasons"])
     return res
 
 
 def case_eager(args) -> dict:
     return case_generate(args, eager=True)
+
+
+def case_no_graphs(args) -> dict:
+    """Same torch.compile graph, CUDA graphs off: isolates graph capture/replay of the OSCAR decode path."""
+    return case_generate(args, graphs=False)
+
+
+def case_control_no_graphs(args) -> dict:
+    return case_generate(args, kv="auto", graphs=False)
 
 
 def case_v1_runner(args) -> dict:
@@ -227,17 +247,21 @@ def case_prefix(args) -> dict:
 
 
 def case_preemption(args) -> dict:
-    llm = _llm(args.model, kv_cache_dtype="oscar_int2", num_gpu_blocks_override=160, max_num_seqs=16,
-               disable_log_stats=False, max_num_batched_tokens=1024)
+    """A pool of 40 pages (128 tokens each, shared by the INT2 and BF16-window groups) and 12 requests of
+    ~2K tokens that each need ~20 pages at the end: two or three run at once and must preempt each other as
+    they grow; every request must still finish with all its tokens."""
+    blocks = 48  # 40 was refused at startup: vLLM estimated it holds one request of at most 2304 tokens
+    llm = _llm(args.model, kv_cache_dtype="oscar_int2", num_gpu_blocks_override=blocks, max_num_seqs=16,
+               disable_log_stats=False, max_num_batched_tokens=1024, max_model_len=2560)
     tok = llm.get_tokenizer()
     base = tok("Sailors counted the stars, the cook counted the biscuits, and the captain counted the days. "
-                * 80)["input_ids"]
-    prompts = [{"prompt_token_ids": [100 + i] + base[: 1400 + 37 * i]} for i in range(12)]
+                * 120)["input_ids"]
+    prompts = [{"prompt_token_ids": [100 + i] + base[: 1500 + 40 * i]} for i in range(12)]
     t0 = time.time()
-    outs = llm.generate(prompts, _greedy(200, ignore_eos=True))
+    outs = llm.generate(prompts, _greedy(400, ignore_eos=True))
     res = {
-        "requests": len(prompts), "completed": sum(len(o.outputs[0].token_ids) == 200 for o in outs),
-        "num_gpu_blocks_override": 160, "preemptions": _metric(llm, "vllm:num_preemptions"),
+        "requests": len(prompts), "completed": sum(len(o.outputs[0].token_ids) == 400 for o in outs),
+        "num_gpu_blocks_override": blocks, "preemptions": _metric(llm, "vllm:num_preemptions"),
         "seconds": round(time.time() - t0, 2),
     }
     res["ok"] = res["completed"] == res["requests"] and res["preemptions"] > 0
@@ -249,7 +273,9 @@ def case_serve(args) -> dict:
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model, "--kv-cache-dtype", "oscar_int2",
            "--host", "127.0.0.1", "--port", str(port), "--gpu-memory-utilization", str(SMALL["gpu_memory_utilization"]),
            "--max-model-len", str(SMALL["max_model_len"]), "--served-model-name", "oscar-test"]
-    log = tempfile.NamedTemporaryFile("w+", suffix=".serve.log", delete=False)
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = open(log_dir / "serve-server.log", "w+")  # the server's own output, returned with the case logs
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -357,7 +383,8 @@ def case_calibrate(args) -> dict:
 
 
 CASES = {
-    "generate": case_generate, "eager": case_eager, "v1_runner": case_v1_runner, "control_graphs": case_control_graphs,
+    "generate": case_generate, "no_graphs": case_no_graphs, "control_no_graphs": case_control_no_graphs,
+    "eager": case_eager, "v1_runner": case_v1_runner, "control_graphs": case_control_graphs,
     "control_eager": case_control_eager, "chunks_one": case_chunks_one, "prefix": case_prefix,
     "preemption": case_preemption, "serve": case_serve, "capacity_one": case_capacity_one,
     "ppl_one": case_ppl_one, "calibrate": case_calibrate,
@@ -439,14 +466,29 @@ def drive(args) -> int:
         if case == "v1_runner" and "tokens" in report["cases"].get("generate", {}) and "tokens" in res:
             res["first16_equal_v2_runner"] = sum(a[:16] == b[:16] for a, b in
                                                  zip(report["cases"]["generate"]["tokens"], res["tokens"]))
-        if case == "eager" or case == "control_eager":
-            ref = report["cases"].get("generate" if case == "eager" else "control_graphs", {})
-            if "tokens" in ref and "tokens" in res:
-                res["identical_to_cuda_graphs"] = ref["tokens"] == res["tokens"]
-                res["prompts_identical_to_cuda_graphs"] = sum(a == b for a, b in zip(ref["tokens"], res["tokens"]))
-                if case == "eager":
-                    res["ok"] = bool(res.get("ok")) and res["identical_to_cuda_graphs"]
-                    res["status"] = "pass" if res["ok"] else "fail"
+        reference_case = {"eager": "generate", "no_graphs": "generate", "control_eager": "control_graphs",
+                          "control_no_graphs": "control_graphs"}.get(case)
+        ref = report["cases"].get(reference_case, {}) if reference_case else {}
+        if "tokens" in ref and "tokens" in res:
+            res["identical_to_cuda_graphs"] = ref["tokens"] == res["tokens"]
+            res["prompts_identical_to_cuda_graphs"] = sum(a == b for a, b in zip(ref["tokens"], res["tokens"]))
+            if case == "no_graphs":  # same compiled model: CUDA-graph replay must not change a single token
+                res["ok"] = bool(res.get("ok")) and res["identical_to_cuda_graphs"]
+                res["status"] = "pass" if res["ok"] else "fail"
+            if case == "eager":
+                # enforce_eager also drops torch.compile, whose fused kernels round bf16 differently upstream of
+                # the cache; an INT2 code near a rounding boundary then flips. Identity is asserted by
+                # ``no_graphs``; here a difference is only excused if vLLM's own BF16 cache shows one too.
+                control = report["cases"].get("control_eager", {})
+                res["bf16_control_prompts_identical"] = control.get("prompts_identical_to_cuda_graphs")
+                if res["identical_to_cuda_graphs"]:
+                    res["status"] = "pass"
+                elif res.get("ok") and control.get("identical_to_cuda_graphs") is False:
+                    res["status"] = "info"
+                    res["note"] = ("eager (no torch.compile) vs compiled+CUDA graphs differs for BF16 too; "
+                                   "graph replay itself is identical (no_graphs)")
+                else:
+                    res["ok"], res["status"] = False, "fail"
         report["cases"][case] = res
         save()
         print(f"[e2e] {case}: {res.get('status')} ({res.get('seconds', '?')} s)", flush=True)
