@@ -32,6 +32,8 @@ Cases (``--cases`` names):
   preemptions.
 * ``serve``: ``vllm serve MODEL --kv-cache-dtype oscar_int2`` on loopback answers
   ``/v1/completions`` and ``/v1/chat/completions``.
+* ``tp2`` (two GPUs): ``tensor_parallel_size=2`` with ``oscar_int2`` on a small random-weight Llama
+  (head_dim 128), against TP 1 (same tokens, logprobs within 0.1) and BF16 at TP 2 inside the windows.
 * ``capacity``: the Qwen3-8B shape with dummy weights at ``max_model_len=32768``: the maximum
   concurrency vLLM logs for ``auto`` and for ``oscar_int2`` at the same ``gpu_memory_utilization``
   (bar: ratio >= 6.3), plus one generated request through the head_dim-128 kernels.
@@ -69,7 +71,7 @@ CPU_RESULTS = REPO / "benchmarks" / "results" / "accuracy-cpu-smollm2.json"
 RESULT_TAG = "E2E_RESULT "
 ALL_CASES = ("control_graphs", "control_eager", "generate", "no_graphs", "eager", "v1_runner", "control_no_graphs",
              "chunks", "prefix", "preemption",
-             "serve", "capacity", "ppl")
+             "serve", "capacity", "ppl", "tp2")
 SMALL = dict(gpu_memory_utilization=0.35, max_model_len=4096)  # SmolLM2 engines: fast to start, room to spare
 
 QWEN3_8B_SHAPE = {
@@ -382,12 +384,44 @@ def case_calibrate(args) -> dict:
     return {"rotations": str(out), "ok": True}
 
 
+def _random_llama(folder: Path) -> Path:
+    """A small Llama (head_dim 128, 8 query / 4 KV heads, 4 layers) with seeded HF-initialized weights, saved
+    as safetensors: real values (vLLM's dummy weights are ~1e-3, so every logit ties), identical for TP 1
+    and 2 (dummy init draws per shard)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").exists():
+        return folder
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=4, head_dim=128, vocab_size=32000, max_position_embeddings=8192,
+                      initializer_range=0.05, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def case_tp_one(args) -> dict:
+    """One engine of the tp case: ``--mode auto-tp2 | oscar_int2-tp1 | oscar_int2-tp2``."""
+    from vllm import SamplingParams
+
+    kv, tp = args.mode.split("-tp")
+    model = _random_llama(Path(tempfile.gettempdir()) / "oscar-random-llama")
+    llm = _llm(str(model), kv_cache_dtype=kv, tensor_parallel_size=int(tp), skip_tokenizer_init=True,
+               gpu_memory_utilization=0.5, max_model_len=8192)
+    prompts = [[(i * 7919 + 13 * n) % 31000 + 500 for i in range(n)] for n in (200, 3000)]
+    sp = SamplingParams(temperature=0.0, max_tokens=32, logprobs=0, detokenize=False, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp)
+    return {"mode": args.mode, "tokens": _token_ids(outs),
+            "logprobs": [[next(iter(d.values())).logprob for d in o.outputs[0].logprobs] for o in outs], "ok": True}
+
+
 CASES = {
     "generate": case_generate, "no_graphs": case_no_graphs, "control_no_graphs": case_control_no_graphs,
     "eager": case_eager, "v1_runner": case_v1_runner, "control_graphs": case_control_graphs,
     "control_eager": case_control_eager, "chunks_one": case_chunks_one, "prefix": case_prefix,
     "preemption": case_preemption, "serve": case_serve, "capacity_one": case_capacity_one,
-    "ppl_one": case_ppl_one, "calibrate": case_calibrate,
+    "ppl_one": case_ppl_one, "calibrate": case_calibrate, "tp_one": case_tp_one,
 }
 
 
@@ -461,6 +495,8 @@ def drive(args) -> int:
             res = _strip(_run_case(case, args, env={"VLLM_USE_V2_MODEL_RUNNER": "0"}))
         elif case == "ppl":
             res = _perplexity(args)
+        elif case == "tp2":
+            res = _tp2(args)
         else:
             res = _strip(_run_case(case, args))
         if case == "v1_runner" and "tokens" in report["cases"].get("generate", {}) and "tokens" in res:
@@ -583,6 +619,34 @@ def _perplexity(args) -> dict:
         and bool(checks) and within
     res["status"] = "pass" if res["ok"] else "fail"
     res["seconds"] = round(t, 1)
+    return res
+
+
+def _tp2(args) -> dict:
+    """Tensor parallel 2 (needs two GPUs): oscar_int2 at TP 2 against TP 1 on the same real-valued weights,
+    and against BF16 at TP 2 on a prompt that stays inside the BF16 windows."""
+    runs = {m: _strip(_run_case("tp_one", args, "--mode", m)) for m in ("oscar_int2-tp1", "oscar_int2-tp2", "auto-tp2")}
+    if not all(r.get("ok") for r in runs.values()):
+        return {"ok": False, "status": "error", "runs": runs}
+
+    def agree(a, b):  # tokens equal, and the largest logprob gap over the common greedy prefix
+        same = [x == y for x, y in zip(a["tokens"], b["tokens"])]
+        gaps = []
+        for ta, tb, la, lb in zip(a["tokens"], b["tokens"], a["logprobs"], b["logprobs"]):
+            n = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), len(ta))
+            gaps.append(max((abs(x - y) for x, y in zip(la[:n], lb[:n])), default=0.0))
+        return {"tokens_equal": same, "max_abs_logprob_gap": gaps}
+
+    o1, o2, b2 = runs["oscar_int2-tp1"], runs["oscar_int2-tp2"], runs["auto-tp2"]
+    res = {"model": "random Llama (4 layers, 8 q / 4 KV heads, head_dim 128, seeded HF init)",
+           "prompts": [200, 3000], "oscar_tp2_vs_tp1": agree(o1, o2), "oscar_tp2_vs_bf16_tp2": agree(o2, b2),
+           "seconds": round(sum(r["seconds"] for r in runs.values()), 1)}
+    t = res["oscar_tp2_vs_tp1"]
+    # TP changes only the all-reduce order; the 200-token prompt is inside the BF16 windows, so it must match
+    # BF16 at TP 2 too (rotation rounding aside).
+    res["ok"] = all(len(x) == 32 for r in runs.values() for x in r["tokens"]) and t["tokens_equal"][0] \
+        and max(t["max_abs_logprob_gap"]) <= 0.1 and res["oscar_tp2_vs_bf16_tp2"]["max_abs_logprob_gap"][0] <= 0.1
+    res["status"] = "pass" if res["ok"] else "fail"
     return res
 
 
