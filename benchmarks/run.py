@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DUMMY_QWEN3_8B = ROOT / "benchmarks" / "models" / "qwen3-8b-dummy"
 
-_NO_WINDOWS = {"sink_tokens": 0, "recent_tokens": 0, "k_clip_ratio": 0.0, "v_clip_ratio": 0.0}
+_NO_WINDOWS = {"sink_tokens": 0, "recent_tokens": 0, "levels": "minmax", "k_clip_ratio": 0.0, "v_clip_ratio": 0.0}
 #: name -> engine kwargs. Baselines int2_naive / int2_hadamard: the plugin with rotation none / hadamard,
 #: no clipping and no windows (the paper's naive and QuaRot-style INT2).
 FORMATS: dict[str, dict] = {

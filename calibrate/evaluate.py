@@ -31,6 +31,7 @@ class EvalMethod:
     rotation: Literal["calibrated", "hadamard", "none"] = "none"
     clip: bool = False
     windows: bool = False
+    levels: Literal["minmax", "mse"] = "minmax"  # reference.LEVELS; "mse" never clips
 
 
 METHODS: dict[str, EvalMethod] = {
@@ -39,12 +40,17 @@ METHODS: dict[str, EvalMethod] = {
         EvalMethod("exact", "no quantization", "exact"),
         EvalMethod("naive_int2", "INT2, no rotation, no clipping, no windows", "int2"),
         EvalMethod("hadamard_int2", "QuaRot-style: Hadamard INT2, no clipping, no windows", "int2", "hadamard"),
-        EvalMethod("hadamard_int2_windows", "Hadamard INT2 with OSCAR's clipping and BF16 windows (data-free)",
+        EvalMethod("hadamard_int2_windows",
+                   "Hadamard INT2 with OSCAR's clipping and BF16 windows (data-free, the paper's grid)",
                    "int2", "hadamard", clip=True, windows=True),
         EvalMethod("kivi2", "KIVI-2: per-channel K (32-token groups), per-token V, 128-token FP residual", "kivi"),
         EvalMethod("oscar_no_windows", "OSCAR rotations + clipping, no windows", "int2", "calibrated", clip=True),
         EvalMethod("oscar", "OSCAR: calibrated rotations, clipping, BF16 sink and recent windows", "int2",
                    "calibrated", clip=True, windows=True),
+        EvalMethod("hadamard_mse", "data-free default: Hadamard, per-row MSE-fitted INT2 grid (no clipping), "
+                   "BF16 windows", "int2", "hadamard", windows=True, levels="mse"),
+        EvalMethod("oscar_mse", "calibrated rotations, per-row MSE-fitted INT2 grid (no clipping), BF16 windows",
+                   "int2", "calibrated", windows=True, levels="mse"),
     )
 }
 
@@ -112,7 +118,8 @@ def make_attention(method: EvalMethod, artifact: RotationArtifact | None, head_d
                                            exact_mask=_kivi_exact_mask(q_.shape[0]))
         else:
             o = ref.oscar_attention(q_, k_, v_, rot_k and rot_k(i), rot_v and rot_v(i), pos, k_clip_ratio=kc,
-                                    v_clip_ratio=vc, sink=s, recent=r, window_dtype=None, scale=module.scaling)
+                                    v_clip_ratio=vc, sink=s, recent=r, window_dtype=None, scale=module.scaling,
+                                    levels=method.levels)
         return o[None].to(q.dtype)
 
     return attention
@@ -134,15 +141,17 @@ def perplexity(model, sequences: torch.Tensor, attention_fn, *, desc: str = "", 
 
 def evaluate(model, eval_sets: dict[str, torch.Tensor], artifact: RotationArtifact | None,
              methods: list[str], *, progress: bool = True) -> dict:
-    """Perplexity per method and eval set; clip ratios and windows come from the artifact."""
+    """Perplexity per method and eval set; windows and the min-max methods' clip ratios come from the
+    artifact (the paper's 0.96/0.92 when it has none, or records levels "mse")."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; valid: {list(METHODS)}")
     cfg = artifact.config if artifact is not None else None
     head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else (
         model.config.hidden_size // model.config.num_attention_heads)
-    k_clip = cfg.quantization.k_clip_ratio if cfg else 0.96
-    v_clip = cfg.quantization.v_clip_ratio if cfg else 0.92
+    minmax_cfg = cfg is not None and cfg.quantization.levels == "minmax"
+    k_clip = cfg.quantization.k_clip_ratio if minmax_cfg else 0.96
+    v_clip = cfg.quantization.v_clip_ratio if minmax_cfg else 0.92
     sink = cfg.windows.sink_tokens if cfg else 64
     recent = cfg.windows.recent_tokens if cfg else 256
     results: dict = {"methods": {}, "settings": {"k_clip_ratio": k_clip, "v_clip_ratio": v_clip,

@@ -77,7 +77,8 @@ def collect_stats(model, sequences: torch.Tensor, info, progress: bool = True) -
             t0 = time.time()
             model.get_decoder()(seq[None])
             if progress:
-                print(f"  stats seq {n + 1}/{len(sequences)} {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
+                print(f"  stats seq {n + 1}/{len(sequences)} {time.time() - t0:.1f}s", file=sys.stderr,
+                      flush=True)
     return stats
 
 
@@ -88,7 +89,8 @@ def collect_weighted_stats(model, sequences: torch.Tensor, stats: V.VariantStats
 
     def hook(module, q, k, v):
         q_, k_, v_ = (x[0].transpose(0, 1) for x in (q, k, v))
-        wk, wv = V.attention_token_weights(q_, k_, v_, module.scaling, sink=sink, recent=recent, k_weight=k_weight)
+        wk, wv = V.attention_token_weights(q_, k_, v_, module.scaling, sink=sink, recent=recent,
+                                           k_weight=k_weight)
         stats.add_weighted(layer_index(module), k_, v_, wk, wv)
         return causal_sdpa(module, q, k, v)
 
@@ -97,8 +99,8 @@ def collect_weighted_stats(model, sequences: torch.Tensor, stats: V.VariantStats
             t0 = time.time()
             model.get_decoder()(seq[None])
             if progress:
-                print(f"  weighted stats seq {n + 1}/{len(sequences)} {time.time() - t0:.1f}s", file=sys.stderr,
-                      flush=True)
+                print(f"  weighted stats seq {n + 1}/{len(sequences)} {time.time() - t0:.1f}s",
+                      file=sys.stderr, flush=True)
     return stats
 
 
@@ -191,7 +193,8 @@ class Setup:
             for k, v in torch.load(stats_file).items():
                 setattr(self.stats, k, v)
         else:
-            print("statistics: 16 x 2048 comedies tokens (+ attention-weighted on every other)", file=sys.stderr)
+            print("statistics: 16 x 2048 comedies tokens (+ attention-weighted on every other)",
+                  file=sys.stderr)
             self.stats = collect_stats(self.lm.model, cal, info)
             collect_weighted_stats(self.lm.model, cal[::2], self.stats, k_weight="p2dv")
             torch.save({k: getattr(self.stats, k) for k in keys}, stats_file)
@@ -200,10 +203,11 @@ class Setup:
             self.per_head = torch.load(heads_file)
         else:  # the faithful targets per KV group (two passes, as the calibrator does)
             moments = collect_moments(self.lm.model, cal, info, progress=False)
-            rk = torch.stack([torch.stack([ref.fit_rotation(m.qq_sum[g] / m.q_rows)[0] for g in range(info.num_kv_heads)])
+            groups = range(info.num_kv_heads)
+            rk = torch.stack([torch.stack([ref.fit_rotation(m.qq_sum[g] / m.q_rows)[0] for g in groups])
                               for m in moments])
             rv = torch.stack([torch.stack([ref.fit_rotation(m.wvv_sum[g] / m.w_sum[g].clamp(min=1e-12))[0]
-                                           for g in range(info.num_kv_heads)]) for m in moments])
+                                           for g in groups]) for m in moments])
             self.per_head = {"k": rk.float(), "v": rv.float()}
             torch.save(self.per_head, heads_file)
         self.imp_v = V.o_proj_importance(self.lm.model, info.num_kv_heads, info.head_dim)
@@ -223,14 +227,16 @@ class Setup:
             return [V.LayerTransform.orthogonal(had, had, h) for _ in range(self.info.num_layers)]
         if which == "paper":
             a = self.artifact
-            return [V.LayerTransform.orthogonal(a.k_rotation[i], a.v_rotation[i], h) for i in range(a.num_layers)]
+            return [V.LayerTransform.orthogonal(a.k_rotation[i], a.v_rotation[i], h)
+                    for i in range(a.num_layers)]
         if which == "paper_per_head":
             return [V.LayerTransform.orthogonal(self.per_head["k"][i], self.per_head["v"][i], h)
                     for i in range(self.info.num_layers)]
         if which == "paper_softmax_v":
             tv = V.fit_transforms(self.stats, "oscar", "oscar_softmax_v")
             a = self.artifact
-            return [V.LayerTransform.orthogonal(a.k_rotation[i], tv[i].v_store, h) for i in range(a.num_layers)]
+            return [V.LayerTransform.orthogonal(a.k_rotation[i], tv[i].v_store, h)
+                    for i in range(a.num_layers)]
         raise ValueError(which)
 
     def centered(self, kind: str) -> list[V.LayerTransform]:
@@ -246,49 +252,62 @@ def variant_registry() -> dict[str, dict]:
     def entry(description, transforms, variant=lambda s: PAPER):
         return {"description": description, "transforms": transforms, "variant": variant}
 
+    def orth(which):
+        return lambda s: s.orthogonal(which)
+
+    def cent(kind):
+        return lambda s: s.centered(kind)
+
+    def mse(s):
+        return V.AttentionVariant(k=MSE, v=MSE)
+
+    def log8(s):
+        return V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8)
+
+    def log8_r512(s):
+        return V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8, recent=512)
+
+    def lloyd_max(s):
+        return V.AttentionVariant(k=V.QuantSpec("lm", 0.96), v=V.QuantSpec("lm", 0.92))
+
     def clip_searched(s):
-        k, v = V.search_clip_ratios(s.captures(), s.orthogonal("paper"), PAPER, o_proj_weights(s.lm.model), 0.125)
+        k, v = V.search_clip_ratios(s.captures(), s.orthogonal("paper"), PAPER, o_proj_weights(s.lm.model),
+                                    0.125)
         return replace_variant(PAPER, k_clips=k, v_clips=v)
 
     return {
         "exact": entry("no quantization", None, lambda s: None),
-        "paper": entry("faithful OSCAR: calibrated per-layer R = U H P_br, clip 0.96/0.92, min-max INT2, fp16 "
-                       "scale+offset, 64+256 BF16 windows", lambda s: s.orthogonal("paper")),
+        "paper": entry("faithful OSCAR: calibrated per-layer R = U H P_br, clip 0.96/0.92, min-max INT2, "
+                       "fp16 scale+offset, 64+256 BF16 windows", orth("paper")),
         "hadamard": entry("data-free Hadamard, otherwise the paper (same clipping, quantizer, windows)",
-                          lambda s: s.orthogonal("hadamard")),
-        "paper_per_head": entry("(1) the paper's targets fitted per KV head", lambda s: s.orthogonal("paper_per_head")),
-        "paper_clip_search": entry("(2) paper rotations, per-layer K/V clip ratios minimizing the attention-output "
-                                   "error on calibration captures", lambda s: s.orthogonal("paper"), clip_searched),
+                          orth("hadamard")),
+        "paper_per_head": entry("(1) the paper's targets fitted per KV head", orth("paper_per_head")),
+        "paper_clip_search": entry("(2) paper rotations, per-layer K/V clip ratios minimizing the "
+                                   "attention-output error on calibration captures", orth("paper"),
+                                   clip_searched),
         "paper_softmax_v": entry("(3) paper K rotation, V rotation from the true softmax target (SV)^T(SV)/N",
-                                 lambda s: s.orthogonal("paper_softmax_v")),
-        "paper_lloyd_max": entry("(4) paper rotations + the authors' Lloyd-Max levels (ratio 1.16) after clipping",
-                                 lambda s: s.orthogonal("paper"),
-                                 lambda s: V.AttentionVariant(k=V.QuantSpec("lm", 0.96), v=V.QuantSpec("lm", 0.92))),
-        "hadamard_mse": entry("(4) Hadamard + MSE-fitted affine grid per row (no clipping), fp16 scale+offset",
-                              lambda s: s.orthogonal("hadamard"), lambda s: V.AttentionVariant(k=MSE, v=MSE)),
-        "hadamard_mse_log8": entry("data-free: Hadamard + MSE grid with 8-bit log scale + 8-bit offset (16 bits/row)",
-                                   lambda s: s.orthogonal("hadamard"),
-                                   lambda s: V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8)),
-        "paper_mse": entry("(4) paper rotations + MSE-fitted grid, fp16", lambda s: s.orthogonal("paper"),
-                           lambda s: V.AttentionVariant(k=MSE, v=MSE)),
-        "hadamard_wc_mse": entry("(6) Hadamard, attention-weighted K/V means removed (calibrated), MSE grid, fp16",
-                                 lambda s: s.centered("hadamard"), lambda s: V.AttentionVariant(k=MSE, v=MSE)),
+                                 orth("paper_softmax_v")),
+        "paper_lloyd_max": entry("(4) paper rotations + the authors' Lloyd-Max levels (ratio 1.16) after "
+                                 "clipping", orth("paper"), lloyd_max),
+        "hadamard_mse": entry("(4) Hadamard + MSE-fitted affine grid per row (no clipping), fp16 "
+                              "scale+offset", orth("hadamard"), mse),
+        "hadamard_mse_log8": entry("data-free: Hadamard + MSE grid with 8-bit log scale + 8-bit offset "
+                                   "(16 bits/row)", orth("hadamard"), log8),
+        "paper_mse": entry("(4) paper rotations + MSE-fitted grid, fp16", orth("paper"), mse),
+        "hadamard_wc_mse": entry("(6) Hadamard, attention-weighted K/V means removed (calibrated), MSE grid, "
+                                 "fp16", cent("hadamard"), mse),
         "paper_wc_mse": entry("(6) paper rotations + weighted means removed + MSE grid, fp16",
-                              lambda s: s.centered("paper"), lambda s: V.AttentionVariant(k=MSE, v=MSE)),
+                              cent("paper"), mse),
         "importance_wc_mse": entry("(6) weighted means removed, importance transform G^1/2 H, MSE grid, fp16",
-                                   lambda s: s.centered("importance"), lambda s: V.AttentionVariant(k=MSE, v=MSE)),
+                                   cent("importance"), mse),
         "paper_wc_mse_log8": entry("paper_wc_mse with 8-bit log scale + 8-bit offset (16 bits/row)",
-                                   lambda s: s.centered("paper"),
-                                   lambda s: V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8)),
+                                   cent("paper"), log8),
         "hadamard_wc_mse_log8": entry("hadamard_wc_mse with 8-bit log scale + 8-bit offset (16 bits/row)",
-                                      lambda s: s.centered("hadamard"),
-                                      lambda s: V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8)),
+                                      cent("hadamard"), log8),
         "importance_wc_mse_log8": entry("importance_wc_mse with 8-bit log scale + 8-bit offset (16 bits/row)",
-                                        lambda s: s.centered("importance"),
-                                        lambda s: V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8)),
-        "paper_wc_mse_log8_r512": entry("(5) paper_wc_mse_log8 with the saved bits spent on a 512-token recent "
-                                        "window", lambda s: s.centered("paper"),
-                                        lambda s: V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8, recent=512)),
+                                        cent("importance"), log8),
+        "paper_wc_mse_log8_r512": entry("(5) paper_wc_mse_log8 with the saved bits spent on a 512-token "
+                                        "recent window", cent("paper"), log8_r512),
     }
 
 
@@ -311,11 +330,13 @@ def run_sweep(args) -> dict:
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     results.setdefault("variants", {})
     results["settings"] = {
-        "model": setup.info.id, "calibration": f"{CALIBRATION_SET}, 16 x 2048 tokens (weighted moments: 8 x 2048)",
+        "model": setup.info.id,
+        "calibration": f"{CALIBRATION_SET}, 16 x 2048 tokens (weighted moments: 8 x 2048)",
         "faithful_artifact": args.rotations or "calibrated by this command",
         "semantics": "teacher-forced; each token reads K/V outside the BF16 windows from INT2 (decode-like)",
     }
-    sets = {s: token_sequences(setup.lm.tokenizer, resolve_set(s), args.seq_len, args.num_seqs) for s in args.eval_data}
+    sets = {s: token_sequences(setup.lm.tokenizer, resolve_set(s), args.seq_len, args.num_seqs)
+            for s in args.eval_data}
     d = setup.info.head_dim
     for name in names:
         spec = registry[name]
@@ -341,10 +362,10 @@ def run_sweep(args) -> dict:
             out_path.write_text(json.dumps(results, indent=2) + "\n")
     base = results["variants"].get("exact", {}).get("perplexity", {})
     for r in results["variants"].values():
-        r["increase_over_exact_pct"] = {k: round(100 * (v / base[k] - 1), 2) for k, v in r["perplexity"].items()
-                                        if k in base}
-    results.setdefault("runs", []).append({"seq_len": args.seq_len, "num_seqs": args.num_seqs, "sets": list(sets),
-                                           "variants": names})
+        r["increase_over_exact_pct"] = {k: round(100 * (v / base[k] - 1), 2)
+                                        for k, v in r["perplexity"].items() if k in base}
+    results.setdefault("runs", []).append({"seq_len": args.seq_len, "num_seqs": args.num_seqs,
+                                           "sets": list(sets), "variants": names})
     return results
 
 
@@ -359,7 +380,8 @@ def format_table(results: dict, seq_len: int = 2048) -> str:
     short = {s: s.split(":")[-1] for s in sets}
     head = ["variant"] + [f"{short[s]} ppl (vs exact)" for s in sets] + ["bits/elem @2048", "@32K"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in results["variants"].items():
+    order = {n: i for i, n in enumerate(variant_registry())}
+    for name, r in sorted(results["variants"].items(), key=lambda kv: order.get(kv[0], len(order))):
         cells = []
         for s in sets:
             key = f"{s}@{seq_len}"
@@ -368,7 +390,8 @@ def format_table(results: dict, seq_len: int = 2048) -> str:
                 continue
             base = results["variants"].get("exact", {}).get("perplexity", {}).get(key)
             inc = None if base is None else 100 * (r["perplexity"][key] / base - 1)
-            cells.append(f"{r['perplexity'][key]:.3f}" + ("" if name == "exact" or inc is None else f" ({inc:+.1f}%)"))
+            pct = "" if name == "exact" or inc is None else f" ({inc:+.1f}%)"
+            cells.append(f"{r['perplexity'][key]:.3f}{pct}")
         b = r.get("bits_per_element", {})
         lines.append("| " + " | ".join([f"`{name}`", *cells, f"{b.get('at_2048', 16):.3f}",
                                           f"{b.get('at_32768', 16):.3f}"]) + " |")

@@ -113,6 +113,7 @@ def model_card(artifact: RotationArtifact, repo_id: str | None = None) -> str:
         "num_layers": m.num_layers,
         "num_kv_heads": m.num_kv_heads,
         "head_dim": m.head_dim,
+        "levels": q.levels,
         "k_clip": q.k_clip_ratio,
         "v_clip": q.v_clip_ratio,
         "sink": w.sink_tokens,

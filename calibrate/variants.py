@@ -149,7 +149,8 @@ def _ls_fit(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, o: torch.Tensor, 
     return torch.where(ok, s_new, s), torch.where(ok, o_new, o)
 
 
-def quantize_rows_variant(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_rows_variant(x: torch.Tensor, spec: QuantSpec
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize rows ``x [..., d]`` (fp32): ``(codes uint8 [..., d], scale fp32 [...], offset fp32 [...])``.
 
     ``scale``/``offset`` are exactly the stored (rounded) values and the codes are nearest-level codes
@@ -208,7 +209,8 @@ def fake_quantize_variant(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def bits_per_element(head_dim: int, context: int, *, sink: int, recent: int, param_bits: int | tuple[int, int],
+def bits_per_element(head_dim: int, context: int, *, sink: int, recent: int,
+                     param_bits: int | tuple[int, int],
                      window_bits: int = 16, extra_window_tokens: int = 0) -> float:
     """Average stored bits per K/V element of a ``context``-token request: INT2 codes + per-row
     parameters for the quantized tokens, ``window_bits`` for the BF16 sink/recent tokens.
@@ -378,15 +380,18 @@ class VariantStats:
         self.v_sum[layer] += v64.sum(1)
         self.tokens[layer] += k.shape[0]
 
-    def add_weighted(self, layer: int, k: torch.Tensor, v: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> None:
+    def add_weighted(self, layer: int, k: torch.Tensor, v: torch.Tensor, wk: torch.Tensor,
+                     wv: torch.Tensor) -> None:
         """Attention-weighted moments: ``k, v [T, Hkv, d]``, token weights ``wk, wv [Hkv, T]`` (see
         :func:`attention_token_weights`)."""
         if not hasattr(self, "kkw"):
             L, H, d = self.num_layers, self.num_kv_heads, self.head_dim
             z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
-            self.kkw, self.vvw, self.kw_sum, self.vw_sum = z(L, H, d, d), z(L, H, d, d), z(L, H, d), z(L, H, d)
+            self.kkw, self.vvw = z(L, H, d, d), z(L, H, d, d)
+            self.kw_sum, self.vw_sum = z(L, H, d), z(L, H, d)
             self.k_wtot, self.v_wtot = z(L, H), z(L, H)
-        for x, w, xx, xs, tot in ((k, wk, self.kkw, self.kw_sum, self.k_wtot), (v, wv, self.vvw, self.vw_sum, self.v_wtot)):
+        for x, w, xx, xs, tot in ((k, wk, self.kkw, self.kw_sum, self.k_wtot),
+                                  (v, wv, self.vvw, self.vw_sum, self.v_wtot)):
             x64, w64 = x.double().transpose(0, 1), w.double()  # [H, T, d], [H, T]
             xx[layer] += (x64 * w64[..., None]).transpose(1, 2) @ x64
             xs[layer] += (x64 * w64[..., None]).sum(1)
@@ -423,7 +428,8 @@ class VariantStats:
 
 
 def attention_token_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, sink: int,
-                            recent: int, k_weight: Literal["p2", "p2dv"] = "p2") -> tuple[torch.Tensor, torch.Tensor]:
+                            recent: int, k_weight: Literal["p2", "p2dv"] = "p2"
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """How much an INT2 error on each token's K and V row moves the attention outputs, from exact
     attention over ``q [T, Hq, d]``, ``k, v [T, Hkv, d]``; only (query, key) pairs that read the key
     from INT2 (outside the sink/recent windows) count. Returns ``(wk, wv)``, each ``[Hkv, T]``:

@@ -31,7 +31,7 @@ void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tenso
               const torch::Tensor& slot_mapping, const std::optional<torch::Tensor>& rotation_k,
               const std::optional<torch::Tensor>& rotation_v, double k_clip_ratio, double v_clip_ratio,
               const std::optional<torch::Tensor>& window_cache,
-              const std::optional<torch::Tensor>& window_slot_mapping) {
+              const std::optional<torch::Tensor>& window_slot_mapping, int64_t levels) {
   const auto dev = key.device();
   check_cuda(key, "key", dev);
   TORCH_CHECK(key.scalar_type() == at::kBFloat16 || key.scalar_type() == at::kHalf,
@@ -71,6 +71,11 @@ void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tenso
     TORCH_CHECK(ws.dim() == 1 && ws.is_contiguous() && ws.size(0) >= T, "oscar: window_slot_mapping must be a "
                 "contiguous 1-D int64 tensor with at least ", num(T), " entries, got shape ", shape_str(ws));
   }
+  TORCH_CHECK(levels == kLevelsMinmax || levels == kLevelsMse, "oscar: levels must be ", num(kLevelsMinmax),
+              " (minmax) or ", num(kLevelsMse), " (mse), got ", num(levels));
+  TORCH_CHECK(levels == kLevelsMinmax || (!(k_clip_ratio > 0) && !(v_clip_ratio > 0)),
+              "oscar: levels mse fits the grid to the whole row and does not clip; k_clip_ratio and "
+              "v_clip_ratio must be 0, got ", num(k_clip_ratio), " and ", num(v_clip_ratio));
   TORCH_CHECK(T * Hkv < (int64_t{1} << 31), "oscar: store_kv supports fewer than 2^31 rows, got ", num(T * Hkv));
   if (T == 0) return;
 
@@ -91,6 +96,7 @@ void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tenso
   p.rot_v = rotation_v.has_value() ? rotation_v->data_ptr<float>() : nullptr;
   p.k_idx = clip_index(k_clip_ratio, D);
   p.v_idx = clip_index(v_clip_ratio, D);
+  p.levels = static_cast<int>(levels);
   p.num_tokens = static_cast<int>(T);
   p.num_kv_heads = static_cast<int>(Hkv);
   p.block_size = static_cast<int>(bs);

@@ -11,7 +11,7 @@ void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tenso
               const torch::Tensor& slot_mapping, const std::optional<torch::Tensor>& rotation_k,
               const std::optional<torch::Tensor>& rotation_v, double k_clip_ratio, double v_clip_ratio,
               const std::optional<torch::Tensor>& window_cache,
-              const std::optional<torch::Tensor>& window_slot_mapping);
+              const std::optional<torch::Tensor>& window_slot_mapping, int64_t levels);
 
 void decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv_cache,
             const torch::Tensor& block_table, const torch::Tensor& seq_lens,

@@ -9,7 +9,7 @@ TORCH_LIBRARY(oscar, m) {
   m.def(
       "store_kv(Tensor key, Tensor value, Tensor! kv_cache, Tensor slot_mapping, Tensor? rotation_k, "
       "Tensor? rotation_v, float k_clip_ratio, float v_clip_ratio, Tensor!? window_cache=None, "
-      "Tensor? window_slot_mapping=None) -> ()");
+      "Tensor? window_slot_mapping=None, int levels=0) -> ()");
   m.impl("store_kv", torch::kCUDA, &oscar::store_kv);
 
   m.def(

@@ -1,4 +1,4 @@
-"""The CPU accuracy gate on real weights (SmolLM2-135M-Instruct, head_dim 64), ~7 minutes on 2 cores.
+"""The CPU accuracy gate on real weights (SmolLM2-135M-Instruct, head_dim 64), ~9 minutes on 2 cores.
 
 Calibrates on Shakespeare's comedies (32K tokens, as `vllm-oscar eval-ppl` does by default) and
 measures teacher-forced perplexity at 2048 context on held-out tragedies and histories with every
@@ -15,6 +15,12 @@ than naive INT2, QuaRot-style INT2, KIVI-2 and OSCAR without windows; naive INT2
 (proof that the cache really is quantized). On this model the calibrated rotations do *not* beat the
 data-free Hadamard with the same clipping and windows (measured 1.4-1.6 points worse); the test
 pins that the two stay within 3 points of each other rather than claiming a win we did not measure.
+
+The adopted quantizer (issue 6, docs/accuracy.md "Adopted"): the per-row MSE-fitted grid, which the
+data-free mode serves by default (`hadamard_mse`: +2.0% / +2.5% with 4 sequences per set, the
+calibrated rotations with it `oscar_mse` +3.2% / +2.6%). Gates: the data-free default within +6% of
+exact (the issue's goal), and both MSE methods better than the paper's clipped min-max grid with the
+same rotations.
 """
 
 import pytest
@@ -24,6 +30,7 @@ pytestmark = pytest.mark.slow
 
 OSCAR_MAX_INCREASE = 0.15
 DATA_FREE_MAX_GAP = 0.03
+DEFAULT_MAX_INCREASE = 0.06  # the data-free default (Hadamard + MSE grid)
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +75,15 @@ def test_data_free_hadamard_with_windows_is_close(results):
     for s, ppl in _ppl(results, "oscar").items():
         gap = (ppl - _ppl(results, "hadamard_int2_windows")[s]) / exact[s]
         assert abs(gap) <= DATA_FREE_MAX_GAP, (s, gap)
+
+
+def test_data_free_default_within_margin_of_exact(results):
+    for s, exact in _ppl(results, "exact").items():
+        assert _ppl(results, "hadamard_mse")[s] <= exact * (1 + DEFAULT_MAX_INCREASE), (s, results["methods"]["hadamard_mse"])
+
+
+@pytest.mark.parametrize("mse, minmax", [("hadamard_mse", "hadamard_int2_windows"), ("oscar_mse", "oscar"),
+                                         ("hadamard_mse", "oscar")])
+def test_mse_grid_beats_the_clipped_minmax_grid(results, mse, minmax):
+    for s, ppl in _ppl(results, mse).items():
+        assert ppl < _ppl(results, minmax)[s], (s, ppl, _ppl(results, minmax)[s])

@@ -44,6 +44,16 @@ def test_calibrate_command_writes_an_artifact(tiny, tmp_path, capsys):
     assert art.config.windows.sink_tokens == 8 and art.config.windows.recent_tokens == 32
     assert art.config.calibration.num_tokens == 512 and art.config.calibration.source == "shakespeare:comedies"
     assert (tmp_path / "art" / "README.md").exists()
+    assert art.config.quantization.levels == "minmax"  # the paper's grid unless asked otherwise
+
+
+def test_calibrate_levels_mse_records_no_clipping(tiny, tmp_path, capsys):
+    rc = cli.main(["calibrate", "--model", "tiny", "--tokens", "256", "--seq-len", "128", "--output",
+                   str(tmp_path / "art"), "--levels", "mse"])
+    assert rc == 0, capsys.readouterr().err
+    q = RotationArtifact.load(tmp_path / "art").config.quantization
+    assert (q.levels, q.k_clip_ratio, q.v_clip_ratio) == ("mse", 0.0, 0.0)
+    assert "| INT2 grid (`levels`) | mse" in (tmp_path / "art" / "README.md").read_text()
 
 
 def test_eval_ppl_command_writes_results(tiny, tmp_path, capsys):

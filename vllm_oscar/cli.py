@@ -21,8 +21,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--k-clip", type=float, default=0.96, help="K row clip ratio (0 disables)")
-    p.add_argument("--v-clip", type=float, default=0.92, help="V row clip ratio (0 disables)")
+    p.add_argument("--levels", choices=["minmax", "mse"], default="minmax",
+                   help="INT2 grid the artifact records: minmax (the paper's, clipped; default) or mse (the "
+                        "per-row MSE fit, no clipping: --k-clip/--v-clip are ignored)")
+    p.add_argument("--k-clip", type=float, default=0.96, help="K row clip ratio for minmax (0 disables)")
+    p.add_argument("--v-clip", type=float, default=0.92, help="V row clip ratio for minmax (0 disables)")
     p.add_argument("--sink", type=int, default=64, help="BF16 sink tokens")
     p.add_argument("--recent", type=int, default=256, help="BF16 recent-window tokens")
 
@@ -44,7 +47,9 @@ def _calibrate_loaded(lm, args):
 
     n_seq = max(1, args.tokens // args.seq_len)
     seqs = token_sequences(lm.tokenizer, args.data, args.seq_len, n_seq)
-    q = QuantizationConfig(group_size=lm.info.head_dim, k_clip_ratio=args.k_clip, v_clip_ratio=args.v_clip)
+    levels = getattr(args, "levels", "minmax")
+    clips = (args.k_clip, args.v_clip) if levels == "minmax" else (0.0, 0.0)
+    q = QuantizationConfig(group_size=lm.info.head_dim, levels=levels, k_clip_ratio=clips[0], v_clip_ratio=clips[1])
     w = WindowConfig(sink_tokens=args.sink, recent_tokens=args.recent)
     return calibrate(lm.model, seqs, lm.info, source=args.data, seed=args.seed, quantization=q, windows=w)
 
@@ -110,7 +115,9 @@ def cmd_eval_ppl(args) -> int:
         if args.artifact_dir:
             art.save(args.artifact_dir, card=model_card(art))
     t_cal = time.time() - t0
-    eval_sets = {s: token_sequences(lm.tokenizer, s, args.seq_len, args.num_seqs) for s in args.eval_data}
+    from vllm_oscar.calibrate.experiments import resolve_set  # noqa: PLC0415  ("modern:lee" -> its text file)
+
+    eval_sets = {s: token_sequences(lm.tokenizer, resolve_set(s), args.seq_len, args.num_seqs) for s in args.eval_data}
     results = evaluate(lm.model, eval_sets, art, methods)
     results["settings"].update({
         "model": lm.info.id, "model_source": lm.source, "sequence_length": args.seq_len,
@@ -228,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotations", default=None,
                    help="artifact folder or Hub id; default: calibrate in this run (on --data)")
     p.add_argument("--artifact-dir", default=None, help="save the rotations calibrated in this run here")
-    p.add_argument("--eval-data", nargs="+", default=list(DEFAULT_EVAL_SETS), help="held-out sets")
+    p.add_argument("--eval-data", nargs="+", default=list(DEFAULT_EVAL_SETS),
+                   help="held-out sets (shakespeare:<genre>, a text file or folder, or modern:lee)")
     p.add_argument("--num-seqs", type=int, default=4, help="sequences per eval set (default: %(default)s)")
     p.add_argument("--methods", default=None, help="comma-separated subset of methods (default: all)")
     p.add_argument("--output-json", default=DEFAULT_RESULTS, help="results file (default: %(default)s)")

@@ -1,8 +1,13 @@
 """The rotation artifact's configuration: ``oscar_config.json``, a versioned pydantic schema.
 
-The artifact *is* the runtime configuration: serving reads the clip ratios, the windows and the
-model identity from here, next to ``rotations.safetensors``. Unknown keys are errors (a typo must not
-silently fall back to a default), and a newer ``format_version`` than this package knows is refused.
+The artifact *is* the runtime configuration: serving reads the quantizer (``levels`` and clip
+ratios), the windows and the model identity from here, next to ``rotations.safetensors``. Unknown keys
+are errors (a typo must not silently fall back to a default), and a newer ``format_version`` than this
+package knows is refused.
+
+Versions: 1 had no ``quantization.levels`` (every version-1 artifact is the paper's clipped min-max
+grid, ``levels: "minmax"``, and still loads); 2 added it. This package writes version 2, so an older
+vllm-oscar refuses a new artifact with its "unknown format_version" message instead of an unknown key.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from vllm_oscar import __version__
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this package reads (1: before ``quantization.levels``, which then defaults to "minmax").
+READABLE_FORMAT_VERSIONS = (1, 2)  # 1 is upgraded to 2 on load
 CONFIG_FILENAME = "oscar_config.json"
 ROTATIONS_FILENAME = "rotations.safetensors"
 CARD_FILENAME = "README.md"
@@ -65,12 +72,37 @@ class BaseModelInfo(_Strict):
         return self
 
 
+#: How a row's (scale, offset) is chosen; both store ``code * scale + offset`` with an fp16 pair.
+LEVELS = ("minmax", "mse")
+Levels = Literal["minmax", "mse"]
+
+
 class QuantizationConfig(_Strict):
     bits: Literal[2] = 2
     group_size: int = Field(gt=0, description="elements sharing one scale/offset; must equal head_dim")
+    levels: Levels = Field(
+        default="minmax",
+        description="'minmax': clip rows, then span [min, max] (the paper); 'mse': no clipping, the "
+                    "per-row MSE-fitted grid (reference.quantize_int2_mse)",
+    )
     k_clip_ratio: float = Field(default=0.96, ge=0.0, le=1.0, description="row quantile clip for K; 0 = off")
     v_clip_ratio: float = Field(default=0.92, ge=0.0, le=1.0, description="row quantile clip for V; 0 = off")
     scale_dtype: Literal["float16"] = "float16"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mse_does_not_clip(cls, data):
+        # The clip defaults are the paper's (min-max) ratios: with "mse" they default to 0 instead.
+        if isinstance(data, dict) and data.get("levels") == "mse":
+            data = dict(data)
+            for key in ("k_clip_ratio", "v_clip_ratio"):
+                ratio = data.setdefault(key, 0.0)
+                if isinstance(ratio, (int, float)) and ratio > 0:
+                    raise ValueError(
+                        f"levels 'mse' fits the grid to the whole row and does not clip; {key} must be 0, got "
+                        f"{ratio} (clip ratios belong to levels 'minmax')"
+                    )
+        return data
 
 
 class WindowConfig(_Strict):
@@ -113,12 +145,22 @@ class OscarArtifactConfig(_Strict):
     @field_validator("format_version")
     @classmethod
     def _known_version(cls, v: int) -> int:
-        if v != FORMAT_VERSION:
+        if v not in READABLE_FORMAT_VERSIONS:
             raise ValueError(
                 f"unknown format_version {v}; this vllm-oscar ({__version__}) reads format_version "
-                f"{FORMAT_VERSION}. Upgrade vllm-oscar, or re-create the artifact with `vllm-oscar calibrate`."
+                f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}. Upgrade vllm-oscar, or re-create the artifact "
+                "with `vllm-oscar calibrate`."
             )
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade_v1(cls, data):
+        # Version 1 is version 2 without quantization.levels (so "minmax"): read it as version 2, so
+        # that saving it again writes a file that round-trips.
+        if isinstance(data, dict) and data.get("format_version") == 1:
+            data = {**data, "format_version": 2}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "OscarArtifactConfig":

@@ -6,6 +6,10 @@
 
 namespace oscar {
 
+// StoreParams::levels: how a row's (scale, offset) is chosen (vllm_oscar.ops.LEVELS_CODES mirrors these).
+constexpr int kLevelsMinmax = 0;
+constexpr int kLevelsMse = 1;
+
 struct StoreParams {
   const void* key;  // [T, Hkv, d] bf16 or fp16
   const void* value;
@@ -17,6 +21,7 @@ struct StoreParams {
   const float* rot_k;  // nullptr: identity
   const float* rot_v;
   int k_idx, v_idx;  // clip index (reference.clip_index) or -1 for no clipping
+  int levels;        // kLevelsMinmax or kLevelsMse (reference.LEVELS); MSE implies no clipping
   void* win;         // nullptr: no window write
   int64_t w_s0, w_s1, w_s2, w_s3;  // elements of [blocks, 2, block_size, Hkv, d]
   bool win_fp16;

@@ -1,8 +1,11 @@
 // Rotate -> clip -> INT2-quantize -> pack K and V rows into the paged OSCAR cache
 // (vllm_oscar/layout.py), optionally writing the rotated rows in BF16/FP16 to the window cache.
 // The arithmetic reproduces vllm_oscar/ops/reference.py bit for bit given the same fp32 rotated rows:
-//   thr    = sort(|x|)[idx]                (exact selection, no bisection)
-//   scale  = fp16(clamp((max - min) / 3, 2^-14, 65504)),  offset = fp16(clamp(min, +-65504))
+//   levels "minmax" (StoreParams::levels 0, reference.quantize_int2):
+//     thr    = sort(|x|)[idx]                (exact selection, no bisection)
+//     scale  = fp16(clamp((max - min) / 3, 2^-14, 65504)),  offset = fp16(clamp(min, +-65504))
+//   levels "mse" (1, reference.quantize_int2_mse): no clipping; (scale, offset) fitted by alternating
+//     least squares from a few starting grids (mse_grid below), same fp16 clamps
 //   code   = clamp(floor((x - offset) / scale + 0.5), 0, 3)   (IEEE fp32, no contraction)
 // Raw pointers only; the launcher is csrc/store.cu.
 #pragma once
@@ -37,6 +40,154 @@ OSCAR_DEVICE float group_min(float v) {
 #pragma unroll
   for (int off = L / 2; off > 0; off >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
+}
+
+// Row sums for the MSE fit. Each lane adds its E elements left to right, then a xor butterfly over the
+// L lanes of the row group: every lane ends with the same bits, those of the halving folds
+// v[:L/2] + v[L/2:], ... that reference._lane_sum spells out (fp32 addition is commutative).
+template <int L>
+OSCAR_DEVICE float group_sum(float v) {
+#pragma unroll
+  for (int off = L / 2; off > 0; off >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+template <int L>
+OSCAR_DEVICE int group_sum_int(int v) {
+#pragma unroll
+  for (int off = L / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+template <int E>
+OSCAR_DEVICE float lane_sum(const float (&t)[E]) {
+  float a = t[0];
+#pragma unroll
+  for (int e = 1; e < E; ++e) a = __fadd_rn(a, t[e]);
+  return a;
+}
+
+// Nearest level of the grid code * s + o; fminf/fmaxf map a NaN quotient (inf / inf) to code 0.
+OSCAR_DEVICE float nearest_code(float x, float s, float o) {
+  const float c = floorf(__fadd_rn(__fdiv_rn(__fsub_rn(x, o), s), 0.5f));
+  return fminf(fmaxf(c, 0.f), 3.f);
+}
+
+// The stored fp16 pair as fp32 (reference._round_params: min-max's clamps).
+OSCAR_DEVICE float round_scale(float s) { return __half2float(__float2half_rn(fminf(fmaxf(s, 6.103515625e-05f), 65504.f))); }
+OSCAR_DEVICE float round_offset(float o) { return __half2float(__float2half_rn(fminf(fmaxf(o, -65504.f), 65504.f))); }
+
+// sum((code * s + o - x)^2) over the row, each op rounded, in the reference's order.
+template <int E, int L>
+OSCAR_DEVICE float grid_sq_error(const float (&x)[E], float s, float o) {
+  float t[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const float d = __fsub_rn(__fadd_rn(__fmul_rn(nearest_code(x[e], s, o), s), o), x[e]);
+    t[e] = __fmul_rn(d, d);
+  }
+  return group_sum<L>(lane_sum(t));
+}
+
+// reference.quantize_int2_mse's starts and passes (tests/test_quantize_mse.py parses and checks them).
+// Starts: Lloyd-Max (when kMseLloydMax), then the min-max grid shrunk to a fraction `a` of the range
+// around the mid-range (mse_start_fraction). Hex literals: the exact fp32 values of the reference's.
+constexpr bool kMseLloydMax = true;
+constexpr int kMseFracs = 4;
+constexpr int kMsePasses = 6;
+constexpr float kMseLmStep = 0x1.01a176p+0f;  // 1.00637: Lloyd-Max step of 4 Gaussian levels, in std
+constexpr float kMseMinScale = 0x1p-100f;     // a start's scale floor (constant rows: zero range)
+
+// (a, a / 2) of fraction start i < kMseFracs: reference.MSE_START_FRACTIONS.
+OSCAR_DEVICE void mse_start_fraction(int i, float& a, float& half_a) {
+  switch (i) {
+    case 0: a = 0x1p+0f; half_a = 0x1p-1f; break;               // 1.0
+    case 1: a = 0x1.99999ap-1f; half_a = 0x1.99999ap-2f; break;  // 0.8
+    case 2: a = 0x1.333334p-1f; half_a = 0x1.333334p-2f; break;  // 0.6
+    default: a = 0x1.ccccccp-2f; half_a = 0x1.ccccccp-3f; break; // 0.45
+  }
+}
+
+// MSE-fitted affine grid of one row spread over the L lanes of a row group (E elements per lane,
+// lo/hi = the row's min/max): candidates are the min-max grid, then each start refined by kMsePasses
+// alternating least-squares passes (codes -> least-squares line through (code, x) -> codes); the
+// first candidate with the smallest squared error after fp16 rounding wins. Every lane returns the
+// same pair. Warp-uniform control flow: a pass loop ends early only when no code of the warp changed,
+// which is a fixed point (the next fit would see the same sums), so the result equals kMsePasses passes.
+template <int E, int L>
+OSCAR_DEVICE void mse_grid(const float (&x)[E], float lo, float hi, float& s_out, float& o_out) {
+  constexpr float kD = static_cast<float>(E * L);
+  constexpr float kInvD = 1.f / static_cast<float>(E * L);  // a power of two: exact
+  const float sx = group_sum<L>(lane_sum(x));
+
+  float bs = round_scale(__fdiv_rn(__fsub_rn(hi, lo), 3.f)), bo = round_offset(lo);
+  float best = grid_sq_error<E, L>(x, bs, bo);
+
+  const float mid = __fmul_rn(__fadd_rn(lo, hi), 0.5f), rng = __fsub_rn(hi, lo);
+  constexpr int kStarts = kMseFracs + (kMseLloydMax ? 1 : 0);
+#pragma unroll 1
+  for (int st = 0; st < kStarts; ++st) {
+    float s, o;
+    if (kMseLloydMax && st == 0) {
+      const float mean = __fmul_rn(sx, kInvD);
+      float t[E];
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const float dv = __fsub_rn(x[e], mean);
+        t[e] = __fmul_rn(dv, dv);
+      }
+      const float sd = __fsqrt_rn(__fmul_rn(group_sum<L>(lane_sum(t)), kInvD));
+      s = __fmul_rn(kMseLmStep, sd);
+      o = __fsub_rn(mean, __fmul_rn(1.5f, s));
+    } else {
+      float a, half_a;
+      mse_start_fraction(st - (kMseLloydMax ? 1 : 0), a, half_a);
+      s = __fdiv_rn(__fmul_rn(a, rng), 3.f);
+      o = __fsub_rn(mid, __fmul_rn(half_a, rng));
+    }
+    s = fmaxf(s, kMseMinScale);
+    float c[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) c[e] = nearest_code(x[e], s, o);
+#pragma unroll 1
+    for (int it = 0; it < kMsePasses; ++it) {
+      float t[E];
+      int cc = 0;  // sum(c) in bits 0..15 (<= 3 * 256), sum(c^2) above (<= 9 * 256): exact in any order
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const int ci = static_cast<int>(c[e]);
+        cc += ci + ((ci * ci) << 16);
+        t[e] = __fmul_rn(c[e], x[e]);
+      }
+      cc = group_sum_int<L>(cc);
+      const float scx = group_sum<L>(lane_sum(t));
+      const int n_c = cc & 0xffff, n_cc = cc >> 16;
+      const int det = E * L * n_cc - n_c * n_c;
+      if (det > 0) {
+        const float fc = static_cast<float>(n_c);
+        const float sn = __fdiv_rn(__fsub_rn(__fmul_rn(scx, kD), __fmul_rn(fc, sx)), static_cast<float>(det));
+        if (sn > 0.f) {
+          s = sn;
+          o = __fmul_rn(__fsub_rn(sx, __fmul_rn(sn, fc)), kInvD);
+        }
+      }
+      bool changed = false;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const float cn = nearest_code(x[e], s, o);
+        changed |= cn != c[e];
+        c[e] = cn;
+      }
+      if (!__any_sync(0xffffffffu, changed)) break;
+    }
+    const float rs = round_scale(s), ro = round_offset(o);
+    const float err = grid_sq_error<E, L>(x, rs, ro);
+    if (err < best) {
+      best = err;
+      bs = rs;
+      bo = ro;
+    }
+  }
+  s_out = bs;
+  o_out = bo;
 }
 
 // Exact sort(a)[idx] over the E values of each of the L lanes of a row group (a >= 0, no NaN).
@@ -205,9 +356,17 @@ __global__ void __launch_bounds__(256) store_kernel(const StoreParams p) {
     }
     lo = group_min<L>(lo);
     hi = group_max<L>(hi);
-    const float sc = fminf(fmaxf(__fdiv_rn(__fsub_rn(hi, lo), 3.f), 6.103515625e-05f), 65504.f);
-    const __half sch = __float2half_rn(sc);
-    const __half offh = __float2half_rn(fminf(fmaxf(lo, -65504.f), 65504.f));
+    __half sch, offh;
+    if (p.levels == kLevelsMse) {  // warp-uniform (a kernel argument)
+      float ms, mo;
+      mse_grid<E, L>(x, lo, hi, ms, mo);
+      sch = __float2half_rn(ms);  // already fp16 values: exact
+      offh = __float2half_rn(mo);
+    } else {
+      const float sc = fminf(fmaxf(__fdiv_rn(__fsub_rn(hi, lo), 3.f), 6.103515625e-05f), 65504.f);
+      sch = __float2half_rn(sc);
+      offh = __float2half_rn(fminf(fmaxf(lo, -65504.f), 65504.f));
+    }
     const float scf = __half2float(sch), offf = __half2float(offh);
     uint32_t bytes[BPL];
 #pragma unroll

@@ -39,8 +39,9 @@ Cases (``--cases`` names):
   (bar: ratio >= 6.3), plus one generated request through the head_dim-128 kernels.
 * ``ppl``: teacher-forced perplexity through ``prompt_logprobs`` on held-out Shakespeare (2048-token
   sequences, 32-token prefill chunks so every token reads INT2 history beyond the windows, as in
-  decode) for BF16, naive INT2 (no rotation/clip/windows), Hadamard INT2 (QuaRot-style), the
-  data-free default (Hadamard + clipping + windows) and OSCAR (calibrated), next to the CPU-reference
+  decode) for BF16, naive INT2 (no rotation/clip/windows), Hadamard INT2 (QuaRot-style), Hadamard with
+  the paper's clipping and windows, the data-free default (Hadamard + MSE grid + windows) and OSCAR
+  (calibrated rotations, the paper's grid), next to the CPU-reference
   numbers in ``benchmarks/results/accuracy-cpu-smollm2.json``.
 
 Inputs: ``OSCAR_TEST_MODEL`` (SmolLM2-135M-Instruct folder), ``--rotations DIR`` (calibrated artifact
@@ -68,6 +69,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "e2e-smoke-h100.json"
 CPU_RESULTS = REPO / "benchmarks" / "results" / "accuracy-cpu-smollm2.json"
+CPU_ADOPTED_RESULTS = REPO / "benchmarks" / "results" / "accuracy-adopted-smollm2.json"
 RESULT_TAG = "E2E_RESULT "
 ALL_CASES = ("control_graphs", "control_eager", "generate", "no_graphs", "eager", "v1_runner", "control_no_graphs",
              "chunks", "prefix", "preemption",
@@ -344,11 +346,12 @@ def case_ppl_one(args) -> dict:
     extra = {}
     mode = args.mode
     oscar = {"bf16": None,
-             "naive_int2": {"rotation": "none", "k_clip_ratio": 0, "v_clip_ratio": 0, "sink_tokens": 0,
-                            "recent_tokens": 0},
-             "hadamard_int2": {"rotation": "hadamard", "k_clip_ratio": 0, "v_clip_ratio": 0, "sink_tokens": 0,
-                               "recent_tokens": 0},
-             "hadamard_int2_windows": {"rotation": "hadamard"},
+             "naive_int2": {"rotation": "none", "levels": "minmax", "k_clip_ratio": 0, "v_clip_ratio": 0,
+                            "sink_tokens": 0, "recent_tokens": 0},
+             "hadamard_int2": {"rotation": "hadamard", "levels": "minmax", "k_clip_ratio": 0, "v_clip_ratio": 0,
+                               "sink_tokens": 0, "recent_tokens": 0},
+             "hadamard_int2_windows": {"rotation": "hadamard", "levels": "minmax"},
+             "hadamard_mse": {"rotation": "hadamard"},  # the data-free default (levels "mse")
              "oscar": {"rotation": "oscar", "rotations": args.rotations, "require_calibrated": True}}[mode]
     if oscar is not None:
         extra = dict(kv_cache_dtype="oscar_int2", additional_config={"oscar": oscar})
@@ -581,7 +584,7 @@ def _perplexity(args) -> dict:
         if not cal.get("ok"):
             args.rotations = None
     t = 0.0
-    for mode in ("bf16", "naive_int2", "hadamard_int2", "hadamard_int2_windows", "oscar"):
+    for mode in ("bf16", "naive_int2", "hadamard_int2", "hadamard_int2_windows", "hadamard_mse", "oscar"):
         if mode == "oscar" and not args.rotations:
             res["modes"][mode] = {"status": "skipped", "reason": "no calibrated rotations"}
             continue
@@ -589,7 +592,10 @@ def _perplexity(args) -> dict:
         t += r.get("seconds", 0)
         res["modes"][mode] = r
     res["rotations"] = args.rotations
-    cpu = json.loads(CPU_RESULTS.read_text())["methods"] if CPU_RESULTS.exists() else {}
+    cpu = {}
+    for path in (CPU_RESULTS, CPU_ADOPTED_RESULTS):  # the foundation's methods, then the adopted MSE grid
+        if path.exists():
+            cpu.update(json.loads(path.read_text())["methods"])
     cpu_name = {"bf16": "exact"}
     table = {}
     for mode, r in res["modes"].items():
@@ -603,7 +609,7 @@ def _perplexity(args) -> dict:
     res["table"] = table
     bf16 = table.get("bf16", {}).get("vllm", {})
     checks = {}
-    for mode in ("hadamard_int2_windows", "oscar"):
+    for mode in ("hadamard_int2_windows", "hadamard_mse", "oscar"):
         if mode in table and bf16 and "cpu_reference" in table[mode] and "exact" in cpu:
             # Compare the increase over the engine's own BF16 (the CPU run used fp32 weights).
             checks[mode] = {s: {"vllm_pct": 100 * (table[mode]["vllm"][s] / bf16[s] - 1),

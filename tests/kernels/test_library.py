@@ -57,6 +57,23 @@ def test_fake_store_kv():
             torch.ops.oscar.store_kv(k, k, _cuda(4, 2, 1000, dtype=torch.uint8), slots, None, None, 0.96, 0.92)
         with pytest.raises(RuntimeError, match="rotation_k must be float32"):
             torch.ops.oscar.store_kv(k, k, cache, slots, r[:64, :64], None, 0.96, 0.92)
+        # levels: 0 = minmax (the default), 1 = mse
+        assert torch.ops.oscar.store_kv(k, k, cache, slots, r, r, 0.0, 0.0, win, slots, 1) is None
+        with pytest.raises(RuntimeError, match="levels must be 0 \\(minmax\\) or 1 \\(mse\\), got 5"):
+            torch.ops.oscar.store_kv(k, k, cache, slots, r, r, 0.0, 0.0, win, slots, 5)
+
+
+def test_levels_codes_match_the_kernel_constants():
+    from pathlib import Path
+
+    params = (Path(__file__).resolve().parents[2] / "csrc" / "kernels" / "params.h").read_text()
+    assert "constexpr int kLevelsMinmax = 0;" in params and "constexpr int kLevelsMse = 1;" in params
+    assert ops.LEVELS_CODES == {"minmax": 0, "mse": 1}
+    from vllm_oscar.ops import reference as ref
+
+    assert tuple(ops.LEVELS_CODES) == ref.LEVELS
+    with pytest.raises(ValueError, match="unknown levels 'lm'; valid: \\['minmax', 'mse'\\]"):
+        ops.levels_code("lm")
 
 
 @needs_extension

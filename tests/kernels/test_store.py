@@ -26,14 +26,15 @@ def _slots(n_tokens: int, n_slots: int, gen: torch.Generator, skip: float = 0.2)
     return torch.where(torch.rand(n_tokens, generator=gen) < skip, torch.full_like(s, -1), s)
 
 
-def _run_both(key, value, layout, num_blocks, rot_k, rot_v, clip, window, gen, wbs=16, strided=False):
+def _run_both(key, value, layout, num_blocks, rot_k, rot_v, clip, window, gen, wbs=16, strided=False,
+              levels="minmax", return_slots=False):
     t, hkv, d = key.shape
     slots = _slots(t, num_blocks * layout.block_size, gen)
     cache_ref = poisoned_int2_cache(layout, num_blocks)
     win_blocks = max(1, -(-t // wbs) + 1)
     wslots = _slots(t, win_blocks * wbs, gen) if window else None
     win_ref = nan_window_cache(win_blocks, wbs, hkv, d) if window else None
-    ref.store_kv(key, value, cache_ref, slots, rot_k, rot_v, layout, *clip)
+    ref.store_kv(key, value, cache_ref, slots, rot_k, rot_v, layout, *clip, levels=levels)
     if window:
         ref.store_window(key, value, win_ref, wslots, rot_k, rot_v)
 
@@ -51,10 +52,11 @@ def _run_both(key, value, layout, num_blocks, rot_k, rot_v, clip, window, gen, w
         k_dev, v_dev, cache, slots.to(dev),
         None if rot_k is None else rot_k.to(dev), None if rot_v is None else rot_v.to(dev),
         k_clip_ratio=clip[0], v_clip_ratio=clip[1],
-        window_cache=win, window_slot_mapping=None if wslots is None else wslots.to(dev),
+        window_cache=win, window_slot_mapping=None if wslots is None else wslots.to(dev), levels=levels,
     )
     torch.cuda.synchronize()
-    return cache.cpu(), cache_ref, (None if win is None else win.cpu()), win_ref
+    out = cache.cpu(), cache_ref, (None if win is None else win.cpu()), win_ref
+    return (*out, slots) if return_slots else out
 
 
 STORE_CASES = [
@@ -128,6 +130,91 @@ def test_store_with_rotation(d, bs, t):
     assert ((a - b).abs() <= 2**-7 * b.abs() + 1e-6).all()
 
 
+MSE_CASES = [
+    # head_dim, block_size, dtype, tokens, rotation, window, strided inputs
+    (64, 16, torch.bfloat16, 1, None, True, False),  # one row: 1 row per warp pass, 2 row groups per warp
+    (64, 32, torch.float16, 700, "identity", False, True),  # 5600 rows: 4 rows per warp pass
+    (128, 16, torch.bfloat16, 65, "identity", True, False),
+    (128, 64, torch.float16, 600, None, True, True),
+    (256, 16, torch.bfloat16, 33, None, True, False),  # 8 elements per lane
+    (256, 32, torch.float16, 2100, "identity", False, False),  # 4200 rows (hkv 2): 4 rows per pass
+]
+
+
+@pytest.mark.parametrize(
+    "d,bs,dtype,t,rot,window,strided", MSE_CASES,
+    ids=[f"d{c[0]}-bs{c[1]}-{str(c[2])[6:]}-T{c[3]}-{c[4]}-win{int(c[5])}" for c in MSE_CASES],
+)
+def test_store_mse_bit_exact(d, bs, dtype, t, rot, window, strided):
+    """levels="mse", identity rotation: every byte equals reference.quantize_int2_mse's (the kernel sums
+    in the order the reference spells out), skipped (-1) slots stay poisoned (0xFF)."""
+    gen = torch.Generator().manual_seed(2000 * d + t)
+    hkv = 8 if d < 256 else 2
+    layout = Int2PageLayout(d, bs, hkv)
+    num_blocks = -(-t // bs) + 3
+    key, value = kv_rows(t, hkv, d, gen, dtype), kv_rows(t, hkv, d, gen, dtype)
+    if t > 8:  # edge rows: constant, zero, tiny, beyond fp16, (bf16) huge enough to overflow fp32 sums
+        big = torch.finfo(dtype).max
+        key[1], key[2], value[3] = 1.25, 0.0, 3e-7
+        key[4] = (torch.randn(hkv, d, generator=gen) * 1e5 + 7e4).clamp(-big, big).to(dtype)
+        value[5] = (torch.randn(hkv, d, generator=gen) * 3e37).clamp(-big, big).to(dtype)
+    r = torch.eye(d) if rot == "identity" else None
+    cache, cache_ref, win, win_ref = _run_both(key, value, layout, num_blocks, r, r, (0.0, 0.0), window, gen,
+                                               strided=strided, levels="mse")
+    if not torch.equal(cache, cache_ref):
+        got, want = unpack_cache(cache, layout), unpack_cache(cache_ref, layout)
+        rows_bad = [(codes != codes_ref).any(-1).sum().item() for codes, codes_ref in zip(got[:2], want[:2])]
+        raise AssertionError(f"{(cache != cache_ref).sum().item()} cache bytes differ; rows with differing codes "
+                             f"K/V {rows_bad}")
+    if window:
+        assert torch.equal(win.view(torch.int16), win_ref.view(torch.int16)), "window cache differs"
+
+
+def test_store_mse_ties_bit_exact():
+    """Integer-valued rows (many equal elements, exact sums) and a constant row."""
+    gen = torch.Generator().manual_seed(8)
+    d, hkv, t, bs = 128, 4, 257, 32
+    layout = Int2PageLayout(d, bs, hkv)
+    key = torch.randint(-3, 4, (t, hkv, d), generator=gen).to(torch.bfloat16)
+    value = (torch.randint(-2, 3, (t, hkv, d), generator=gen) * 0.5).to(torch.bfloat16)
+    key[0] = 1.0
+    cache, cache_ref, _, _ = _run_both(key, value, layout, -(-t // bs) + 2, None, None, (0.0, 0.0), False, gen,
+                                       levels="mse")
+    assert torch.equal(cache, cache_ref)
+
+
+@pytest.mark.parametrize("d,bs,t", [(64, 16, 300), (128, 64, 600), (256, 16, 200)])
+def test_store_mse_with_rotation(d, bs, t):
+    """levels="mse" with a real rotation: the kernel's fp32 rotation sums differ from the CPU matmul in
+    the last bits, which can tip a near-tie between two starting grids or a code at a level boundary.
+    Allow <= 2% of the rows a different (scale, offset) and require the kernel's grid to fit the
+    reference's rotated rows as well (squared error ratio: mean within 0.5%, every row within 10%)."""
+    gen = torch.Generator().manual_seed(3 * d + t)
+    hkv = 8 if d < 256 else 2
+    layout = Int2PageLayout(d, bs, hkv)
+    num_blocks = -(-t // bs) + 2
+    key, value = kv_rows(t, hkv, d, gen), kv_rows(t, hkv, d, gen)
+    rk, rv = random_rotation(d, gen), random_rotation(d, gen)
+    cache, cache_ref, _, _, slots = _run_both(key, value, layout, num_blocks, rk, rv, (0.0, 0.0), False, gen,
+                                              levels="mse", return_slots=True)
+    keep = slots >= 0
+    pos = slots[keep]
+    table = torch.arange(num_blocks)
+    got = ref.gather_kv(cache, table, num_blocks * bs, layout)  # [slots, Hkv, d] dequantized, rotated space
+    want = ref.gather_kv(cache_ref, table, num_blocks * bs, layout)
+    _, _, kp, vp = unpack_cache(cache, layout)
+    _, _, kp_ref, vp_ref = unpack_cache(cache_ref, layout)
+    sides = ((key, rk, got[0], want[0], kp, kp_ref), (value, rv, got[1], want[1], vp, vp_ref))
+    for x, rot, deq, deq_ref, p, p_ref in sides:
+        same = (p[pos].view(torch.int16) == p_ref[pos].view(torch.int16)).all(-1)  # [n, Hkv]
+        assert same.float().mean().item() >= 0.98, f"{(~same).sum().item()} of {same.numel()} rows differ"
+        xr = x[keep].float() @ rot  # the reference's rotated rows
+        e = ((deq[pos] - xr) ** 2).sum(-1).double()
+        e_ref = ((deq_ref[pos] - xr) ** 2).sum(-1).double()
+        ratio = e / e_ref.clamp(min=1e-30)
+        assert abs(ratio.mean().item() - 1) <= 5e-3 and ratio.max().item() <= 1.1, (ratio.mean(), ratio.max())
+
+
 def test_store_opcheck():
     gen = torch.Generator().manual_seed(3)
     d, hkv, t, bs = 64, 2, 20, 16
@@ -141,6 +228,9 @@ def test_store_opcheck():
     r = random_rotation(d, gen).to(dev)
     torch.library.opcheck(
         torch.ops.oscar.store_kv.default, (key, value, cache, slots, r, r, 0.96, 0.92, win, wslots)
+    )
+    torch.library.opcheck(
+        torch.ops.oscar.store_kv.default, (key, value, cache, slots, r, r, 0.0, 0.0, win, wslots, 1)
     )
 
 
@@ -169,3 +259,9 @@ def test_store_errors():
         ops.store_kv(key, key, cache, slots, torch.eye(64, device=dev), **kw)
     with pytest.raises(RuntimeError, match="window_slot_mapping is required"):
         ops.store_kv(key, key, cache, slots, window_cache=nan_window_cache(1, 16, 2, 128, dev), **kw)
+    with pytest.raises(RuntimeError, match="levels mse fits the grid to the whole row and does not clip"):
+        ops.store_kv(key, key, cache, slots, levels="mse", **kw)
+    with pytest.raises(RuntimeError, match="levels must be 0 \\(minmax\\) or 1 \\(mse\\), got 2"):
+        torch.ops.oscar.store_kv(key, key, cache, slots, None, None, 0.0, 0.0, None, None, 2)
+    with pytest.raises(ValueError, match="unknown levels 'lloyd'"):
+        ops.store_kv(key, key, cache, slots, k_clip_ratio=0, v_clip_ratio=0, levels="lloyd")

@@ -33,7 +33,7 @@ class DecodePlan:
 
 def store(key, value, kv_cache, slot_mapping, window_cache, window_slot_mapping, args) -> None:
     ref.store_kv(key, value, kv_cache, slot_mapping, args.rotation_k, args.rotation_v, args.layout,
-                 args.k_clip_ratio, args.v_clip_ratio)
+                 args.k_clip_ratio, args.v_clip_ratio, args.levels)
     if window_cache is not None:
         ref.store_window(key, value, window_cache, window_slot_mapping, args.rotation_k, args.rotation_v)
 

@@ -164,8 +164,8 @@ class Stack:
                 cache[li, rid] = dict(
                     q=q, k=k, v=v,
                     kw=(k.float() @ rk).to(bf).float(), vw=(v.float() @ rv).to(bf).float(),  # window copies
-                    kq=ref.fake_quantize_rows(k, rk, r["k_clip_ratio"]),  # INT2 copies, rotated space
-                    vq=ref.fake_quantize_rows(v, rv, r["v_clip_ratio"]),
+                    kq=ref.fake_quantize_rows(k, rk, r["k_clip_ratio"], r["levels"]),  # INT2 copies, rotated
+                    vq=ref.fake_quantize_rows(v, rv, r["v_clip_ratio"], r["levels"]),
                     kc=torch.matmul(k, layer.oscar_rotation_k_act).float(),  # chunk rows: the backend's bf16 GEMM
                     vc=torch.matmul(v, layer.oscar_rotation_v_act).float(),
                 )

@@ -24,13 +24,15 @@ def test_serve_parser_accepts_oscar_int2_and_builds_the_engine_config(tiny_model
     args = parser.parse_args([
         "--model", tiny_model, "--kv-cache-dtype", "oscar_int2", "--skip-tokenizer-init", "--load-format", "dummy",
         "--max-model-len", "2048", "--block-size", "16",
-        "--additional-config", json.dumps({"oscar": {"sink_tokens": 32, "recent_tokens": 128, "v_clip_ratio": 0.96}}),
+        "--additional-config", json.dumps({"oscar": {"sink_tokens": 32, "recent_tokens": 128, "levels": "minmax",
+                                                     "v_clip_ratio": 0.96}}),
     ])
     assert args.kv_cache_dtype == "oscar_int2"
     cfg = AsyncEngineArgs.from_cli_args(args).create_engine_config()
     assert cfg.cache_config.cache_dtype == "oscar_int2"
     resolved = cfg.additional_config["oscar"]["_resolved"]
     assert (resolved["sink_tokens"], resolved["recent_tokens"], resolved["v_clip_ratio"]) == (32, 128, 0.96)
+    assert resolved["levels"] == "minmax"
     assert resolved["rotation"] == "hadamard"  # no calibrated rotations for this model: data-free mode
 
 

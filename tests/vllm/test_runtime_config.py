@@ -90,9 +90,9 @@ def test_shipped_model_defaults_are_valid_and_match_by_hf_config():
 
 
 def test_most_specific_defaults_win_and_ties_are_errors(tmp_path):
-    base = {"match": {"architectures": ["LlamaForCausalLM"]}, "oscar": {"v_clip_ratio": 0.5}}
+    base = {"match": {"architectures": ["LlamaForCausalLM"]}, "oscar": {"levels": "minmax", "v_clip_ratio": 0.5}}
     specific = {"match": {"architectures": ["LlamaForCausalLM"], "hf_config": {"num_hidden_layers": 4}},
-                "oscar": {"v_clip_ratio": 0.7}}
+                "oscar": {"levels": "minmax", "v_clip_ratio": 0.7}}
     (tmp_path / "a.json").write_text(json.dumps(base))
     (tmp_path / "b.json").write_text(json.dumps(specific))
     rc.load_model_defaults.cache_clear()
@@ -121,11 +121,13 @@ def test_data_free_mode_warns_once_naming_model_and_command(caplog):
     assert len(warnings) == 1
     assert "/models/my-model" in warnings[0] and "calibrated OSCAR rotations were not found" in warnings[0]
     assert "vllm-oscar calibrate --model /models/my-model --output DIR" in warnings[0]
+    assert "MSE-fitted INT2 grid" in warnings[0]
     assert resolved.rotation == "hadamard" and resolved.rotations is None
     h = art.k_rotation[0]
     assert torch.allclose(h.abs(), torch.full_like(h, 64**-0.5))  # normalized Hadamard
-    assert (resolved.k_clip_ratio, resolved.v_clip_ratio, resolved.sink_tokens, resolved.recent_tokens) == (
-        0.96, 0.92, 64, 256)
+    # the data-free default: the MSE-fitted grid, which does not clip
+    assert (resolved.levels, resolved.k_clip_ratio, resolved.v_clip_ratio, resolved.sink_tokens,
+            resolved.recent_tokens) == ("mse", 0.0, 0.0, 64, 256)
 
 
 def test_require_calibrated_turns_the_warning_into_an_error():
@@ -149,6 +151,93 @@ def test_calibrated_artifact_supplies_clips_and_windows_user_overrides(tmp_path)
     assert resolved.k_clip_ratio == 0.9 and resolved.sink_tokens == 32  # from the artifact
     assert resolved.recent_tokens == 96  # the user's value wins
     assert art.k_rotation.shape == (4, 64, 64)
+
+
+def test_levels_precedence_user_artifact_defaults_method(tmp_path):
+    """levels: user > artifact > model defaults > method default ("mse" without an artifact); clip ratios
+    only apply to "minmax" and resolve to 0 with "mse"."""
+    paper = _calibrated_artifact(tmp_path / "paper", "tiny", k_clip=0.9)  # format 2, levels "minmax" (default)
+    resolved, _ = rc.resolve(_facts("tiny"), rc.OscarUserConfig(rotations=paper), warn=False)
+    assert (resolved.levels, resolved.k_clip_ratio, resolved.v_clip_ratio) == ("minmax", 0.9, 0.9)  # paper keeps clip
+    resolved, _ = rc.resolve(_facts("tiny"), rc.OscarUserConfig(rotations=paper, levels="mse"), warn=False)
+    assert (resolved.levels, resolved.k_clip_ratio, resolved.v_clip_ratio) == ("mse", 0.0, 0.0)  # user overrides
+    resolved, _ = rc.resolve(_facts(), rc.OscarUserConfig(levels="minmax"), warn=False)
+    assert (resolved.levels, resolved.k_clip_ratio, resolved.v_clip_ratio) == ("minmax", 0.96, 0.92)
+    resolved, _ = rc.resolve(_facts(), rc.OscarUserConfig(levels="minmax", k_clip_ratio=0.0), warn=False)
+    assert (resolved.k_clip_ratio, resolved.v_clip_ratio) == (0.0, 0.92)
+
+    # an artifact recording "mse" (format 2)
+    q, _ = torch.linalg.qr(torch.randn(4, 64, 64, dtype=torch.float64))
+    cfg = OscarArtifactConfig(
+        base_model=BaseModelInfo(id="tiny", architecture="LlamaForCausalLM", num_layers=4, num_attention_heads=4,
+                                 num_kv_heads=2, head_dim=64),
+        quantization=QuantizationConfig(group_size=64, levels="mse"),
+        calibration=CalibrationInfo(source="test", num_tokens=1, sequence_length=1, num_sequences=1),
+    )
+    assert (cfg.quantization.k_clip_ratio, cfg.quantization.v_clip_ratio) == (0.0, 0.0)
+    mse_art = str(RotationArtifact(cfg, q.float(), q.float(), torch.ones(4, 64), torch.ones(4, 64)).save(tmp_path / "m"))
+    resolved, _ = rc.resolve(_facts("tiny"), rc.OscarUserConfig(rotations=mse_art), warn=False)
+    assert (resolved.levels, resolved.k_clip_ratio) == ("mse", 0.0)
+    resolved, _ = rc.resolve(_facts("tiny"), rc.OscarUserConfig(rotations=mse_art, levels="minmax"), warn=False)
+    assert (resolved.levels, resolved.k_clip_ratio, resolved.v_clip_ratio) == ("minmax", 0.96, 0.92)
+
+    # model defaults sit between the artifact and the method default
+    (tmp_path / "defaults").mkdir()
+    (tmp_path / "defaults" / "tiny.json").write_text(json.dumps(
+        {"match": {"architectures": ["LlamaForCausalLM"]}, "oscar": {"levels": "minmax", "k_clip_ratio": 0.8}}))
+    rc.load_model_defaults.cache_clear()
+    d = str(tmp_path / "defaults")
+    resolved, _ = rc.resolve(_facts(), rc.OscarUserConfig(), defaults_dir=d, warn=False)
+    assert (resolved.levels, resolved.k_clip_ratio, resolved.v_clip_ratio) == ("minmax", 0.8, 0.92)
+    resolved, _ = rc.resolve(_facts("tiny"), rc.OscarUserConfig(rotations=mse_art), defaults_dir=d, warn=False)
+    assert resolved.levels == "mse"  # the artifact beats the defaults file
+    resolved, _ = rc.resolve(_facts(), rc.OscarUserConfig(levels="mse"), defaults_dir=d, warn=False)
+    assert (resolved.levels, resolved.k_clip_ratio) == ("mse", 0.0)  # the defaults' clip belongs to minmax
+    rc.load_model_defaults.cache_clear()
+
+
+def test_levels_errors_list_the_options_and_refuse_clipping_with_mse(tmp_path):
+    with pytest.raises(rc.OscarConfigError, match=r"levels: 'lloyd_max' is not a valid option; valid options: "
+                                                  r"\['minmax', 'mse'\]"):
+        rc.parse_user_config({"oscar": {"levels": "lloyd_max"}})
+    with pytest.raises(rc.OscarConfigError, match=r"k_clip_ratio=0.96 clips rows, which levels 'mse' does not do"):
+        rc.parse_user_config({"oscar": {"levels": "mse", "k_clip_ratio": 0.96}})
+    assert rc.parse_user_config({"oscar": {"levels": "mse", "k_clip_ratio": 0}}).levels == "mse"
+    # a clip ratio alone in the data-free mode (default "mse") says how to get clipping
+    with pytest.raises(rc.OscarConfigError, match=r'v_clip_ratio=0.9 clips rows, but levels is .mse. \(the default '
+                                                  r'without an artifact\).*add "levels": "minmax"'):
+        rc.resolve(_facts(), rc.OscarUserConfig(v_clip_ratio=0.9), warn=False)
+    paper = _calibrated_artifact(tmp_path / "paper", "tiny")
+    resolved, _ = rc.resolve(_facts("tiny"), rc.OscarUserConfig(rotations=paper, v_clip_ratio=0.8), warn=False)
+    assert (resolved.levels, resolved.v_clip_ratio) == ("minmax", 0.8)  # with a paper artifact: minmax clips
+
+
+def test_artifact_config_versions_and_levels():
+    from vllm_oscar.config import FORMAT_VERSION
+
+    base = dict(base_model=dict(id="m", architecture="LlamaForCausalLM", num_layers=2, num_attention_heads=4,
+                                num_kv_heads=2, head_dim=64),
+                rotation=dict(mode="hadamard", composition="h"))
+    v1 = OscarArtifactConfig.model_validate({**base, "format_version": 1,
+                                             "quantization": dict(group_size=64, k_clip_ratio=0.96, v_clip_ratio=0.92)})
+    assert v1.format_version == FORMAT_VERSION == 2 and v1.quantization.levels == "minmax"  # read as version 2
+    assert OscarArtifactConfig.model_validate_json(v1.model_dump_json()) == v1  # round-trips
+    with pytest.raises(ValueError, match="unknown format_version 3; .* reads format_version 1, 2"):
+        OscarArtifactConfig.model_validate({**base, "format_version": 3, "quantization": dict(group_size=64)})
+    with pytest.raises(ValueError, match="levels 'mse' .* does not clip; k_clip_ratio must be 0"):
+        QuantizationConfig(group_size=64, levels="mse", k_clip_ratio=0.96)
+    with pytest.raises(ValueError, match="Input should be 'minmax' or 'mse'"):
+        QuantizationConfig(group_size=64, levels="lm")
+    q = QuantizationConfig(group_size=64, levels="mse", v_clip_ratio=0)
+    assert (q.k_clip_ratio, q.v_clip_ratio) == (0.0, 0.0)
+
+
+def test_resolved_config_round_trips_and_reads_pre_levels_dicts():
+    resolved, _ = rc.resolve(_facts(), rc.OscarUserConfig(), warn=False)
+    assert rc.ResolvedOscarConfig.from_dict(resolved.to_dict()) == resolved
+    old = {k: v for k, v in resolved.to_dict().items() if k != "levels"}
+    old.update(k_clip_ratio=0.96, v_clip_ratio=0.92)
+    assert rc.ResolvedOscarConfig.from_dict(old).levels == "minmax"
 
 
 @pytest.mark.parametrize("kw, pattern", [

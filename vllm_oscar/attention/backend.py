@@ -3,7 +3,8 @@
 Per step and layer:
 
 1. ``do_kv_cache_update`` (vLLM's ``unified_kv_cache_update`` op, before attention): the store kernel
-   rotates, clips and INT2-packs the step's K/V into the layer's pages, and copies the rotated rows in
+   rotates and INT2-packs the step's K/V into the layer's pages (the resolved ``levels``: the
+   MSE-fitted grid, or the paper's clipped min-max grid), and copies the rotated rows in
    the model dtype into the window pages of the companion layer (``attention/window.py``).
 2. ``forward``: the batch is ordered decodes first (``reorder_batch_threshold = 1``);
 
@@ -461,6 +462,6 @@ class OscarLayerArgsCache:
             args = kernels.OscarLayerArgs(
                 layout=layout, rotation_k=rk, rotation_v=rv, k_clip_ratio=r.k_clip_ratio,
                 v_clip_ratio=r.v_clip_ratio, sink_tokens=r.sink_tokens, recent_tokens=r.recent_tokens,
-                scale=self.scale)
+                scale=self.scale, levels=r.levels)
             self._cached = (id(rk), id(rv), page, args)
         return self._cached[3]

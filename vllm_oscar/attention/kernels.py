@@ -45,6 +45,7 @@ class OscarLayerArgs:
     sink_tokens: int
     recent_tokens: int
     scale: float
+    levels: str = "minmax"  # reference.LEVELS: how the store kernel fits (scale, offset)
 
 
 def require_kernels(device: torch.device | str) -> None:
@@ -76,7 +77,7 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_m
 
     ops.store_kv(key, value, kv_cache, slot_mapping, args.rotation_k, args.rotation_v,
                  k_clip_ratio=args.k_clip_ratio, v_clip_ratio=args.v_clip_ratio,
-                 window_cache=window_cache, window_slot_mapping=window_slot_mapping)
+                 window_cache=window_cache, window_slot_mapping=window_slot_mapping, levels=args.levels)
 
 
 class DecodePlan:

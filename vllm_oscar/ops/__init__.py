@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "LEVELS_CODES",
     "DecodeWorkspace",
     "KernelsUnavailableError",
     "decode",
@@ -95,6 +96,16 @@ def _ops():
 # store
 # --------------------------------------------------------------------------------------------------
 
+#: ``levels`` names -> the op's ``int levels`` (``kLevelsMinmax``/``kLevelsMse`` in csrc/kernels/params.h).
+LEVELS_CODES = {"minmax": 0, "mse": 1}
+
+
+def levels_code(levels: str) -> int:
+    try:
+        return LEVELS_CODES[levels]
+    except KeyError:
+        raise ValueError(f"unknown levels {levels!r}; valid: {list(LEVELS_CODES)}") from None
+
 
 def store_kv(
     key: torch.Tensor,
@@ -108,6 +119,7 @@ def store_kv(
     v_clip_ratio: float,
     window_cache: torch.Tensor | None = None,
     window_slot_mapping: torch.Tensor | None = None,
+    levels: str = "minmax",
 ) -> None:
     """Rotate, clip, INT2-quantize and pack K/V rows into the paged cache, in place.
 
@@ -119,10 +131,14 @@ def store_kv(
             ``head_page_bytes / (2 * (head_dim / 4 + 4))``.
         slot_mapping: ``int64 [T]``, ``block * block_size + offset``; ``-1`` skips the token.
         rotation_k, rotation_v: ``float32 [head_dim, head_dim]`` (``x_rot = x @ R``), ``None`` = identity.
-        k_clip_ratio, v_clip_ratio: row clip quantile (``<= 0`` disables clipping).
+        k_clip_ratio, v_clip_ratio: row clip quantile (``<= 0`` disables clipping; must be 0 with
+            ``levels="mse"``).
         window_cache: optional ``[num_window_blocks, 2, window_block_size, num_kv_heads, head_dim]``
             bf16/fp16: the rotated, unclipped rows of tokens with ``window_slot_mapping[t] >= 0`` are
             also written there (``int64 [>= T]``, ``-1`` skips).
+        levels: ``"minmax"`` (clip, then the min-max grid: :func:`reference.quantize_int2`) or
+            ``"mse"`` (no clipping, the MSE-fitted grid: :func:`reference.quantize_int2_mse`, the same
+            fp32 summation order); the page layout is the same.
 
     Matches :func:`reference.store_kv` + :func:`reference.store_window`: fp32 rotation, the exact
     ``sort(|x|)[idx]`` clip threshold, fp16 (scale, offset), ``floor((x - offset) / scale + 0.5)``.
@@ -131,10 +147,12 @@ def store_kv(
     the bytes are identical.
 
     >>> store_kv(k, v, cache, slots, r_k, r_v, k_clip_ratio=0.96, v_clip_ratio=0.92)  # doctest: +SKIP
+    >>> store_kv(k, v, cache, slots, r_k, r_v, k_clip_ratio=0, v_clip_ratio=0, levels="mse")  # doctest: +SKIP
     """
+    code = levels_code(levels)
     _ops().store_kv(
         key, value, kv_cache, slot_mapping, rotation_k, rotation_v, float(k_clip_ratio), float(v_clip_ratio),
-        window_cache, window_slot_mapping,
+        window_cache, window_slot_mapping, code,
     )
 
 

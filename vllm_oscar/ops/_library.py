@@ -70,7 +70,7 @@ def register_fakes() -> None:
     @torch.library.register_fake("oscar::store_kv")
     def _store_kv_fake(
         key, value, kv_cache, slot_mapping, rotation_k, rotation_v, k_clip_ratio, v_clip_ratio,
-        window_cache=None, window_slot_mapping=None,
+        window_cache=None, window_slot_mapping=None, levels=0,
     ):
         torch._check(
             key.dtype in (torch.bfloat16, torch.float16), lambda: f"oscar: key must be bf16/fp16, got {key.dtype}"
@@ -95,6 +95,7 @@ def register_fakes() -> None:
             window_cache is None or window_slot_mapping is not None,
             lambda: "oscar: window_slot_mapping is required with window_cache",
         )
+        torch._check(levels in (0, 1), lambda: f"oscar: levels must be 0 (minmax) or 1 (mse), got {levels}")
 
     @torch.library.register_fake("oscar::decode")
     def _decode_fake(

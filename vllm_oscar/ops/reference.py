@@ -10,7 +10,7 @@ against the functions here. Conventions:
 * Quantization arithmetic is float32 (what the kernels do) whatever the input dtype; rotations and
   calibration targets follow the input dtype, so float64 inputs give float64 math.
 
-Quantizer, exactly (``d = head_dim``)::
+Quantizer, exactly (``d = head_dim``), ``levels="minmax"`` (the paper's)::
 
     x      = rows of (K or V) @ R                          (fp32)
     idx    = min(int(ratio * d), d - 1)                    (ratio <= 0: no clipping)
@@ -20,6 +20,10 @@ Quantizer, exactly (``d = head_dim``)::
     offset = fp16(clamp(min(x), -65504, 65504))
     code   = clamp(floor((x - offset) / scale + 0.5), 0, 3)   (fp32, IEEE division)
     x_hat  = code * scale + offset
+
+``levels="mse"`` stores the same ``(scale, offset, code)`` but fits the fp16 pair to the unclipped
+row by alternating least squares (:func:`quantize_int2_mse`, spelled out in the kernel's fp32
+summation order so that the store kernel reproduces it bit for bit).
 """
 
 from __future__ import annotations
@@ -179,6 +183,192 @@ def quantize_int2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return codes.clamp(0, INT2_LEVELS - 1).to(torch.uint8), scale, offset
 
 
+# --- MSE-fitted affine grid (``levels="mse"``) ------------------------------------------------------
+#
+# Same storage as min-max (``code * scale + offset``, fp16 pair per row), but the pair is fitted to the
+# row by alternating least squares instead of spanning [min, max]: codes = nearest level, then the
+# least-squares line through the points (code, x), repeated from a few starting grids; the best grid
+# by squared error (after fp16 rounding) is stored. No clipping: the fit trades the tails off itself.
+#
+# The store kernel (csrc/kernels/store.cuh) runs exactly this in fp32 with IEEE round-to-nearest ops
+# and no contraction, so every row sum is spelled out in the kernel's order (``_lane_sum``).
+#
+# Choice of starts and passes, measured on 1,920 Hadamard-rotated K/V rows of SmolLM2 (calibration
+# text): squared error / the exhaustive optimum of any affine 4-level grid, K and V, and the sweep's
+# attention-output proxy (docs/accuracy.md "Adopted" has the table and the FLOP model):
+#   min-max + Lloyd-Max + 4 shrunk starts, <= 6 passes (adopted)   1.0087 / 1.0074, proxy 0.0209, <= 22 KFLOP/row @d=64
+#   same, 3 passes                                                  1.0144 / 1.0134, proxy 0.0210,    14 KFLOP
+#   Lloyd-Max + one 60% start, 2 passes                             1.0271 / 1.0256, proxy 0.0219,     5 KFLOP
+#   the paper's min-max, clip 0.96 / 0.92                           1.55 / 1.25,     proxy 0.0470
+# All fits are within 4.5% of each other on the proxy; the adopted one is the sweep's own `mse` grid
+# (identical output), and its cost is paid once per stored row by the store kernel only.
+
+LEVELS = ("minmax", "mse")
+
+#: Starting grids: the min-max grid shrunk around the mid-range to these fractions of the range.
+MSE_START_FRACTIONS = (1.0, 0.8, 0.6, 0.45)
+#: Whether a Lloyd-Max start (uniform levels 1.00637 std apart, centred on the mean) is tried first.
+MSE_LLOYD_MAX_START = True
+#: Alternating least-squares passes (code step + line fit) from each start.
+MSE_PASSES = 6
+# The Lloyd-Max step of a 4-level quantizer for a Gaussian, in standard deviations.
+_LM_STEP = 1.00637
+# A start's scale is at least this (a constant row gives a zero range); codes then sit at one level.
+_MSE_MIN_SCALE = 2.0**-100
+
+
+def _f32(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def lane_order(d: int) -> torch.Tensor:
+    """The store kernel's element-to-lane assignment: ``perm [L * E]``, lane ``li`` owning elements
+    ``perm[li*E : (li+1)*E]`` in that order (``L = min(d/4, 32)`` lanes, ``E = d/L`` elements each,
+    element ``e`` of lane ``li`` is ``li + (e // 4) * L + (e % 4) * d/4``: its code bytes ``li + k*L``)."""
+    lanes = min(d // 4, 32)
+    per = d // lanes
+    li = torch.arange(lanes)[:, None]
+    e = torch.arange(per)[None, :]
+    return (li + (e // 4) * lanes + (e % 4) * (d // 4)).reshape(-1)
+
+
+def _lane_sum(t: torch.Tensor, perm: torch.Tensor, lanes: int) -> torch.Tensor:
+    """Row sums of ``t [..., d]`` fp32 in the store kernel's order: each lane adds its ``E`` elements
+    left to right, then halving folds ``v[:n/2] + v[n/2:]`` (what a xor butterfly over ``lanes``
+    leaves, bit-identical, on every lane; fp32 addition is commutative)."""
+    tl = t[..., perm].reshape(*t.shape[:-1], lanes, -1)
+    acc = tl[..., 0]
+    for e in range(1, tl.shape[-1]):
+        acc = acc + tl[..., e]
+    while acc.shape[-1] > 1:
+        h = acc.shape[-1] // 2
+        acc = acc[..., :h] + acc[..., h:]
+    return acc[..., 0]
+
+
+# The MSE path clamps with fmin/fmax (a NaN operand yields the other one), as CUDA's fminf/fmaxf do:
+# huge finite rows overflow intermediate sums to inf and inf - inf to NaN, and the kernel must still
+# land on the same grid.
+def _clamp(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    return torch.fmin(torch.fmax(t, _f32(lo)), _f32(hi))
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Nearest level ``fmin(fmax(floor((x - offset) / scale + 0.5), 0), 3)`` as fp32 (IEEE division)."""
+    return _clamp(torch.floor((x - offset[..., None]) / scale[..., None] + 0.5), 0.0, INT2_LEVELS - 1)
+
+
+def _round_params(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored fp16 pair as fp32, with min-max's clamps (scale floor 2**-14, +-65504)."""
+    return (_clamp(scale, SCALE_FLOOR, FP16_MAX).to(torch.float16).float(),
+            _clamp(offset, -FP16_MAX, FP16_MAX).to(torch.float16).float())
+
+
+def _sq_error(x, codes, scale, offset, perm, lanes):
+    """``sum((code * scale + offset - x)^2)`` per row, fp32, each op rounded, kernel order."""
+    e = codes * scale[..., None] + offset[..., None] - x
+    return _lane_sum(e * e, perm, lanes)
+
+
+def quantize_int2_mse(
+    x: torch.Tensor,
+    *,
+    start_fractions: tuple[float, ...] = MSE_START_FRACTIONS,
+    lloyd_max_start: bool = MSE_LLOYD_MAX_START,
+    passes: int = MSE_PASSES,
+    _trace: list | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MSE-fitted affine INT2 per row: ``(codes uint8 [..., d], scale fp16 [...], offset fp16 [...])``.
+
+    ``d`` must be a multiple of 4 (the kernel's lanes hold whole code bytes). Exactly, in fp32 with
+    every operation rounded to nearest (``Σ`` = :func:`_lane_sum`, the kernel's summation order;
+    ``Σc``, ``Σc²`` are integers, exact in any order)::
+
+        candidates: the min-max grid of :func:`quantize_int2` (no passes), then from each start
+          Lloyd-Max: mean = Σx / d, std = sqrt(Σ((x - mean)²) / d), s = 1.00637 * std, o = mean - 1.5 s
+          fraction a: mid = (lo + hi) * 0.5, rng = hi - lo, s = (a * rng) / 3, o = mid - (a/2) * rng
+          s = fmax(s, 2**-100); c = codes(s, o); ``passes`` times:
+            det = d Σc² - (Σc)²;  s' = (d Σcx - Σc Σx) / det;  o' = (Σx - s' Σc) * (1/d)
+            (s, o) = (s', o') if det > 0 and s' > 0;  c = codes(s, o)
+          (s, o) = fp16 as min-max clamps them; err = Σ((codes(s, o) * s + o - x)²)
+        keep the first candidate with the smallest err (strict <); codes against its fp16 pair.
+
+    ``codes(s, o) = fmin(fmax(floor((x - o) / s + 0.5), 0), 3)`` and every clamp use fmin/fmax (NaN
+    gives the other operand), so rows huge enough to overflow a sum to inf still match the kernel.
+    Finite inputs only: a NaN/inf element gives some grid, not necessarily the kernel's.
+    ``_trace`` (tests): receives ``(scale, offset, err)`` fp32 per candidate, the pair before rounding.
+    """
+    x = x.to(torch.float32)
+    d = x.shape[-1]
+    if d % 4:
+        raise ValueError(f"row length {d} is not a multiple of 4")
+    lanes = min(d // 4, 32)
+    perm = lane_order(d)
+
+    def row_sum(t):
+        return _lane_sum(t, perm, lanes)
+
+    lo, hi = x.amin(-1), x.amax(-1)
+    sx = row_sum(x)
+    inv_d = _f32(1.0 / d)
+
+    best_s, best_o = _round_params((hi - lo) / _f32(3.0), lo)
+    best_err = _sq_error(x, _codes(x, best_s, best_o), best_s, best_o, perm, lanes)
+    if _trace is not None:
+        _trace.append((best_s, best_o, best_err))
+
+    starts = []
+    if lloyd_max_start:
+        mean = sx * inv_d
+        dev = x - mean[..., None]
+        std = torch.sqrt(row_sum(dev * dev) * inv_d)
+        s0 = _f32(_LM_STEP) * std
+        starts.append((s0, mean - _f32(1.5) * s0))
+    if start_fractions:
+        mid, rng = (lo + hi) * _f32(0.5), hi - lo
+        for a in start_fractions:
+            starts.append(((_f32(a) * rng) / _f32(3.0), mid - _f32(a / 2) * rng))
+    dd = float(d)
+    for s, o in starts:
+        s = torch.fmax(s, _f32(_MSE_MIN_SCALE))
+        c = _codes(x, s, o)
+        for _ in range(passes):
+            sc, scc = c.sum(-1), (c * c).sum(-1)  # integers <= 3d, 9d: exact in any order
+            scx = row_sum(c * x)
+            det = sc.mul(-sc).add_(scc * dd)  # exact: |terms| < 2**24
+            s_new = (scx * dd - sc * sx) / torch.where(det > 0, det, torch.ones_like(det))
+            o_new = (sx - s_new * sc) * inv_d
+            ok = (det > 0) & (s_new > 0)
+            s, o = torch.where(ok, s_new, s), torch.where(ok, o_new, o)
+            c = _codes(x, s, o)
+        sr, orr = _round_params(s, o)
+        err = _sq_error(x, _codes(x, sr, orr), sr, orr, perm, lanes)
+        if _trace is not None:
+            _trace.append((s, o, err))
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_o = torch.where(better, sr, best_s), torch.where(better, orr, best_o)
+    codes = _codes(x, best_s, best_o)
+    return codes.to(torch.uint8), best_s.to(torch.float16), best_o.to(torch.float16)
+
+
+def check_levels(levels: str, k_clip_ratio: float = 0.0, v_clip_ratio: float = 0.0) -> None:
+    """``levels`` is one of :data:`LEVELS`; ``"mse"`` does not clip (both ratios must be <= 0)."""
+    if levels not in LEVELS:
+        raise ValueError(f"unknown levels {levels!r}; valid: {list(LEVELS)}")
+    if levels == "mse" and (k_clip_ratio > 0 or v_clip_ratio > 0):
+        raise ValueError(
+            f"levels 'mse' fits the grid to the whole row and does not clip; k_clip_ratio and v_clip_ratio must "
+            f"be 0, got {k_clip_ratio} and {v_clip_ratio} (clipping belongs to levels 'minmax')"
+        )
+
+
+def quantize_int2_levels(x: torch.Tensor, levels: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_int2` (``"minmax"``) or :func:`quantize_int2_mse` (``"mse"``)."""
+    check_levels(levels)
+    return quantize_int2(x) if levels == "minmax" else quantize_int2_mse(x)
+
+
 def dequantize_int2(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """``code * scale + offset`` in fp32: ``[..., d]``."""
     return codes.to(torch.float32) * scale.float()[..., None] + offset.float()[..., None]
@@ -200,19 +390,25 @@ def unpack_int2(packed: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_rows(
-    x: torch.Tensor, rotation: torch.Tensor | None, clip_ratio: float
+    x: torch.Tensor, rotation: torch.Tensor | None, clip_ratio: float, levels: str = "minmax"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rotate (fp32), clip, quantize and pack rows: ``(packed [..., d/4], scale, offset)``."""
+    """Rotate (fp32), clip, quantize and pack rows: ``(packed [..., d/4], scale, offset)``.
+
+    ``levels="minmax"``: clip then :func:`quantize_int2`; ``"mse"``: :func:`quantize_int2_mse`
+    (``clip_ratio`` must be 0)."""
+    check_levels(levels, clip_ratio)
     xr = x.to(torch.float32)
     if rotation is not None:
         xr = xr @ rotation.to(torch.float32)
-    codes, scale, offset = quantize_int2(clip_rows(xr, clip_ratio))
+    codes, scale, offset = quantize_int2_levels(clip_rows(xr, clip_ratio), levels)
     return pack_int2(codes), scale, offset
 
 
-def fake_quantize_rows(x: torch.Tensor, rotation: torch.Tensor | None, clip_ratio: float) -> torch.Tensor:
+def fake_quantize_rows(
+    x: torch.Tensor, rotation: torch.Tensor | None, clip_ratio: float, levels: str = "minmax"
+) -> torch.Tensor:
     """Quantize then dequantize rows, returned **in the rotated space** as fp32."""
-    packed, scale, offset = quantize_rows(x, rotation, clip_ratio)
+    packed, scale, offset = quantize_rows(x, rotation, clip_ratio, levels)
     return dequantize_int2(unpack_int2(packed), scale, offset)
 
 
@@ -253,11 +449,14 @@ def store_kv(
     layout: Int2PageLayout,
     k_clip_ratio: float,
     v_clip_ratio: float,
+    levels: str = "minmax",
 ) -> None:
     """Quantize ``key``/``value`` ``[num_tokens, Hkv, d]`` into the paged cache in place.
 
-    ``slot_mapping[t]`` is ``block * block_size + offset``; ``-1`` skips token ``t``.
+    ``slot_mapping[t]`` is ``block * block_size + offset``; ``-1`` skips token ``t``. ``levels``: see
+    :func:`quantize_rows` (the page layout is the same for both).
     """
+    check_levels(levels, k_clip_ratio, v_clip_ratio)
     check_cache(kv_cache, layout)
     kc, vc, kp, vp = _head_page_views(kv_cache, layout)
     keep = slot_mapping >= 0
@@ -267,7 +466,7 @@ def store_kv(
         (key, rotation_k, k_clip_ratio, kc, kp),
         (value, rotation_v, v_clip_ratio, vc, vp),
     ):
-        packed, scale, offset = quantize_rows(src[keep], rot, ratio)  # [n, Hkv, ...]
+        packed, scale, offset = quantize_rows(src[keep], rot, ratio, levels)  # [n, Hkv, ...]
         codes_v[blocks, :, offs] = packed
         params_v[blocks, :, offs] = torch.stack([scale, offset], -1)
 
@@ -367,14 +566,17 @@ def oscar_attention(
     recent: int = 256,
     window_dtype: torch.dtype | None = torch.bfloat16,
     scale: float | None = None,
+    levels: str = "minmax",
 ) -> torch.Tensor:
     """End-to-end OSCAR attention for one sequence, in the model's space.
 
     ``q [Tq, Hq, d]`` at ``q_positions``; ``k, v [Tkv, Hkv, d]`` (post-RoPE). K/V are rotated, the
-    INT2 copy is quantized with clipping, the window copy is the rotated row rounded to
-    ``window_dtype`` (``None`` keeps it exact); ``q @ R_K`` attends over the mixed cache and the output
-    is rotated back with ``R_V^T``. Identity rotations are ``None``.
+    INT2 copy is quantized (``levels="minmax"``: clipped min-max grid; ``"mse"``: the MSE-fitted grid,
+    clip ratios must be 0), the window copy is the rotated row rounded to ``window_dtype`` (``None``
+    keeps it exact); ``q @ R_K`` attends over the mixed cache and the output is rotated back with
+    ``R_V^T``. Identity rotations are ``None``.
     """
+    check_levels(levels, k_clip_ratio, v_clip_ratio)
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
 
     def rot(x, r):
@@ -383,8 +585,8 @@ def oscar_attention(
     k_rot, v_rot = rot(k, rotation_k), rot(v, rotation_v)
     k_win = k_rot if window_dtype is None else k_rot.to(window_dtype)
     v_win = v_rot if window_dtype is None else v_rot.to(window_dtype)
-    k_q = dequantize_int2(*quantize_int2(clip_rows(k_rot.float(), k_clip_ratio)))
-    v_q = dequantize_int2(*quantize_int2(clip_rows(v_rot.float(), v_clip_ratio)))
+    k_q = dequantize_int2(*quantize_int2_levels(clip_rows(k_rot.float(), k_clip_ratio), levels))
+    v_q = dequantize_int2(*quantize_int2_levels(clip_rows(v_rot.float(), v_clip_ratio), levels))
     o = mixed_window_attention(rot(q, rotation_k), k_win, v_win, k_q, v_q, q_positions, sink, recent, scale)
     return o if rotation_v is None else o @ rotation_v.to(o.dtype).T
 
