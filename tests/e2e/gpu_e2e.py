@@ -28,8 +28,8 @@ Cases (``--cases`` names):
   size of the INT2 effect (reported, not asserted).
 * ``prefix``: a prefix-cache hit gives the same tokens and logprobs as a miss (128-token chunks, the
   INT2 page, so both runs cut the prompt at the same positions).
-* ``preemption``: a KV pool for ~2 requests and 12 long requests: all complete, and vLLM counts >0
-  preemptions.
+* ``preemption``: an 84-page KV pool and 8 requests that outgrow it while decoding: all complete, and
+  vLLM counts >0 preemptions.
 * ``serve``: ``vllm serve MODEL --kv-cache-dtype oscar_int2`` on loopback answers
   ``/v1/completions`` and ``/v1/chat/completions``.
 * ``tp2`` (two GPUs): ``tensor_parallel_size=2`` with ``oscar_int2`` on a small random-weight Llama
@@ -251,22 +251,28 @@ def case_prefix(args) -> dict:
 
 
 def case_preemption(args) -> dict:
-    """A pool of 40 pages (128 tokens each, shared by the INT2 and BF16-window groups) and 12 requests of
-    ~2K tokens that each need ~20 pages at the end: two or three run at once and must preempt each other as
-    they grow; every request must still finish with all its tokens."""
-    blocks = 48  # 40 was refused at startup: vLLM estimated it holds one request of at most 2304 tokens
+    """An 84-page pool shared by the INT2 pages (128 tokens) and the BF16 window pages (16 tokens), 256-token
+    chunks, and 8 requests of ~300 prompt + 2000 output tokens: three are admitted (each reserves its INT2
+    pages and the window's admission cap, ~40 pages), then they outgrow the pool while decoding and must
+    preempt each other; every request must still finish with all its tokens. The scheduling half runs on
+    CPU with the same numbers (tests/vllm/test_scheduler_preemption.py: 17 preemptions).
+
+    An earlier version (48 pages, 1024-token chunks) stalled: vLLM admits a request only if its full
+    sequence fits with the window's admission cap (window + one chunk), which 48 pages never held, while
+    the startup check, which charges the window's steady state, let the engine start."""
+    blocks, chunk, n, prompt, output = 84, 256, 8, 300, 2000
     llm = _llm(args.model, kv_cache_dtype="oscar_int2", num_gpu_blocks_override=blocks, max_num_seqs=16,
-               disable_log_stats=False, max_num_batched_tokens=1024, max_model_len=2560)
+               disable_log_stats=False, max_num_batched_tokens=chunk, max_model_len=2560)
     tok = llm.get_tokenizer()
     base = tok("Sailors counted the stars, the cook counted the biscuits, and the captain counted the days. "
-                * 120)["input_ids"]
-    prompts = [{"prompt_token_ids": [100 + i] + base[: 1500 + 40 * i]} for i in range(12)]
+                * 40)["input_ids"]
+    prompts = [{"prompt_token_ids": [100 + i] + base[: prompt + 10 * i]} for i in range(n)]
     t0 = time.time()
-    outs = llm.generate(prompts, _greedy(400, ignore_eos=True))
+    outs = llm.generate(prompts, _greedy(output, ignore_eos=True))
     res = {
-        "requests": len(prompts), "completed": sum(len(o.outputs[0].token_ids) == 400 for o in outs),
-        "num_gpu_blocks_override": blocks, "preemptions": _metric(llm, "vllm:num_preemptions"),
-        "seconds": round(time.time() - t0, 2),
+        "requests": len(prompts), "completed": sum(len(o.outputs[0].token_ids) == output for o in outs),
+        "num_gpu_blocks_override": blocks, "max_num_batched_tokens": chunk,
+        "preemptions": _metric(llm, "vllm:num_preemptions"), "seconds": round(time.time() - t0, 2),
     }
     res["ok"] = res["completed"] == res["requests"] and res["preemptions"] > 0
     return res
