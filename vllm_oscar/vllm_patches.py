@@ -23,6 +23,8 @@ loudly in CI instead of silently at serve time.
                                                                     refuse unsupported setups early
  8     ``KVCacheSpecRegistry._ensure_registered``                   register the window spec/manager
                                                                     after vLLM's built-ins, lazily
+ 9     ``v1.core.kv_cache_utils._check_enough_kv_cache_memory``     refuse pools that cannot admit one
+                                                                    request (window admission cap)
 =====  ==========================================================  ====================================
 
 :func:`apply` is idempotent (every wrapper is marked, so a second call is a no-op) and spawn-safe (it
@@ -84,6 +86,8 @@ PATCH_TARGETS: tuple[PatchTarget, ...] = (
                 "config resolution + startup refusals"),
     PatchTarget("vllm.v1.kv_cache_spec_registry", "KVCacheSpecRegistry._ensure_registered", "classmethod",
                 "lazy spec/manager registration"),
+    PatchTarget("vllm.v1.core.kv_cache_utils", "_check_enough_kv_cache_memory", "function",
+                "start-up pool check (called by name from get_kv_cache_configs)"),
 )
 
 _applied = False
@@ -138,6 +142,7 @@ def apply() -> None:
     _wrap_attention_kv_cache_spec()
     _wrap_create_engine_config()
     _wrap_spec_registry()
+    _wrap_kv_memory_check()
     _applied = True
 
 
@@ -323,3 +328,26 @@ def _wrap_spec_registry() -> None:
         register_window_spec()
 
     KVCacheSpecRegistry._ensure_registered = classmethod(_mark(_ensure_registered))
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. Start-up KV pool check
+# ------------------------------------------------------------------------------------------------
+
+
+def _wrap_kv_memory_check() -> None:
+    from vllm.v1.core import kv_cache_utils
+
+    original = kv_cache_utils._check_enough_kv_cache_memory
+    if is_wrapped(original):
+        return
+
+    @functools.wraps(original)
+    def _check_enough_kv_cache_memory(available_memory, get_needed_memory, max_model_len, estimate_max_model_len):
+        original(available_memory, get_needed_memory, max_model_len, estimate_max_model_len)
+        from vllm_oscar.attention.window import check_pool_admits_one_request
+
+        check_pool_admits_one_request(available_memory, get_needed_memory, max_model_len)
+
+    # get_kv_cache_configs looks the name up in the module at call time: replacing the attribute suffices.
+    kv_cache_utils._check_enough_kv_cache_memory = _mark(_check_enough_kv_cache_memory)

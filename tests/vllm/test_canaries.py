@@ -126,6 +126,19 @@ def test_kv_cache_utils_behaviour_the_windows_rely_on():
     assert _params(SlidingWindowSpec.max_memory_usage_bytes) == ["self", "vllm_config"]
 
 
+def test_start_up_pool_check_is_called_by_name_with_the_groups():
+    """Patch 9 relies on get_kv_cache_configs calling the module-global check with vLLM's
+    ``partial(_max_memory_usage_bytes_from_groups, vllm_config, groups)`` (our check reads its args)."""
+    from vllm.v1.core import kv_cache_utils
+
+    assert _params(kv_cache_utils._check_enough_kv_cache_memory) == [
+        "available_memory", "get_needed_memory", "max_model_len", "estimate_max_model_len"]
+    src = inspect.getsource(kv_cache_utils.get_kv_cache_configs)
+    assert "_check_enough_kv_cache_memory(" in src
+    assert "partial(_max_memory_usage_bytes_from_groups, vllm_config, groups)" in src
+    assert _params(kv_cache_utils._pool_bytes_per_block) == ["vllm_config", "kv_cache_groups"]
+
+
 def test_runtime_objects_the_impl_reads():
     from vllm.forward_context import ForwardContext
     from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase

@@ -17,13 +17,13 @@ POOL_PAGES, CHUNK, MAX_LEN = 84, 256, 2560
 NUM_REQUESTS, PROMPT, OUTPUT = 8, 300, 2000
 
 
-def _scheduler(model: str, pool_pages: int):
+def _scheduler(model: str, pool_pages: int, chunk: int = CHUNK):
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_utils import get_kv_cache_configs, init_none_hash, resolve_kv_cache_block_sizes
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.structured_output import StructuredOutputManager
 
-    cfg = engine_config(model, max_model_len=MAX_LEN, max_num_batched_tokens=CHUNK, max_num_seqs=16)
+    cfg = engine_config(model, max_model_len=MAX_LEN, max_num_batched_tokens=chunk, max_num_seqs=16)
     cfg.compilation_config.static_forward_context.clear()
     build_attention_layers(cfg)
     specs = collect_specs(cfg)
@@ -78,3 +78,20 @@ def test_preemption_under_memory_pressure_finishes_every_request(model_factory):
     assert output_tokens == NUM_REQUESTS * OUTPUT
     pool = sched.kv_cache_manager.block_pool
     assert pool.get_num_free_blocks() == POOL_PAGES - 1  # everything returned (one page is vLLM's null block)
+
+
+def test_a_pool_that_cannot_admit_one_request_is_refused_at_start_up(model_factory):
+    """The GPU run that stalled (48 pages, 1024-token chunks) is refused by get_kv_cache_configs with the page
+    counts; the smallest pool the check accepts really does serve the requests."""
+    import re
+
+    model = model_factory("preempt", num_layers=2, num_heads=9, num_kv_heads=3, head_dim=64)
+    with pytest.raises(ValueError, match="never schedule a request") as err:
+        _scheduler(model, 48, chunk=1024)
+    need = int(re.search(r"but vLLM admits a request only when its whole sequence fits: (\d+) pages", str(err.value))[1])
+    assert "OscarFullAttentionSpec" in str(err.value) and "OscarWindowSpec" in str(err.value)
+    with pytest.raises(ValueError, match="never schedule"):
+        _scheduler(model, need, chunk=1024)  # `need` usable pages + vLLM's null page
+    sched, hash_bs = _scheduler(model, need + 1, chunk=1024)
+    finished, _, _ = _run(sched, hash_bs)
+    assert len(finished) == NUM_REQUESTS

@@ -206,6 +206,43 @@ def register_window_spec() -> None:
         KVCacheSpecRegistry.register(OscarWindowSpec, OscarWindowManager, uniform_type_base_spec=OscarWindowSpec)
 
 
+def check_pool_admits_one_request(available_memory: int, get_needed_memory, max_model_len: int) -> None:
+    """Refuse at start-up a KV pool that could never admit one ``max_model_len`` request.
+
+    ``OscarWindowSpec.max_memory_usage_bytes`` charges the window's steady state (for honest capacity
+    figures), so vLLM's own check lets through pools smaller than what admission asks for: the INT2
+    pages of the whole sequence plus the window's admission cap (window + the tokens in flight). Such an
+    engine started and then never scheduled anything (H100, 48-page pool, 1024-token chunks). Called
+    after vLLM's check with the same arguments; ``get_needed_memory`` is vLLM's
+    ``partial(_max_memory_usage_bytes_from_groups, vllm_config, groups)``.
+    """
+    args = getattr(get_needed_memory, "args", ())
+    if len(args) != 2 or not any(isinstance(g.kv_cache_spec, OscarWindowSpec) for g in args[1]):
+        return
+    from vllm.v1.core.kv_cache_utils import _pool_bytes_per_block
+
+    vllm_config, groups = args
+    in_flight = vllm_config.max_in_flight_tokens
+    need = {}
+    for g in groups:
+        spec = g.kv_cache_spec
+        if isinstance(spec, SlidingWindowSpec):
+            need[type(spec).__name__] = need.get(type(spec).__name__, 0) + \
+                spec.max_admission_blocks_per_request(in_flight, max_model_len)
+        else:
+            need[type(spec).__name__] = need.get(type(spec).__name__, 0) + cdiv(max_model_len, spec.block_size)
+    pages = available_memory // _pool_bytes_per_block(vllm_config, groups) - 1  # page 0 is vLLM's null block
+    if sum(need.values()) > pages:
+        detail = ", ".join(f"{n} {k}" for k, n in need.items())
+        raise ValueError(
+            f"oscar_int2: the KV pool has {pages} pages, but vLLM admits a request only when its whole sequence "
+            f"fits: {sum(need.values())} pages for max_model_len={max_model_len} ({detail}; the BF16 window "
+            f"reserves its recent tokens plus max_num_batched_tokens x concurrent batches = {in_flight} tokens "
+            f"in flight). This engine would start and never schedule a request. Lower max_num_batched_tokens "
+            f"or max_model_len, or give the cache more memory (gpu_memory_utilization, num_gpu_blocks_override)."
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 # Companion layer and its metadata-only backend (workers)
 # ------------------------------------------------------------------------------------------------
