@@ -258,6 +258,60 @@ def markdown(e2e: dict | None, acc: dict | None) -> str:
     return "\n\n".join(parts)
 
 
+def plots(e2e: dict | None, acc: dict | None, out_dir: Path) -> list[Path]:
+    """PNG plots of the result JSON (matplotlib: ``pip install matplotlib``; not needed for anything else)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if e2e:
+        res = [r for r in e2e["results"] if "capacity" in r]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        lens = ["8192", "32768", "131072"]
+        width = 0.8 / max(1, len(res))
+        for i, r in enumerate(res):
+            ax1.bar([j + i * width for j in range(len(lens))], [r["capacity"][n]["max_concurrency"] for n in lens],
+                    width, label=r["format"])
+            lat = r.get("latency_bs1", {})
+            ctx = sorted(lat, key=int)
+            ax2.plot([int(c) // 1024 for c in ctx], [lat[c]["tpot_ms"] for c in ctx], marker="o", label=r["format"])
+        ax1.set_xticks([j + width * (len(res) - 1) / 2 for j in range(len(lens))], ["8K", "32K", "128K"])
+        ax1.set_yscale("log")
+        ax1.set_ylabel("max concurrent requests (vLLM)")
+        ax1.set_title("KV capacity, Qwen3-8B shape, H100")
+        ax1.legend()
+        ax2.set_xscale("log", base=2)
+        ax2.set_xlabel("context (K tokens)")
+        ax2.set_ylabel("batch-1 TPOT (ms)")
+        ax2.set_title("Decode latency, Qwen3-8B shape, H100")
+        ax2.legend()
+        fig.tight_layout()
+        path = out_dir / "e2e-h100.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    if acc:
+        res = [r for r in acc["results"] if r.get("perplexity")]
+        base = next((r["perplexity"] for r in res if r["format"] == "auto"), None)
+        if base:
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            sets = sorted(base)
+            names = [r["format"] for r in res]
+            vals = [sum(100 * (r["perplexity"][s] / base[s] - 1) for s in sets) / len(sets) for r in res]
+            ax.barh(names, vals)
+            ax.set_xlabel("perplexity increase over BF16 (%), mean of held-out sets")
+            ax.set_title("SmolLM2-135M through vLLM, 2048 context")
+            fig.tight_layout()
+            path = out_dir / "accuracy-gpu-smollm2.png"
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=["all", "perf", "accuracy"], default="all")
@@ -278,15 +332,21 @@ def main(argv=None) -> int:
     p.add_argument("--worker-timeout", type=int, default=1500)
     p.add_argument("--fresh", action="store_true", help="replace the result JSON instead of merging formats into it")
     p.add_argument("--markdown", action="store_true", help="print tables from existing results and exit")
+    p.add_argument("--plots", action="store_true", help="write PNG plots of existing results to docs/ and exit "
+                                                         "(needs matplotlib)")
     p.add_argument("--worker", choices=["perf", "accuracy"], help=argparse.SUPPRESS)
     p.add_argument("--format", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     e2e_path, acc_path = RESULTS / f"e2e-{args.tag}.json", RESULTS / "accuracy-gpu-smollm2.json"
+    load = lambda q: json.loads(q.read_text()) if q.exists() else None  # noqa: E731
     if args.markdown:
-        load = lambda q: json.loads(q.read_text()) if q.exists() else None  # noqa: E731
         print(markdown(load(e2e_path), load(acc_path)))
+        return 0
+    if args.plots:
+        for path in plots(load(e2e_path), load(acc_path), ROOT / "docs"):
+            print(path.relative_to(ROOT))
         return 0
     if args.worker:
         if args.format not in FORMATS:

@@ -43,3 +43,17 @@ def test_results_of_a_later_call_merge_by_format(tmp_path):
     assert [r["command"] for r in merged["runs"]] == ["b"]
     replaced = _merge(path, {"command": "c", "environment": {}, "results": [{"format": "fp8"}]}, merge=False)
     assert [r["format"] for r in replaced["results"]] == ["fp8"]
+
+
+def test_plots_from_results(tmp_path):
+    pytest = __import__("pytest")
+    pytest.importorskip("matplotlib")
+    from benchmarks.run import plots
+
+    e2e = {"results": [{"format": "auto", "capacity": {n: {"max_concurrency": c} for n, c in
+                                                     (("8192", 48.0), ("32768", 12.0), ("131072", 3.0))},
+                        "latency_bs1": {"8192": {"tpot_ms": 7.2}, "32768": {"tpot_ms": 8.6}}}]}
+    acc = {"results": [{"format": "auto", "perplexity": {"a": 34.0}}, {"format": "oscar_int2", "perplexity": {"a": 35.0}}]}
+    written = plots(e2e, acc, tmp_path)
+    assert [p.name for p in written] == ["e2e-h100.png", "accuracy-gpu-smollm2.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
