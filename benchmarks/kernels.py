@@ -387,7 +387,8 @@ def print_tables(res):
                   f"{r['oscar_ms']:.4f} ms {r['tbps']:.2f} TB/s")
     print("\n== store_kv ==")
     for r in res["store"]:
-        print(f"{r['shape']:9} T={r['tokens']:<5d} {r.get('levels', 'minmax'):6} window={int(r['window'])} {r['us']:8.1f} us "
+        print(f"{r['shape']:9} T={r['tokens']:<5d} {r.get('levels', 'minmax'):6} window={int(r['window'])} "
+              f"{r['us']:8.1f} us "
               f"{r['mtok_per_s']:8.2f} Mtok/s {r['gbps']:7.1f} GB/s")
     print("\n== gather_prefix ==")
     for r in res["gather"]:

@@ -35,7 +35,8 @@ def test_results_of_a_later_call_merge_by_format(tmp_path):
     from benchmarks.run import _merge
 
     path = tmp_path / "e2e.json"
-    first = {"command": "a", "environment": {}, "results": [{"format": "oscar_int2", "x": 1}, {"format": "auto", "x": 1}]}
+    first = {"command": "a", "environment": {},
+             "results": [{"format": "oscar_int2", "x": 1}, {"format": "auto", "x": 1}]}
     _merge(path, first, merge=True)
     second = {"command": "b", "environment": {}, "results": [{"format": "oscar_int2", "x": 2}]}
     merged = _merge(path, second, merge=True)
@@ -53,7 +54,8 @@ def test_plots_from_results(tmp_path):
     e2e = {"results": [{"format": "auto", "capacity": {n: {"max_concurrency": c} for n, c in
                                                      (("8192", 48.0), ("32768", 12.0), ("131072", 3.0))},
                         "latency_bs1": {"8192": {"tpot_ms": 7.2}, "32768": {"tpot_ms": 8.6}}}]}
-    acc = {"results": [{"format": "auto", "perplexity": {"a": 34.0}}, {"format": "oscar_int2", "perplexity": {"a": 35.0}}]}
+    acc = {"results": [{"format": "auto", "perplexity": {"a": 34.0}},
+                       {"format": "oscar_int2", "perplexity": {"a": 35.0}}]}
     written = plots(e2e, acc, tmp_path)
     assert [p.name for p in written] == ["e2e-h100.png", "accuracy-gpu-smollm2.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
