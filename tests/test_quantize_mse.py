@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_variants import partition_brute_force
 from vllm_oscar.layout import Int2PageLayout
 from vllm_oscar.ops import reference as ref
 
@@ -253,21 +254,7 @@ def test_mse_is_near_the_global_optimum():
     runs, least squares in closed form): within a few percent (1.007-1.009 measured on SmolLM2 rows)."""
     d = 32
     x = rows(n=16, d=d, seed=5, heavy=True).double()
-    xs = torch.sort(x, -1).values
-    n = x.shape[0]
-    zero = torch.zeros(n, 1, dtype=torch.float64)
-    p1, p2 = torch.cat([zero, xs.cumsum(-1)], -1), torch.cat([zero, (xs * xs).cumsum(-1)], -1)
-    a, b, c = torch.tensor([(a, b, c) for a in range(d + 1) for b in range(a, d + 1) for c in range(b, d + 1)]).T
-    cnt = torch.stack([a, b - a, c - b, d - c], -1).double()
-    code = torch.arange(4, dtype=torch.float64)
-    sc, scc = (cnt * code).sum(-1), (cnt * code * code).sum(-1)
-    seg = torch.stack([p1[:, a], p1[:, b] - p1[:, a], p1[:, c] - p1[:, b], p1[:, d:] - p1[:, c]], -1)
-    sx, sxx, scx = p1[:, d:], p2[:, d:], (seg * code).sum(-1)
-    det = d * scc - sc * sc
-    s = (d * scx - sc * sx) / torch.where(det > 0, det, torch.ones_like(det))
-    o = (sx - s * sc) / d
-    opt = (sxx - 2 * s * scx - 2 * o * sx + s * s * scc + 2 * s * o * sc + d * o * o)
-    opt = torch.where((det > 0) & (s > 0), opt, torch.full_like(opt, float("inf"))).amin(-1)
+    opt = partition_brute_force(x)  # the exhaustive oracle shared with test_variants.py
     ratio = sse(x.float(), *ref.quantize_int2_mse(x.float())) / opt
     assert torch.all(ratio >= 1 - 1e-3)  # fp16 parameters can land a hair below the fp64 optimum
     assert float(ratio.mean()) < 1.03
