@@ -2,6 +2,7 @@
 
     python -m benchmarks.run --suite all            # on the GPU machine, vLLM staged (shared/device)
     python -m benchmarks.run --suite perf --formats auto,fp8,oscar_int2 --contexts 8192,32768
+    python -m benchmarks.run --suite serve --formats oscar_int2   # online: vllm serve + vllm bench serve
 
 Every format goes through the same code path: one fresh engine per (suite, format), started in a
 subprocess so GPU memory is returned between formats. Results: ``benchmarks/results/e2e-<gpu>.json``
@@ -178,6 +179,64 @@ def worker_accuracy(args) -> dict:
     return out
 
 
+def run_serve(fmt: str, args) -> dict:
+    """Online serving: ``vllm serve`` (Qwen3-8B shape, dummy weights) driven by ``vllm bench serve`` with
+    random 4096-in / 512-out requests at each ``--serve-rates`` rate; TTFT and TPOT p50/p99, throughput."""
+    import signal
+    import tempfile
+    import urllib.request
+
+    if not args.serve_tokenizer:
+        raise SystemExit("--serve-tokenizer (or OSCAR_TEST_MODEL) is required: `vllm bench serve` samples random "
+                         "prompts through a tokenizer; any one whose vocabulary fits the model's works")
+    port = 8100 + os.getpid() % 500
+    cli = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    serve = cli + ["serve", str(args.model_dir), "--load-format", "dummy", "--tokenizer", args.serve_tokenizer,
+                   "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),
+                   "--gpu-memory-utilization", str(args.gpu_mem), "--max-model-len", str(args.tp_in + args.tp_out + 64),
+                   "--kv-cache-dtype", FORMATS[fmt]["kv_cache_dtype"], "--no-enable-prefix-caching"]
+    if "additional_config" in FORMATS[fmt]:
+        serve += ["--additional-config", json.dumps(FORMATS[fmt]["additional_config"])]
+    out_dir = Path(tempfile.mkdtemp(prefix="oscar-serve-"))
+    log = open(out_dir / "server.log", "w")
+    proc = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    res: dict = {"format": fmt, "serve": {"input_len": args.tp_in, "output_len": args.tp_out, "rates": {}}}
+    try:
+        deadline = time.time() + 600
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}; log: {out_dir / 'server.log'}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.time() > deadline:
+                    raise TimeoutError("vllm serve not healthy after 600 s") from None
+                time.sleep(2)
+        for rate in args.serve_rates.split(","):
+            name = f"rate-{rate}.json"
+            subprocess.run(cli + [
+                "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}", "--model", "bench",
+                "--tokenizer", args.serve_tokenizer, "--dataset-name", "random", "--random-input-len", str(args.tp_in),
+                "--random-output-len", str(args.tp_out), "--num-prompts", str(args.serve_prompts), "--ignore-eos",
+                "--request-rate", rate, "--percentile-metrics", "ttft,tpot", "--metric-percentiles", "50,99",
+                "--save-result", "--result-dir", str(out_dir), "--result-filename", name], check=True)
+            got = json.loads((out_dir / name).read_text())
+            res["serve"]["rates"][rate] = {k: got.get(k) for k in (
+                "request_throughput", "output_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms",
+                "median_ttft_ms", "median_tpot_ms", "completed")}
+            print(f"[{fmt}] rate {rate}: {res['serve']['rates'][rate]}", flush=True)
+            Path(args.worker_out).write_text(json.dumps(res))
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return res
+
+
 # -------------------------------------------------------------------------------------- driver
 
 
@@ -314,7 +373,8 @@ def plots(e2e: dict | None, acc: dict | None, out_dir: Path) -> list[Path]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=["all", "perf", "accuracy"], default="all")
+    p.add_argument("--suite", choices=["all", "perf", "accuracy", "serve"], default="all",
+                   help="all = perf + accuracy; serve (online, `vllm bench serve`) runs only when named")
     p.add_argument("--formats", default=None, help=f"comma list of {list(FORMATS)}")
     p.add_argument("--model-dir", default=str(DUMMY_QWEN3_8B), help="config folder for dummy-weight perf runs")
     p.add_argument("--contexts", default="8192,32768,65536,131072", help="batch-1 latency contexts")
@@ -331,10 +391,14 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="h100", help="file suffix: e2e-<tag>.json")
     p.add_argument("--worker-timeout", type=int, default=1500)
     p.add_argument("--fresh", action="store_true", help="replace the result JSON instead of merging formats into it")
+    p.add_argument("--serve-rates", default="4,16,inf", help="request rates (req/s) for --suite serve")
+    p.add_argument("--serve-prompts", type=int, default=256)
+    p.add_argument("--serve-tokenizer", default=os.environ.get("OSCAR_TEST_MODEL"),
+                   help="tokenizer for `vllm bench serve` and the dummy-weight server (default: $OSCAR_TEST_MODEL)")
     p.add_argument("--markdown", action="store_true", help="print tables from existing results and exit")
     p.add_argument("--plots", action="store_true", help="write PNG plots of existing results to docs/ and exit "
                                                          "(needs matplotlib)")
-    p.add_argument("--worker", choices=["perf", "accuracy"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["perf", "accuracy", "serve"], help=argparse.SUPPRESS)
     p.add_argument("--format", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -351,7 +415,8 @@ def main(argv=None) -> int:
     if args.worker:
         if args.format not in FORMATS:
             raise SystemExit(f"unknown format {args.format!r}; valid: {list(FORMATS)}")
-        res = (worker_perf if args.worker == "perf" else worker_accuracy)(args)
+        res = {"perf": worker_perf, "accuracy": worker_accuracy, "serve": run_serve}[args.worker](
+            *((args.format, args) if args.worker == "serve" else (args,)))
         Path(args.worker_out).write_text(json.dumps(res))
         return 0
 
@@ -369,6 +434,20 @@ def main(argv=None) -> int:
                             "contexts": args.contexts, "throughput": [args.tp_requests, args.tp_in, args.tp_out]},
                "results": [_run_worker("perf", f, args, shared) for f in fmts]}
         e2e = _merge(e2e_path, e2e, not args.fresh)
+    if args.suite == "serve":
+        fmts = (args.formats or "auto,fp8,oscar_int2").split(",")
+        extra = shared + ["--serve-rates", args.serve_rates, "--serve-prompts", str(args.serve_prompts)]
+        if args.serve_tokenizer:
+            extra += ["--serve-tokenizer", args.serve_tokenizer]
+        served = {"environment": _environment(), "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
+                  "settings": {"model": "Qwen3-8B shape, dummy weights", "gpu_memory_utilization": args.gpu_mem,
+                               "input_len": args.tp_in, "output_len": args.tp_out, "prompts": args.serve_prompts,
+                               "rates": args.serve_rates},
+                  "results": [_run_worker("serve", f, args, extra) for f in fmts]}
+        _merge(RESULTS / f"serve-{args.tag}.json", served, not args.fresh)
+        for r in served["results"]:
+            print(r["format"], json.dumps(r.get("serve", r.get("error"))))
+        return 0
     if args.suite in ("all", "accuracy"):
         if not args.model:
             raise SystemExit("--model (or OSCAR_TEST_MODEL) is required for the accuracy suite")
