@@ -33,8 +33,13 @@ def check_architecture(config) -> str:
 def causal_sdpa(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Plain causal attention (GQA), ``[B, T, Hq, d]``: what the model computes unhooked."""
     g = q.shape[1] // k.shape[1]
+    tq, tkv = q.shape[2], k.shape[2]
+    # With a KV cache the queries are the last ``tq`` positions (bottom-right aligned causal mask).
+    mask = None if tq == tkv else torch.arange(tkv, device=q.device)[None, :] <= torch.arange(
+        tkv - tq, tkv, device=q.device)[:, None]
     out = torch.nn.functional.scaled_dot_product_attention(
-        q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), is_causal=True, scale=module.scaling
+        q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask, is_causal=mask is None,
+        scale=module.scaling
     )
     return out.transpose(1, 2).contiguous()
 

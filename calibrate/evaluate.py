@@ -99,8 +99,14 @@ def _rotations(method: EvalMethod, artifact: RotationArtifact | None, head_dim: 
 
 
 def make_attention(method: EvalMethod, artifact: RotationArtifact | None, head_dim: int, *,
-                   k_clip: float, v_clip: float, sink: int, recent: int):
-    """The attention function (for ``capture.attention_override``) that implements ``method``."""
+                   k_clip: float, v_clip: float, sink: int, recent: int, int2_from: int = 0):
+    """The attention function (for ``capture.attention_override``) that implements ``method``.
+
+    ``int2_from``: queries at positions before it read every key exactly (a one-chunk prefill over
+    exact K/V); queries at or after it read keys outside their windows from INT2 (decode). 0 (the
+    default): every query reads INT2, the semantics of :func:`perplexity`. With a KV cache (fewer
+    queries than keys) the queries are the last positions of the sequence.
+    """
     if method.kind == "exact":
         return causal_sdpa
     rot_k, rot_v = _rotations(method, artifact, head_dim)
@@ -110,16 +116,19 @@ def make_attention(method: EvalMethod, artifact: RotationArtifact | None, head_d
     def attention(module, q, k, v):
         i = layer_index(module)
         q_, k_, v_ = (x[0].transpose(0, 1).float() for x in (q, k, v))  # [T, H, d]
-        pos = torch.arange(q_.shape[0])
+        tq, tkv = q_.shape[0], k_.shape[0]
+        pos = torch.arange(tkv - tq, tkv)
+        prefill = pos[:, None] < int2_from  # [Tq, 1]: these queries read everything exactly
         if method.kind == "kivi":
             kq = _kivi_fake_quant_k(k_)
             vq = ref.dequantize_int2(*ref.quantize_int2(v_))
             o = ref.mixed_window_attention(q_, k_, v_, kq, vq, pos, 0, 0, module.scaling,
-                                           exact_mask=_kivi_exact_mask(q_.shape[0]))
+                                           exact_mask=_kivi_exact_mask(tkv)[tkv - tq:] | prefill)
         else:
+            mask = ref.exact_window_mask(pos, tkv, s, r)[1] | prefill if int2_from > 0 else None
             o = ref.oscar_attention(q_, k_, v_, rot_k and rot_k(i), rot_v and rot_v(i), pos, k_clip_ratio=kc,
                                     v_clip_ratio=vc, sink=s, recent=r, window_dtype=None, scale=module.scaling,
-                                    levels=method.levels)
+                                    levels=method.levels, exact_mask=mask)
         return o[None].to(q.dtype)
 
     return attention

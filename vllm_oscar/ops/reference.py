@@ -567,6 +567,7 @@ def oscar_attention(
     window_dtype: torch.dtype | None = torch.bfloat16,
     scale: float | None = None,
     levels: str = "minmax",
+    exact_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """End-to-end OSCAR attention for one sequence, in the model's space.
 
@@ -574,7 +575,8 @@ def oscar_attention(
     INT2 copy is quantized (``levels="minmax"``: clipped min-max grid; ``"mse"``: the MSE-fitted grid,
     clip ratios must be 0), the window copy is the rotated row rounded to ``window_dtype`` (``None``
     keeps it exact); ``q @ R_K`` attends over the mixed cache and the output is rotated back with
-    ``R_V^T``. Identity rotations are ``None``.
+    ``R_V^T``. Identity rotations are ``None``. ``exact_mask [Tq, Tkv]`` overrides which keys are read
+    from the window copy (see :func:`mixed_window_attention`).
     """
     check_levels(levels, k_clip_ratio, v_clip_ratio)
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -587,7 +589,8 @@ def oscar_attention(
     v_win = v_rot if window_dtype is None else v_rot.to(window_dtype)
     k_q = dequantize_int2(*quantize_int2_levels(clip_rows(k_rot.float(), k_clip_ratio), levels))
     v_q = dequantize_int2(*quantize_int2_levels(clip_rows(v_rot.float(), v_clip_ratio), levels))
-    o = mixed_window_attention(rot(q, rotation_k), k_win, v_win, k_q, v_q, q_positions, sink, recent, scale)
+    o = mixed_window_attention(rot(q, rotation_k), k_win, v_win, k_q, v_q, q_positions, sink, recent, scale,
+                               exact_mask=exact_mask)
     return o if rotation_v is None else o @ rotation_v.to(o.dtype).T
 
 
