@@ -77,6 +77,11 @@ def _environment() -> dict:
 # -------------------------------------------------------------------------------------- workers
 
 
+def _save_partial(args, out: dict) -> None:
+    """Write a worker's results so far: the driver keeps them if the worker is cut off by a time limit."""
+    Path(args.worker_out).write_text(json.dumps(out))
+
+
 def _engine(fmt: str, **kwargs):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in-process: its KV config is readable
     from vllm import LLM
@@ -98,10 +103,6 @@ def worker_perf(args) -> dict:
                   max_model_len=max_len, gpu_memory_utilization=args.gpu_mem, enable_prefix_caching=False,
                   max_num_seqs=256, seed=0)
     out: dict = {"format": args.format, "startup_s": round(time.time() - t0, 1), "max_model_len": max_len}
-
-    def save():  # after every measurement, so a worker cut off by a time limit keeps what it finished
-        Path(args.worker_out).write_text(json.dumps(out))
-
     vcfg = llm.llm_engine.vllm_config
     kvc = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_config
     cap = {}
@@ -115,7 +116,7 @@ def worker_perf(args) -> dict:
         cap[str(n)] = {"max_concurrency": round(conc, 3), "kv_tokens": int(tokens)}
     out["capacity"] = cap
     out["num_blocks"] = kvc.num_blocks
-    save()
+    _save_partial(args, out)
     rng = random.Random(0)
 
     def prompt(n):
@@ -137,7 +138,7 @@ def worker_perf(args) -> dict:
         lat[str(c)] = {"tpot_ms": round(1000 * (t2 - t1) / 128, 3), "prefill_s": round(t1, 3)}
         print(f"[{args.format}] ctx {c}: TPOT {lat[str(c)]['tpot_ms']} ms", flush=True)
         out["latency_bs1"] = lat
-        save()
+        _save_partial(args, out)
     if args.tp_requests:
         prompts = [prompt(args.tp_in) for _ in range(args.tp_requests)]
         sp = SamplingParams(max_tokens=args.tp_out, ignore_eos=True, temperature=0)
@@ -175,17 +176,18 @@ def worker_accuracy(args) -> dict:
                 count += 1
         out["perplexity"][set_name] = math.exp(nll / count)
         print(f"[{args.format}] {set_name}: ppl {out['perplexity'][set_name]:.3f}", flush=True)
-        Path(args.worker_out).write_text(json.dumps(out))
+        _save_partial(args, out)
     return out
 
 
-def run_serve(fmt: str, args) -> dict:
+def worker_serve(args) -> dict:
     """Online serving: ``vllm serve`` (Qwen3-8B shape, dummy weights) driven by ``vllm bench serve`` with
     random 4096-in / 512-out requests at each ``--serve-rates`` rate; TTFT and TPOT p50/p99, throughput."""
-    import signal
     import tempfile
-    import urllib.request
 
+    from benchmarks.serving import running_server
+
+    fmt = args.format
     if not args.serve_tokenizer:
         raise SystemExit("--serve-tokenizer (or OSCAR_TEST_MODEL) is required: `vllm bench serve` samples random "
                          "prompts through a tokenizer; any one whose vocabulary fits the model's works")
@@ -198,26 +200,12 @@ def run_serve(fmt: str, args) -> dict:
     if "additional_config" in FORMATS[fmt]:
         serve += ["--additional-config", json.dumps(FORMATS[fmt]["additional_config"])]
     out_dir = Path(tempfile.mkdtemp(prefix="oscar-serve-"))
-    log = open(out_dir / "server.log", "w")
-    proc = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     res: dict = {"format": fmt, "serve": {"input_len": args.tp_in, "output_len": args.tp_out, "rates": {}}}
-    try:
-        deadline = time.time() + 600
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}; log: {out_dir / 'server.log'}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if time.time() > deadline:
-                    raise TimeoutError("vllm serve not healthy after 600 s") from None
-                time.sleep(2)
+    with running_server(serve, port, out_dir / "server.log", timeout_s=600) as base:
         for rate in args.serve_rates.split(","):
             name = f"rate-{rate}.json"
             subprocess.run(cli + [
-                "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}", "--model", "bench",
+                "bench", "serve", "--backend", "vllm", "--base-url", base, "--model", "bench",
                 "--tokenizer", args.serve_tokenizer, "--dataset-name", "random", "--random-input-len", str(args.tp_in),
                 "--random-output-len", str(args.tp_out), "--num-prompts", str(args.serve_prompts), "--ignore-eos",
                 "--request-rate", rate, "--percentile-metrics", "ttft,tpot", "--metric-percentiles", "50,99",
@@ -227,13 +215,7 @@ def run_serve(fmt: str, args) -> dict:
                 "request_throughput", "output_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms",
                 "median_ttft_ms", "median_tpot_ms", "completed")}
             print(f"[{fmt}] rate {rate}: {res['serve']['rates'][rate]}", flush=True)
-            Path(args.worker_out).write_text(json.dumps(res))
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _save_partial(args, res)
     return res
 
 
@@ -415,9 +397,8 @@ def main(argv=None) -> int:
     if args.worker:
         if args.format not in FORMATS:
             raise SystemExit(f"unknown format {args.format!r}; valid: {list(FORMATS)}")
-        res = {"perf": worker_perf, "accuracy": worker_accuracy, "serve": run_serve}[args.worker](
-            *((args.format, args) if args.worker == "serve" else (args,)))
-        Path(args.worker_out).write_text(json.dumps(res))
+        res = {"perf": worker_perf, "accuracy": worker_accuracy, "serve": worker_serve}[args.worker](args)
+        _save_partial(args, res)
         return 0
 
     unknown = [f for f in (args.formats or "").split(",") if f and f not in FORMATS]

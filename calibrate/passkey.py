@@ -234,6 +234,14 @@ def main(argv=None) -> int:  # pragma: no cover - CPU minutes; the pieces are te
     int2_trials = args.trials if args.int2_trials is None else args.int2_trials
 
     records: dict[str, list[dict]] = {}
+
+    def record(name: str, logits: torch.Tensor, answer: list[int], info: dict) -> tuple[bool, float, str]:
+        """Score one method's answer logits and file the trial (``info``) under ``name``."""
+        hit, lp = score(logits, answer)
+        argmax = tok.decode(logits.argmax(-1).tolist())
+        records.setdefault(name, []).append({**info, "retrieved": hit, "logprob": lp, "argmax": argmax})
+        return hit, lp, argmax
+
     trials = [(t, d) for t in range(args.trials) for d in depths]  # round-robin: depths stay balanced
     stopped_early = False
     for t, d in trials:
@@ -246,21 +254,15 @@ def main(argv=None) -> int:  # pragma: no cover - CPU minutes; the pieces are te
         tt = time.time()
         per = exact_prefill_logits(model, ex["prompt"], ex["answer"], fns)
         line = [f"trial {t} depth {d:.0%} key {key} len {len(ex['prompt'])} needle@{ex['needle_fraction']:.2f}"]
+        info = {"trial": t, "depth": d, "key": key, "needle_fraction": round(ex["needle_fraction"], 4),
+                "prompt_tokens": len(ex["prompt"])}
         for m, logits in per.items():
-            hit, lp = score(logits, ex["answer"])
-            records.setdefault(f"{m}/exact_prefill", []).append(
-                {"trial": t, "depth": d, "key": key, "retrieved": hit, "logprob": lp,
-                 "argmax": tok.decode(logits.argmax(-1).tolist()),
-                 "needle_fraction": round(ex["needle_fraction"], 4), "prompt_tokens": len(ex["prompt"])})
-            line.append(f"{m}:{'Y' if hit else 'n'}{lp:.2f}:{tok.decode(logits.argmax(-1).tolist())}")
+            hit, lp, argmax = record(f"{m}/exact_prefill", logits, ex["answer"], info)
+            line.append(f"{m}:{'Y' if hit else 'n'}{lp:.2f}:{argmax}")
         if t < int2_trials:
             for m in int2_methods:
                 logits = int2_prefill_logits(model, ex["prompt"], ex["answer"], fns[m])
-                hit, lp = score(logits, ex["answer"])
-                records.setdefault(f"{m}/int2_prefill", []).append(
-                    {"trial": t, "depth": d, "key": key, "retrieved": hit, "logprob": lp,
-                     "argmax": tok.decode(logits.argmax(-1).tolist()),
-                     "needle_fraction": round(ex["needle_fraction"], 4), "prompt_tokens": len(ex["prompt"])})
+                hit, lp, _ = record(f"{m}/int2_prefill", logits, ex["answer"], info)
                 line.append(f"{m}[int2_prefill]:{'Y' if hit else 'n'}{lp:.2f}")
         print(" ".join(line), f"({time.time() - tt:.0f}s)", flush=True)
 

@@ -223,14 +223,12 @@ def check_pool_admits_one_request(available_memory: int, get_needed_memory, max_
 
     vllm_config, groups = args
     in_flight = vllm_config.max_in_flight_tokens
-    need = {}
+    need: dict[str, int] = {}  # pages per spec type, over its groups
     for g in groups:
         spec = g.kv_cache_spec
-        if isinstance(spec, SlidingWindowSpec):
-            need[type(spec).__name__] = need.get(type(spec).__name__, 0) + \
-                spec.max_admission_blocks_per_request(in_flight, max_model_len)
-        else:
-            need[type(spec).__name__] = need.get(type(spec).__name__, 0) + cdiv(max_model_len, spec.block_size)
+        pages_for_one = (spec.max_admission_blocks_per_request(in_flight, max_model_len)
+                         if isinstance(spec, SlidingWindowSpec) else cdiv(max_model_len, spec.block_size))
+        need[type(spec).__name__] = need.get(type(spec).__name__, 0) + pages_for_one
     pages = available_memory // _pool_bytes_per_block(vllm_config, groups) - 1  # page 0 is vLLM's null block
     if sum(need.values()) > pages:
         detail = ", ".join(f"{n} {k}" for k, n in need.items())
