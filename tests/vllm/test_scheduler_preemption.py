@@ -71,6 +71,7 @@ def test_preemption_under_memory_pressure_finishes_every_request(model_factory):
     model = model_factory("preempt", num_layers=2, num_heads=9, num_kv_heads=3, head_dim=64)
     sched, hash_bs = _scheduler(model, POOL_PAGES)
     finished, preemptions, output_tokens = _run(sched, hash_bs)
+    print(f"{len(finished)}/{NUM_REQUESTS} requests finished, {preemptions} preemptions")  # shown with pytest -s
     assert len(finished) == NUM_REQUESTS, f"{len(finished)}/{NUM_REQUESTS} finished: the scheduler stalled"
     assert preemptions > 0, "the pool was large enough to avoid preemption: the case tests nothing"
     # Recompute-preemption re-prefills but never re-samples: each request emitted exactly OUTPUT tokens
