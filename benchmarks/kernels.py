@@ -402,7 +402,13 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a few configurations only")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--time-budget", type=float, default=1e9, help="seconds; later measurements are skipped")
+    ap.add_argument("--parts", default="decode,store,gather,sweep",
+                    help="comma list of decode, store, gather, sweep (default: all)")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    unknown = parts - {"decode", "store", "gather", "sweep"}
+    if unknown:
+        ap.error(f"unknown --parts {sorted(unknown)}; choose from decode, store, gather, sweep")
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     fa3, fa3_source = load_fa3()
@@ -418,14 +424,18 @@ def main():
     res.update(decode=[], store=[], gather=[], split_sweep=[])
     res["copy_tbps"] = copy_bandwidth()
     print(f"copy bandwidth {res['copy_tbps']:.2f} TB/s", flush=True)
-    run_decode(fa3, args.quick, budget, res["decode"])
+    res["parts"] = sorted(parts)
+    if "decode" in parts:
+        run_decode(fa3, args.quick, budget, res["decode"])
     for name, fn in (("store", lambda: run_store(args.quick)), ("gather", run_gather)):
+        if name not in parts:
+            continue
         try:
             res[name] = fn()
         except Exception as exc:  # noqa: BLE001
             res[name + "_error"] = f"{type(exc).__name__}: {exc}"[:300]
         save()
-    if not args.no_sweep:
+    if not args.no_sweep and "sweep" in parts:
         res["split_sweep"] = run_split_sweep(args.quick, budget)
     save()
     print_tables(res)

@@ -2,27 +2,47 @@
 
     python -m benchmarks.run --suite all            # on the GPU machine, vLLM staged (shared/device)
     python -m benchmarks.run --suite perf --formats auto,fp8,oscar_int2 --contexts 8192,32768
+    python -m benchmarks.run --suite accuracy --formats oscar_int2   # ppl at 2K/4K/8K, recall, passkey
+    python -m benchmarks.run --suite accuracy --formats fp8 --tasks recall --recall-trials 20
     python -m benchmarks.run --suite serve --formats oscar_int2   # online: vllm serve + vllm bench serve
 
 Every format goes through the same code path: one fresh engine per (suite, format), started in a
 subprocess so GPU memory is returned between formats. Results: ``benchmarks/results/e2e-<gpu>.json``
 (capacity, latency, throughput on the Qwen3-8B shape with dummy weights) and
-``benchmarks/results/accuracy-gpu-smollm2.json`` (perplexity on real weights), each with the machine,
-versions and settings. ``--markdown`` prints the tables from existing JSON without a GPU.
+``benchmarks/results/accuracy-gpu-smollm2.json`` (SmolLM2-135M-Instruct, real weights: perplexity,
+verbatim recall, passkey), each with the machine, versions and settings. A later call replaces the
+formats it runs (the accuracy suite: the tasks and perplexity contexts it runs) and keeps the rest.
+``--markdown`` prints the tables from existing JSON without a GPU.
 
 Semantics worth knowing:
 - capacity is vLLM's own ``get_kv_cache_capacity`` (what it logs as "Maximum concurrency for N tokens
   per request") evaluated for each request length on the engine's real KV-cache config;
 - batch-1 TPOT = (time of 1 prompt + 129 tokens - time of the same prompt + 1 token) / 128, prefix
   caching off so both runs prefill;
-- perplexity is teacher-forced through ``prompt_logprobs`` with chunked prefill in ``--chunk``-token
-  chunks, so every token reads the quantized history beyond the windows as decode does (a one-chunk
-  prefill would attend to exact K/V and hide the cache's error).
+- accuracy: one engine per format for all its tasks; every prompt is prefilled in ``--chunk``-token
+  (32) steps, up to ``--max-num-seqs`` (64) requests side by side, so every prompt token reads the
+  quantized history beyond the BF16 windows as decode does (a one-chunk prefill would attend to exact
+  K/V and hide the cache's error); prefix caching off. Tasks (``--tasks``, default all):
+  - ``ppl``: teacher-forced perplexity through ``prompt_logprobs`` on held-out Shakespeare
+    (``--eval-sets``), ``--num-seqs`` windows per set at each ``--seq-lens`` context (2048, 4096, 8192;
+    SmolLM2 has 8192 positions, so its 8192 context scores 8191-token windows); JSON
+    ``"perplexity": {context: {set: ppl}}``;
+  - ``recall``: a 64-token passage of ``shakespeare:romances`` inserted (token ids) at depths 10..90% of
+    ``shakespeare:tragedies`` haystacks of 1K, 2K, 4K and 7.5K tokens; the prompt ends with the passage's
+    first 32 tokens and the greedy continuation (32 tokens, EOS ignored) is scored per position against
+    the passage's next 32: token accuracy and exact-match rate per (haystack, depth) cell,
+    ``--recall-trials`` (20) trials a cell, each its own seeded haystack window and passage;
+  - ``passkey``: ``calibrate.passkey``'s chat prompt (~3000-token tragedies haystack, a 5-digit key at
+    depths 10/50/90%, reply primed with "The pass key is"), same seed and order as the CPU reference
+    (same keys and haystacks), greedy reply of up to 8 tokens; success = the reply's first number is
+    the key, ``--passkey-trials`` (20) per depth.
+  GPU cost: ``worker_accuracy``'s docstring (about 1.5-2.5 min per format on an H100, TurboQuant more).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -30,6 +50,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks import longctx
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -149,33 +171,139 @@ def worker_perf(args) -> dict:
     return out
 
 
-def worker_accuracy(args) -> dict:
-    """Teacher-forced perplexity through prompt_logprobs on held-out Shakespeare, small-chunk prefill."""
+def _run_ppl(llm, windows: dict[int, dict[str, list[list[int]]]]) -> dict[str, dict[str, float]]:
+    """Perplexity per context and set: every window of every context in one ``generate`` call (teacher
+    forced, ``prompt_logprobs``; the engine prefills each in ``--chunk``-token steps)."""
     import math
 
-    from transformers import AutoTokenizer
     from vllm import SamplingParams
 
-    from vllm_oscar.calibrate.data import token_sequences
+    sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0, detokenize=False)
+    flat = [(ctx, s, w) for ctx, per in windows.items() for s, ws in per.items() for w in ws]
+    res = llm.generate([{"prompt_token_ids": w} for _, _, w in flat], sp, use_tqdm=False)
+    sums: dict[str, dict[str, list[float]]] = {}
+    for (ctx, s, w), r in zip(flat, res):
+        nll, n = longctx.nll_of(w, r.prompt_logprobs)
+        acc = sums.setdefault(str(ctx), {}).setdefault(s, [0.0, 0])
+        acc[0] += nll
+        acc[1] += n
+    return {ctx: {s: math.exp(nll / n) for s, (nll, n) in per.items()} for ctx, per in sums.items()}
 
-    tok = AutoTokenizer.from_pretrained(args.model)
-    out: dict = {"format": args.format, "chunk": args.chunk, "perplexity": {}}
-    llm = _engine(args.format, model=args.model, max_model_len=args.seq_len + 16, gpu_memory_utilization=0.5,
-                  enable_chunked_prefill=True, max_num_batched_tokens=args.chunk, max_num_seqs=1,
-                  long_prefill_token_threshold=args.chunk, enable_prefix_caching=False, seed=0,
+
+def _run_recall(llm, examples: list[dict], spec: longctx.RecallSpec) -> dict:
+    """Greedy continuation of every recall prompt (one ``generate`` call), scored position by position."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(max_tokens=spec.answer_tokens, temperature=0, ignore_eos=True, detokenize=False)
+    res = llm.generate([{"prompt_token_ids": e["prompt"]} for e in examples], sp, use_tqdm=False)
+    correct = [longctx.score_recall(list(r.outputs[0].token_ids), e["expected"]) for e, r in zip(examples, res)]
+    return longctx.summarize_recall(examples, correct, spec)
+
+
+def _run_passkey(llm, tokenizer, examples: list[dict], spec: longctx.PasskeySpec) -> dict:
+    """Greedy reply (up to ``spec.max_tokens``) to every passkey chat prompt, one ``generate`` call."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(max_tokens=spec.max_tokens, temperature=0, detokenize=False)
+    res = llm.generate([{"prompt_token_ids": e["prompt"]} for e in examples], sp, use_tqdm=False)
+    replies = [(list(r.outputs[0].token_ids), tokenizer.decode(list(r.outputs[0].token_ids),
+                                                               skip_special_tokens=True)) for r in res]
+    return longctx.summarize_passkey(examples, replies, spec)
+
+
+def _headline(task: str, block: dict) -> str:
+    if task == "ppl":
+        return "; ".join(f"{ctx}: " + ", ".join(f"{s.split(':')[-1]} {v:.3f}" for s, v in per.items())
+                         for ctx, per in block.items())
+    if task == "recall":
+        per = ", ".join(f"{longctx.size_label(h)} {s['token_accuracy']:.3f}" for h, s in block["by_haystack"].items())
+        return (f"token accuracy {block['all']['token_accuracy']:.3f} (exact {block['all']['exact_match']:.3f}, "
+                f"{block['all']['trials']} trials; {per})")
+    per = ", ".join(f"{d} {s['success']}/{s['trials']}" for d, s in block["depths"].items())
+    return f"success {block['all']['success']}/{block['all']['trials']} ({per})"
+
+
+def worker_accuracy(args) -> dict:
+    """Perplexity at ``--seq-lens``, verbatim recall and passkey for one format, on one engine.
+
+    Every prompt is built (tokenized) before the engine starts, so a bad setting fails in seconds. The
+    engine prefills every request in ``--chunk``-token steps while up to ``--max-num-seqs`` requests run
+    together: ``long_prefill_token_threshold=chunk`` caps each request's new tokens per step, for its first
+    chunk too (vLLM 0.26.0 ``vllm/v1/core/sched/scheduler.py``: lines 507-508 cap a running request's
+    next chunk, lines 861-863 a waiting request's first one, a preempted one's re-prefill included), and
+    ``max_num_batched_tokens = max_num_seqs * chunk`` lets every running request take its full chunk.
+
+    GPU budget (H100, SmolLM2-135M, defaults): engine start ~60-90 s (TurboQuant 2-4 min, compiling);
+    ppl 2 sets x 4 windows x (2048 + 4096 + 8191) = 115K prompt tokens in ~256 steps of <= 768 tokens;
+    recall 4 sizes x 5 depths x 20 trials = 400 prompts, 20 x 5 x (1024 + 2048 + 4096 + 7680 + 4 x 96) = 1.52M
+    prompt tokens in ~750 steps of 2048 tokens, + 12.8K generated; passkey 3 depths x 20 trials = 60
+    prompts x ~3.1K = 190K tokens + <= 480 generated. ~1.8M tokens in ~1100 steps: at an assumed 20-40 ms
+    a step, 0.5-1 min of tasks, so ~1.5-2.5 min per format (TurboQuant ~3-5 min; split it with
+    ``--tasks``). Recall dominates; 20 trials per cell is the issue's minimum, so it is not reduced.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+    from vllm_oscar.calibrate.data import load_text
+
+    tasks = args.tasks
+    tok = longctx.MemoTokenizer(AutoTokenizer.from_pretrained(args.model))
+    limit = getattr(AutoConfig.from_pretrained(args.model), "max_position_embeddings", None)
+    out: dict = {"format": args.format, "chunk": args.chunk}
+    needed = []  # longest prompt + generated tokens of each task
+    if "ppl" in tasks:
+        windows: dict[int, dict[str, list[list[int]]]] = {}
+        ppl_settings = {}
+        for ctx in args.seq_lens:
+            n = longctx.ppl_tokens(ctx, limit)
+            windows[ctx] = {s: longctx.ppl_windows(tok, s, n, args.num_seqs) for s in args.eval_sets.split(",")}
+            ppl_settings[str(ctx)] = {"tokens": n, "num_seqs": {s: len(ws) for s, ws in windows[ctx].items()},
+                                      "chunk": args.chunk, "max_num_seqs": args.max_num_seqs}
+            short = {s: len(ws) for s, ws in windows[ctx].items() if len(ws) < args.num_seqs}
+            if short:
+                print(f"[{args.format}] ppl {ctx}: fewer windows than --num-seqs {args.num_seqs}: {short}", flush=True)
+        needed.append(max(longctx.ppl_tokens(c, limit) for c in args.seq_lens) + 1)
+    if "recall" in tasks:
+        rspec = longctx.RecallSpec(haystacks=args.recall_haystacks, depths=args.recall_depths,
+                                   trials=args.recall_trials, seed=args.seed)
+        ids = {s: tok(load_text(s)[0], add_special_tokens=False)["input_ids"]
+               for s in (rspec.haystack_set, rspec.passage_set)}
+        recall_ex = longctx.recall_trials(ids[rspec.haystack_set], ids[rspec.passage_set], rspec)
+        needed.append(max(len(e["prompt"]) for e in recall_ex) + rspec.answer_tokens)
+    if "passkey" in tasks:
+        pspec = longctx.PasskeySpec(depths=args.passkey_depths, trials=args.passkey_trials, seed=args.seed)
+        passkey_ex = longctx.passkey_trials(tok, load_text(pspec.data)[0], pspec)
+        needed.append(max(len(e["prompt"]) for e in passkey_ex) + pspec.max_tokens)
+    if limit is not None and max(needed) > limit:
+        raise SystemExit(f"a prompt plus its generated tokens needs {max(needed)} positions; the model has {limit}")
+    max_len = max(needed) + 16 if limit is None else min(max(needed) + 16, limit)
+
+    t0 = time.time()
+    engine = {"max_model_len": max_len, "max_num_seqs": args.max_num_seqs,
+              "max_num_batched_tokens": args.max_num_seqs * args.chunk, "long_prefill_token_threshold": args.chunk,
+              "enable_chunked_prefill": True, "enable_prefix_caching": False, "gpu_memory_utilization": 0.5}
+    llm = _engine(args.format, model=args.model, seed=0, **engine,
                   **({"additional_config": {"oscar": {"rotations": args.rotations}}}
                      if args.rotations and args.format == "oscar_int2" else {}))
-    sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
-    for set_name in args.eval_sets.split(","):
-        seqs = token_sequences(tok, set_name, args.seq_len, args.num_seqs)
-        nll, count = 0.0, 0
-        for s in seqs.tolist():
-            res = llm.generate([{"prompt_token_ids": s}], sp, use_tqdm=False)[0]
-            for t, lp in zip(s[1:], res.prompt_logprobs[1:]):
-                nll -= lp[t].logprob
-                count += 1
-        out["perplexity"][set_name] = math.exp(nll / count)
-        print(f"[{args.format}] {set_name}: ppl {out['perplexity'][set_name]:.3f}", flush=True)
+    out["startup_s"] = round(time.time() - t0, 1)
+    out["engine"] = engine
+    print(f"[{args.format}] engine up in {out['startup_s']} s (max_model_len {max_len})", flush=True)
+    _save_partial(args, out)
+    for task in tasks:
+        t = time.time()
+        if task == "ppl":
+            block = out["perplexity"] = _run_ppl(llm, windows)
+            out["perplexity_settings"] = ppl_settings
+        elif task == "recall":
+            block = out["recall"] = _run_recall(llm, recall_ex, rspec)
+            block["settings"].update(prefill_chunk=args.chunk, generation="greedy, EOS ignored",
+                                     semantics="every prompt token reads the cache beyond the BF16 windows")
+        else:
+            block = out["passkey"] = _run_passkey(llm, tok, passkey_ex, pspec)
+            block["settings"].update(prefill_chunk=args.chunk, generation="greedy, stops at EOS",
+                                     semantics="int2_prefill (calibrate.passkey): every prompt token reads the "
+                                               "cache beyond the BF16 windows; same keys and haystacks as the "
+                                               "CPU reference at the same seed")
+        out.setdefault("elapsed_s", {})[task] = round(time.time() - t, 1)
+        print(f"[{args.format}] {task}: {_headline(task, block)} ({out['elapsed_s'][task]:.0f} s)", flush=True)
         _save_partial(args, out)
     return out
 
@@ -230,7 +358,7 @@ def _run_worker(kind: str, fmt: str, args, extra: list[str]) -> dict:
     print("$", " ".join(cmd), flush=True)
     t = time.time()
     try:
-        rc = subprocess.run(cmd, cwd=ROOT, timeout=args.worker_timeout).returncode
+        rc = subprocess.run(cmd, check=False, cwd=ROOT, timeout=args.worker_timeout).returncode
     except subprocess.TimeoutExpired:
         rc = "timeout"
     data = json.loads(res_file.read_text()) if res_file.exists() else {"format": fmt}
@@ -240,12 +368,21 @@ def _run_worker(kind: str, fmt: str, args, extra: list[str]) -> dict:
     return data
 
 
-def _merge(path: Path, fresh: dict, merge: bool) -> dict:
+def _merge(path: Path, fresh: dict, merge: bool, upgrade=None, combine=None) -> dict:
     """Results of the formats run now replace theirs in ``path``; other formats' results are kept (one
-    format per device call fits the 10-minute limit)."""
+    format per device call fits the 10-minute limit). ``upgrade(old_file)`` brings the old file to the
+    current shape first; ``combine(old_entry, new_entry)``, when given, folds a format's new entry into
+    its old one instead of replacing it (the accuracy suite: a later ``--tasks recall`` call keeps the
+    format's perplexity)."""
     if merge and path.exists():
         old = json.loads(path.read_text())
+        if upgrade is not None:
+            old = upgrade(old)
         now = {r["format"] for r in fresh["results"]}
+        if combine is not None:
+            before = {r["format"]: r for r in old.get("results", [])}
+            fresh = {**fresh, "results": [combine(before[r["format"]], r) if r["format"] in before else r
+                                          for r in fresh["results"]]}
         kept = [r for r in old.get("results", []) if r["format"] not in now]
         runs = old.get("runs", []) + [{"command": fresh["command"], "environment": fresh["environment"],
                                        "formats": sorted(now)}]
@@ -256,10 +393,114 @@ def _merge(path: Path, fresh: dict, merge: bool) -> dict:
     return fresh
 
 
+def upgrade_accuracy(acc: dict) -> dict:
+    """A copy of accuracy results with entries written before ``--seq-lens`` (``"perplexity": {set: ppl}``
+    measured at ``settings.seq_len``, 2048 when absent, one request at a time) in the current shape
+    (``"perplexity": {context: {set: ppl}}`` plus ``"perplexity_settings"``); current entries unchanged."""
+    acc = copy.deepcopy(acc)
+    settings = acc.get("settings") or {}
+    ctx = str(settings.get("seq_len", 2048))
+    for r in acc.get("results", []):
+        p = r.get("perplexity")
+        if p and not any(isinstance(v, dict) for v in p.values()):
+            r["perplexity"] = {ctx: p}
+            r.setdefault("perplexity_settings", {ctx: {
+                "tokens": int(ctx), "num_seqs": {s: settings.get("num_seqs") for s in p},
+                "chunk": r.get("chunk", settings.get("chunk")), "max_num_seqs": 1}})
+    return acc
+
+
+def combine_accuracy(old: dict, new: dict) -> dict:
+    """One format's accuracy entry after a new call: its tasks replace the old ones, perplexity per
+    context; the old error goes unless the new call has its own."""
+    out = {**old, **new}
+    for k in ("perplexity", "perplexity_settings", "elapsed_s"):
+        if isinstance(old.get(k), dict) and isinstance(new.get(k), dict):
+            out[k] = {**old[k], **new[k]}
+    if "error" not in new:
+        out.pop("error", None)
+    return out
+
+
 def _table(rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     return "\n".join(out)
+
+
+def _perplexity_tables(res: dict[str, dict]) -> list[str]:
+    """One table per context (format, ppl per set, vs BF16), then the increase over BF16 by context."""
+    ctxs = sorted({c for r in res.values() for c in r.get("perplexity", {})}, key=int)
+    parts, mean_rel = [], {}
+    for ctx in ctxs:
+        sets = sorted({s for r in res.values() for s in r.get("perplexity", {}).get(ctx, {})})
+        base = res.get("auto", {}).get("perplexity", {}).get(ctx, {})
+        rows = [["format"] + [f"ppl {s.split(':')[-1]}" for s in sets] + ["vs BF16"]]
+        for f, r in res.items():
+            p = r.get("perplexity", {}).get(ctx, {})
+            if not p and "error" not in r:
+                continue
+            rels = [100 * (p[s] / base[s] - 1) for s in sets if s in p and s in base]
+            if rels and f != "auto":
+                mean_rel.setdefault(f, {})[ctx] = sum(rels) / len(rels)
+            rows.append([f"`{f}`"] + [f"{p[s]:.3f}" if s in p else r.get("error", "") for s in sets]
+                        + [", ".join(f"{v:+.1f}%" for v in rels)])
+        tokens = {r.get("perplexity_settings", {}).get(ctx, {}).get("tokens") for r in res.values()} - {None}
+        note = f" ({', '.join(map(str, sorted(tokens)))} tokens)" if tokens and tokens != {int(ctx)} else ""
+        parts.append(f"Perplexity through vLLM (SmolLM2-135M-Instruct), {ctx} context{note}\n\n" + _table(rows))
+    if len(ctxs) > 1 and mean_rel:
+        rows = [["format"] + [f"@{longctx.size_label(c)}" for c in ctxs]]
+        rows += [[f"`{f}`"] + [f"{per[c]:+.1f}%" if c in per else "" for c in ctxs] for f, per in mean_rel.items()]
+        parts.append("Perplexity increase over BF16 by context (mean of the sets)\n\n" + _table(rows))
+    return parts
+
+
+def _missing(res: dict[str, dict], key: str) -> list[list[str]]:
+    """Rows for formats whose worker failed before ``key``'s task finished."""
+    return [[f"`{f}`", r["error"]] for f, r in res.items() if not r.get(key) and r.get("error")]
+
+
+def _recall_tables(res: dict[str, dict]) -> list[str]:
+    """Token accuracy per haystack size (mean over depths), overall (exact-match rate), and each format's
+    worst (haystack, depth) cell against BF16's same cell."""
+    rec = {f: r["recall"] for f, r in res.items() if r.get("recall")}
+    if not rec:
+        return []
+    sizes = sorted({h for b in rec.values() for h in b["by_haystack"]}, key=int)
+    base = rec.get("auto")
+    rows = [["format"] + [f"haystack {longctx.size_label(h)}" for h in sizes]
+            + ["all (exact match)", "worst cell vs BF16"]]
+    for f, b in rec.items():
+        worst = ""
+        if base is not None and f != "auto":
+            deltas = [(c["token_accuracy"] - base["cells"][h][d]["token_accuracy"], h, d)
+                      for h, per in b["cells"].items() for d, c in per.items() if d in base["cells"].get(h, {})]
+            if deltas:
+                dv, h, d = min(deltas, key=lambda x: x[0])
+                worst = f"{dv:+.3f} ({longctx.size_label(h)} @{d})"
+        rows.append([f"`{f}`"] + [f"{b['by_haystack'][h]['token_accuracy']:.3f}" if h in b["by_haystack"] else ""
+                                  for h in sizes]
+                    + [f"{b['all']['token_accuracy']:.3f} ({b['all']['exact_match']:.2f})", worst])
+    rows += [r + [""] * (len(rows[0]) - len(r)) for r in _missing(res, "recall")]
+    st = next(iter(rec.values()))["settings"]
+    return [f"Verbatim recall through vLLM: token accuracy of the greedy continuation ({st['passage_tokens'] - st['cue_tokens']}"
+            f" tokens) of a {st['passage_tokens']}-token passage cued by its first {st['cue_tokens']}, mean over depths "
+            f"{', '.join(longctx.depth_key(d) for d in st['depths'])}; {st['trials']} trials a cell\n\n" + _table(rows)]
+
+
+def _passkey_tables(res: dict[str, dict]) -> list[str]:
+    pk = {f: r["passkey"] for f, r in res.items() if r.get("passkey")}
+    if not pk:
+        return []
+    depths = sorted({d for b in pk.values() for d in b["depths"]}, key=lambda d: float(d.rstrip("%")))
+    rows = [["format"] + [f"depth {d}" for d in depths] + ["all"]]
+    for f, b in pk.items():
+        cells = [b["depths"].get(d) for d in depths] + [b["all"]]
+        rows.append([f"`{f}`"] + [f"{c['success']}/{c['trials']}" if c else "" for c in cells])
+    rows += [r + [""] * (len(rows[0]) - len(r)) for r in _missing(res, "passkey")]
+    st = next(iter(pk.values()))["settings"]
+    return [f"Passkey through vLLM (chat template, ~{st['haystack_tokens']}-token haystack, greedy reply of up "
+            f"to {st['max_tokens']} tokens; success = the reply's first number is the key)\n\n" + _table(rows)]
 
 
 def markdown(e2e: dict | None, acc: dict | None) -> str:
@@ -287,15 +528,8 @@ def markdown(e2e: dict | None, acc: dict | None) -> str:
                         + [f"{tp['output_tok_s']:.0f}" if tp else ""])
         parts.append("Batch-1 decode latency and offline throughput\n\n" + _table(rows))
     if acc:
-        res = {r["format"]: r for r in acc["results"]}
-        sets = sorted({s for r in res.values() for s in r.get("perplexity", {})})
-        base = res.get("auto", {}).get("perplexity", {})
-        rows = [["format"] + [f"ppl {s.split(':')[-1]}" for s in sets] + ["vs BF16"]]
-        for f, r in res.items():
-            p = r.get("perplexity", {})
-            rel = ", ".join(f"{100 * (p[s] / base[s] - 1):+.1f}%" for s in sets if s in p and s in base)
-            rows.append([f"`{f}`"] + [f"{p[s]:.3f}" if s in p else r.get("error", "") for s in sets] + [rel])
-        parts.append("Perplexity through vLLM (SmolLM2-135M-Instruct)\n\n" + _table(rows))
+        res = {r["format"]: r for r in upgrade_accuracy(acc)["results"]}
+        parts += _perplexity_tables(res) + _recall_tables(res) + _passkey_tables(res)
     return "\n\n".join(parts)
 
 
@@ -335,25 +569,73 @@ def plots(e2e: dict | None, acc: dict | None, out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     if acc:
-        res = [r for r in acc["results"] if r.get("perplexity")]
-        base = next((r["perplexity"] for r in res if r["format"] == "auto"), None)
+        res = upgrade_accuracy(acc)["results"]
+        base = next((r["perplexity"] for r in res if r["format"] == "auto" and r.get("perplexity")), None)
+        rows = [r for r in res if r.get("perplexity") and r["format"] != "auto"]  # BF16 is the 0 of the axis
         if base:
-            fig, ax = plt.subplots(figsize=(6, 3.5))
-            sets = sorted(base)
-            names = [r["format"] for r in res]
-            vals = [sum(100 * (r["perplexity"][s] / base[s] - 1) for s in sets) / len(sets) for r in res]
-            ax.barh(names, vals)
-            ax.set_xlabel("perplexity increase over BF16 (%), mean of held-out sets")
-            ax.set_title("SmolLM2-135M through vLLM, 2048 context")
+            ctxs = sorted(base, key=int)
+            height = 0.8 / len(ctxs)
+            fig, ax = plt.subplots(figsize=(6, 1.5 + 0.25 * len(rows) * len(ctxs)))
+            for i, ctx in enumerate(ctxs):
+                ys, vals = [], []
+                for j, r in enumerate(rows):
+                    p = r["perplexity"].get(ctx, {})
+                    sets = [s for s in base[ctx] if s in p]
+                    if sets:
+                        ys.append(j + i * height)
+                        vals.append(sum(100 * (p[s] / base[ctx][s] - 1) for s in sets) / len(sets))
+                ax.barh(ys, vals, height, label=f"{longctx.size_label(ctx)} context")
+            ax.set_yticks([j + height * (len(ctxs) - 1) / 2 for j in range(len(rows))], [r["format"] for r in rows])
+            ax.invert_yaxis()
+            # Log axis: FP8 (~2%) and naive INT2 (~900%) in one plot.
+            ax.set_xscale("log")
+            ax.set_xlabel("perplexity increase over BF16 (%, log scale; mean of sets)")
+            ax.set_title("Perplexity cost, SmolLM2-135M through vLLM")
+            if len(ctxs) > 1:
+                ax.legend()
             fig.tight_layout()
             path = out_dir / "accuracy-gpu-smollm2.png"
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            written.append(path)
+        rec = [r for r in res if r.get("recall")]
+        if rec:
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            for r in rec:
+                by = r["recall"]["by_haystack"]
+                sizes = sorted(by, key=int)
+                ax.plot([int(h) for h in sizes], [by[h]["token_accuracy"] for h in sizes], marker="o",
+                        label=r["format"])
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("haystack (tokens)")
+            ax.set_ylabel("recall token accuracy (mean over depths)")
+            ax.set_title("Verbatim recall, SmolLM2-135M through vLLM")
+            ax.legend()
+            fig.tight_layout()
+            path = out_dir / "recall-gpu-smollm2.png"
             fig.savefig(path, dpi=120)
             plt.close(fig)
             written.append(path)
     return written
 
 
-def main(argv=None) -> int:
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x)
+
+
+def _tasks(text: str) -> tuple[str, ...]:
+    tasks = tuple(t for t in text.split(",") if t)
+    bad = [t for t in tasks if t not in longctx.TASKS]
+    if bad or not tasks:
+        raise argparse.ArgumentTypeError(f"unknown tasks {bad}; choose from {list(longctx.TASKS)}")
+    return tuple(t for t in longctx.TASKS if t in tasks)  # run order: ppl, recall, passkey
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=["all", "perf", "accuracy", "serve"], default="all",
                    help="all = perf + accuracy; serve (online, `vllm bench serve`) runs only when named")
@@ -366,10 +648,22 @@ def main(argv=None) -> int:
     p.add_argument("--tp-out", type=int, default=512)
     p.add_argument("--model", default=os.environ.get("OSCAR_TEST_MODEL"), help="real model for accuracy")
     p.add_argument("--rotations", default=None, help="calibrated rotations for oscar_int2 accuracy")
+    p.add_argument("--tasks", type=_tasks, default=longctx.TASKS,
+                   help=f"accuracy tasks, comma list of {list(longctx.TASKS)} (default: all)")
     p.add_argument("--eval-sets", default="shakespeare:tragedies,shakespeare:histories")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--num-seqs", type=int, default=4)
-    p.add_argument("--chunk", type=int, default=32, help="chunked-prefill size for perplexity")
+    p.add_argument("--seq-lens", "--seq-len", dest="seq_lens", type=_ints, default=longctx.PPL_CONTEXTS,
+                   help="perplexity contexts, comma list (a context equal to the model's limit scores limit-1 "
+                        "tokens); --seq-len N is the one-context alias")
+    p.add_argument("--num-seqs", type=int, default=4, help="perplexity windows per set and context")
+    p.add_argument("--chunk", type=int, default=32, help="prefill chunk (tokens a request gets per step), all tasks")
+    p.add_argument("--max-num-seqs", type=int, default=64,
+                   help="accuracy engine: requests prefilled together (max_num_batched_tokens = this x --chunk)")
+    p.add_argument("--recall-trials", type=int, default=20, help="trials per (haystack, depth) cell")
+    p.add_argument("--recall-haystacks", type=_ints, default=longctx.RECALL_HAYSTACKS, help="haystack tokens")
+    p.add_argument("--recall-depths", type=_floats, default=longctx.RECALL_DEPTHS)
+    p.add_argument("--passkey-trials", type=int, default=20, help="trials per depth")
+    p.add_argument("--passkey-depths", type=_floats, default=longctx.PASSKEY_DEPTHS)
+    p.add_argument("--seed", type=int, default=0, help="recall and passkey example seed")
     p.add_argument("--tag", default="h100", help="file suffix: e2e-<tag>.json")
     p.add_argument("--worker-timeout", type=int, default=1500)
     p.add_argument("--fresh", action="store_true", help="replace the result JSON instead of merging formats into it")
@@ -383,10 +677,41 @@ def main(argv=None) -> int:
     p.add_argument("--worker", choices=["perf", "accuracy", "serve"], help=argparse.SUPPRESS)
     p.add_argument("--format", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
 
+
+def _csv(values) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def accuracy_worker_args(args) -> list[str]:
+    """The accuracy options a worker gets from the driver (parsed back by ``build_parser``)."""
+    extra = ["--model", args.model, "--tasks", _csv(args.tasks), "--eval-sets", args.eval_sets,
+             "--seq-lens", _csv(args.seq_lens), "--num-seqs", str(args.num_seqs), "--chunk", str(args.chunk),
+             "--max-num-seqs", str(args.max_num_seqs), "--recall-trials", str(args.recall_trials),
+             "--recall-haystacks", _csv(args.recall_haystacks), "--recall-depths", _csv(args.recall_depths),
+             "--passkey-trials", str(args.passkey_trials), "--passkey-depths", _csv(args.passkey_depths),
+             "--seed", str(args.seed)]
+    return extra + (["--rotations", args.rotations] if args.rotations else [])
+
+
+def accuracy_settings(args) -> dict:
+    return {"model": args.model, "tasks": list(args.tasks), "seq_lens": list(args.seq_lens),
+            "num_seqs": args.num_seqs, "chunk": args.chunk, "max_num_seqs": args.max_num_seqs,
+            "eval_sets": args.eval_sets, "rotations": args.rotations, "seed": args.seed,
+            "recall": {"trials": args.recall_trials, "haystacks": list(args.recall_haystacks),
+                       "depths": list(args.recall_depths)},
+            "passkey": {"trials": args.passkey_trials, "depths": list(args.passkey_depths)},
+            "semantics": f"one engine per format; every prompt prefilled in {args.chunk}-token steps "
+                         "(long_prefill_token_threshold), so every token reads the quantized cache beyond the "
+                         "BF16 windows as decode does; perplexity teacher-forced (prompt_logprobs), recall "
+                         "and passkey greedy"}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     e2e_path, acc_path = RESULTS / f"e2e-{args.tag}.json", RESULTS / "accuracy-gpu-smollm2.json"
-    load = lambda q: json.loads(q.read_text()) if q.exists() else None  # noqa: E731
+    load = lambda q: json.loads(q.read_text()) if q.exists() else None
     if args.markdown:
         print(markdown(load(e2e_path), load(acc_path)))
         return 0
@@ -433,15 +758,11 @@ def main(argv=None) -> int:
         if not args.model:
             raise SystemExit("--model (or OSCAR_TEST_MODEL) is required for the accuracy suite")
         fmts = (args.formats or DEFAULT_ACC_FORMATS).split(",")
-        extra = ["--model", args.model, "--eval-sets", args.eval_sets, "--seq-len", str(args.seq_len),
-                 "--num-seqs", str(args.num_seqs), "--chunk", str(args.chunk)]
-        if args.rotations:
-            extra += ["--rotations", args.rotations]
+        extra = accuracy_worker_args(args)
         acc = {"environment": _environment(), "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
-               "settings": {"model": args.model, "seq_len": args.seq_len, "num_seqs": args.num_seqs,
-                            "chunk": args.chunk, "eval_sets": args.eval_sets, "rotations": args.rotations},
+               "settings": accuracy_settings(args),
                "results": [_run_worker("accuracy", f, args, extra) for f in fmts]}
-        acc = _merge(acc_path, acc, not args.fresh)
+        acc = _merge(acc_path, acc, not args.fresh, upgrade=upgrade_accuracy, combine=combine_accuracy)
     print(markdown(e2e, acc))
     return 0
 

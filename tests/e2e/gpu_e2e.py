@@ -22,6 +22,10 @@ Cases (``--cases`` names):
   BF16 cache (``control_eager``) differs from its CUDA-graph run too, else it fails.
   ``control_graphs`` / ``control_no_graphs`` / ``control_eager`` run the same comparisons with the BF16
   cache, to tell OSCAR differences from vLLM's own.
+* ``graphs_eager``: FULL decode CUDA graphs *without* torch.compile (``compilation_config`` mode NONE,
+  ``cudagraph_mode=FULL_DECODE_ONLY``), the same eager kernels as ``eager`` but captured and replayed:
+  must give tokens identical to ``eager``; a difference is excused (``info``) only if vLLM's BF16 cache
+  shows one too (``control_graphs_eager`` vs ``control_eager``: padded decode batches change GEMM shapes).
 * ``v1_runner``: ``generate`` again on vLLM's V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``; the V2
   runner is the default for dense models), compared with ``generate``.
 * ``chunks``: prompt logprobs of a 300-token prompt prefilled in one chunk vs in 64-token chunks (all
@@ -34,7 +38,10 @@ Cases (``--cases`` names):
 * ``serve``: ``vllm serve MODEL --kv-cache-dtype oscar_int2`` on loopback answers
   ``/v1/completions`` and ``/v1/chat/completions``.
 * ``tp2`` (two GPUs): ``tensor_parallel_size=2`` with ``oscar_int2`` on a small random-weight Llama
-  (head_dim 128), against TP 1 (same tokens, logprobs within 0.1) and BF16 at TP 2 inside the windows.
+  (head_dim 128): inside the BF16 windows the same tokens as TP 1 and as BF16 at TP 2; over a 3000-token
+  prompt prefilled in 256-token chunks (INT2 history), teacher-forced logprobs that move between TP 1 and 2 by
+  under a quarter of what INT2 itself moves them from BF16 (a sharding error would move them as much).
+  Needs ``--case-timeout 300`` (the first engine compiles cold).
 * ``capacity``: the Qwen3-8B shape with dummy weights at ``max_model_len=32768``: the maximum
   concurrency vLLM logs for ``auto`` and for ``oscar_int2`` at the same ``gpu_memory_utilization``
   (bar: ratio >= 6.3), plus one generated request through the head_dim-128 kernels.
@@ -74,7 +81,8 @@ DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "e2e-smoke-h100.json"
 CPU_RESULTS = REPO / "benchmarks" / "results" / "accuracy-cpu-smollm2.json"
 CPU_ADOPTED_RESULTS = REPO / "benchmarks" / "results" / "accuracy-adopted-smollm2.json"
 RESULT_TAG = "E2E_RESULT "
-ALL_CASES = ("control_graphs", "control_eager", "generate", "no_graphs", "eager", "v1_runner", "control_no_graphs",
+ALL_CASES = ("control_graphs", "control_eager", "control_graphs_eager", "generate", "no_graphs", "eager",
+             "graphs_eager", "v1_runner", "control_no_graphs",
              "chunks", "prefix", "preemption",
              "serve", "capacity", "ppl", "tp2")
 SMALL = dict(gpu_memory_utilization=0.35, max_model_len=4096)  # SmolLM2 engines: fast to start, room to spare
@@ -141,8 +149,17 @@ def _metric(llm, name: str) -> float:
 # ================================================================================================
 
 
-def case_generate(args, eager: bool = False, kv: str = "oscar_int2", graphs: bool = True) -> dict:
-    extra = {} if graphs else {"compilation_config": {"cudagraph_mode": "NONE"}}
+def case_generate(args, eager: bool = False, kv: str = "oscar_int2", graphs: bool = True,
+                  compile_model: bool = True) -> dict:
+    if not graphs:
+        extra = {"compilation_config": {"cudagraph_mode": "NONE"}}
+    elif not compile_model:
+        from vllm.config import CompilationMode
+
+        # vLLM's own kernels (custom_ops "all", as in eager) captured into FULL graphs for decode batches.
+        extra = {"compilation_config": {"mode": CompilationMode.NONE, "cudagraph_mode": "FULL_DECODE_ONLY"}}
+    else:
+        extra = {}
     llm = _llm(args.model, kv_cache_dtype=kv, enforce_eager=eager, max_num_batched_tokens=512,
                long_prefill_token_threshold=256, **extra)
     tok = llm.get_tokenizer()
@@ -155,6 +172,7 @@ def case_generate(args, eager: bool = False, kv: str = "oscar_int2", graphs: boo
     same_prefix = [b[:16] == s[:16] for b, s in zip(b_ids, s_ids)]
     res = {
         "kv_cache_dtype": kv, "enforce_eager": eager, "cuda_graphs": graphs and not eager,
+        "torch_compile": compile_model and not eager,
         "prompt_tokens": [len(o.prompt_token_ids) for o in batched],
         "tokens": b_ids,
         "texts": [o.outputs[0].text for o in batched],
@@ -174,6 +192,15 @@ def case_generate(args, eager: bool = False, kv: str = "oscar_int2", graphs: boo
 
 def case_eager(args) -> dict:
     return case_generate(args, eager=True)
+
+
+def case_graphs_eager(args) -> dict:
+    """FULL decode CUDA graphs over the eager model (no torch.compile): isolates capture/replay from compile."""
+    return case_generate(args, compile_model=False)
+
+
+def case_control_graphs_eager(args) -> dict:
+    return case_generate(args, kv="auto", compile_model=False)
 
 
 def case_no_graphs(args) -> dict:
@@ -392,23 +419,39 @@ def _random_llama(folder: Path) -> Path:
 
 
 def case_tp_one(args) -> dict:
-    """One engine of the tp case: ``--mode auto-tp2 | oscar_int2-tp1 | oscar_int2-tp2``."""
+    """One engine of the tp case: ``--mode {auto,oscar_int2}-tp{1,2}``."""
     from vllm import SamplingParams
 
     kv, tp = args.mode.split("-tp")
     model = _random_llama(Path(tempfile.gettempdir()) / "oscar-random-llama")
+    # 256-token prefill chunks: later chunks of the 3000-token prompt read INT2 history, so its teacher-forced
+    # prompt logprobs test the cache itself (a one-chunk prefill would attend exact K/V).
     llm = _llm(str(model), kv_cache_dtype=kv, tensor_parallel_size=int(tp), skip_tokenizer_init=True,
-               gpu_memory_utilization=0.5, max_model_len=8192)
+               gpu_memory_utilization=0.5, max_model_len=8192, long_prefill_token_threshold=256)
     prompts = [[(i * 7919 + 13 * n) % 31000 + 500 for i in range(n)] for n in (200, 3000)]
-    sp = SamplingParams(temperature=0.0, max_tokens=32, logprobs=0, detokenize=False, ignore_eos=True)
+    tf = llm.generate([{"prompt_token_ids": prompts[1]}],
+                      SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False))[0]
+    teacher_forced = [lp[prompts[1][i]].logprob for i, lp in enumerate(tf.prompt_logprobs) if lp is not None]
+    # logprobs=2: the chosen token's logprob and the runner-up's, to tell a near-tie flip from a real error.
+    sp = SamplingParams(temperature=0.0, max_tokens=32, logprobs=2, detokenize=False, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp)
-    return {"mode": args.mode, "tokens": _token_ids(outs),
-            "logprobs": [[next(iter(d.values())).logprob for d in o.outputs[0].logprobs] for o in outs], "ok": True}
+    logprobs, top2_gaps = [], []
+    for o in outs:
+        chosen, gaps = [], []
+        for tok, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs):
+            chosen.append(d[tok].logprob)
+            top = sorted((x.logprob for x in d.values()), reverse=True)
+            gaps.append(top[0] - top[1] if len(top) > 1 else float("inf"))
+        logprobs.append(chosen)
+        top2_gaps.append(gaps)
+    return {"mode": args.mode, "tokens": _token_ids(outs), "logprobs": logprobs, "top2_gaps": top2_gaps,
+            "teacher_forced_logprobs": teacher_forced, "ok": True}
 
 
 CASES = {
     "generate": case_generate, "no_graphs": case_no_graphs, "control_no_graphs": case_control_no_graphs,
-    "eager": case_eager, "v1_runner": case_v1_runner, "control_graphs": case_control_graphs,
+    "eager": case_eager, "graphs_eager": case_graphs_eager, "control_graphs_eager": case_control_graphs_eager,
+    "v1_runner": case_v1_runner, "control_graphs": case_control_graphs,
     "control_eager": case_control_eager, "chunks_one": case_chunks_one, "prefix": case_prefix,
     "preemption": case_preemption, "serve": case_serve, "capacity_one": case_capacity_one,
     "ppl_one": case_ppl_one, "calibrate": case_calibrate, "tp_one": case_tp_one,
@@ -493,14 +536,28 @@ def drive(args) -> int:
             res["first16_equal_v2_runner"] = sum(a[:16] == b[:16] for a, b in
                                                  zip(report["cases"]["generate"]["tokens"], res["tokens"]))
         reference_case = {"eager": "generate", "no_graphs": "generate", "control_eager": "control_graphs",
-                          "control_no_graphs": "control_graphs"}.get(case)
+                          "control_no_graphs": "control_graphs", "graphs_eager": "eager",
+                          "control_graphs_eager": "control_eager"}.get(case)
         ref = report["cases"].get(reference_case, {}) if reference_case else {}
         if "tokens" in ref and "tokens" in res:
+            res["compared_with"] = reference_case
             res["identical_to_cuda_graphs"] = ref["tokens"] == res["tokens"]
             res["prompts_identical_to_cuda_graphs"] = sum(a == b for a, b in zip(ref["tokens"], res["tokens"]))
             if case == "no_graphs":  # same compiled model: CUDA-graph replay must not change a single token
                 res["ok"] = bool(res.get("ok")) and res["identical_to_cuda_graphs"]
                 res["status"] = "pass" if res["ok"] else "fail"
+            if case == "graphs_eager":
+                # Same eager kernels, graphs captured or not: replay must not change a token, unless padding the
+                # decode batch to a captured size changes vLLM's own BF16 tokens as well.
+                control = report["cases"].get("control_graphs_eager", {})
+                res["bf16_control_prompts_identical"] = control.get("prompts_identical_to_cuda_graphs")
+                if res["identical_to_cuda_graphs"]:
+                    res["status"] = "pass"
+                elif res.get("ok") and control.get("identical_to_cuda_graphs") is False:
+                    res["status"] = "info"
+                    res["note"] = "BF16 differs between eager and eager+graphs too (padded decode GEMM shapes)"
+                else:
+                    res["ok"], res["status"] = False, "fail"
             if case == "eager":
                 # enforce_eager also drops torch.compile, whose fused kernels round bf16 differently upstream of
                 # the cache; an INT2 code near a rounding boundary then flips. Identity is asserted by
@@ -615,30 +672,61 @@ def _perplexity(args) -> dict:
     return res
 
 
+#: A greedy flip between two runs is a rounding effect, not an error, when the reference run's top-2 logprobs
+#: were this close at the step where the tokens part.
+NEAR_TIE = 0.1
+
+
+def tp_agreement(ref: dict, other: dict) -> dict:
+    """Per prompt: tokens equal; the first step where they part and whether the reference had a near tie there;
+    the largest |logprob| gap over the common greedy prefix."""
+    equal, parted_at, near_tie, gaps = [], [], [], []
+    for ta, tb, la, lb, ga in zip(ref["tokens"], other["tokens"], ref["logprobs"], other["logprobs"],
+                                  ref["top2_gaps"]):
+        n = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), None)
+        equal.append(n is None and len(ta) == len(tb))
+        parted_at.append(n)
+        near_tie.append(n is None or ga[n] <= NEAR_TIE)
+        m = len(ta) if n is None else n
+        gaps.append(max((abs(x - y) for x, y in zip(la[:m], lb[:m])), default=0.0))
+    return {"tokens_equal": equal, "parted_at": parted_at, "parted_at_near_tie": near_tie,
+            "max_abs_logprob_gap": gaps}
+
+
 def _tp2(args) -> dict:
-    """Tensor parallel 2 (needs two GPUs): oscar_int2 at TP 2 against TP 1 on the same real-valued weights,
-    and against BF16 at TP 2 on a prompt that stays inside the BF16 windows."""
-    runs = {m: _strip(_run_case("tp_one", args, "--mode", m)) for m in ("oscar_int2-tp1", "oscar_int2-tp2", "auto-tp2")}
+    """Tensor parallel 2 (needs two GPUs): oscar_int2 at TP 2 against TP 1 on the same real-valued weights, next
+    to vLLM's BF16 cache at TP 2 against TP 1 (how much TP alone moves the numbers), and oscar_int2 against
+    BF16 at TP 2 on a prompt that stays inside the BF16 windows."""
+    modes = ("auto-tp1", "auto-tp2", "oscar_int2-tp1", "oscar_int2-tp2")
+    runs = {m: _strip(_run_case("tp_one", args, "--mode", m)) for m in modes}
     if not all(r.get("ok") for r in runs.values()):
         return {"ok": False, "status": "error", "runs": runs}
-
-    def agree(a, b):  # tokens equal, and the largest logprob gap over the common greedy prefix
-        same = [x == y for x, y in zip(a["tokens"], b["tokens"])]
-        gaps = []
-        for ta, tb, la, lb in zip(a["tokens"], b["tokens"], a["logprobs"], b["logprobs"]):
-            n = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), len(ta))
-            gaps.append(max((abs(x - y) for x, y in zip(la[:n], lb[:n])), default=0.0))
-        return {"tokens_equal": same, "max_abs_logprob_gap": gaps}
-
-    o1, o2, b2 = runs["oscar_int2-tp1"], runs["oscar_int2-tp2"], runs["auto-tp2"]
+    bf16 = tp_agreement(runs["auto-tp1"], runs["auto-tp2"])
+    oscar = tp_agreement(runs["oscar_int2-tp1"], runs["oscar_int2-tp2"])
+    windows = tp_agreement(runs["auto-tp2"], runs["oscar_int2-tp2"])
     res = {"model": "random Llama (4 layers, 8 q / 4 KV heads, head_dim 128, seeded HF init)",
-           "prompts": [200, 3000], "oscar_tp2_vs_tp1": agree(o1, o2), "oscar_tp2_vs_bf16_tp2": agree(o2, b2),
-           "seconds": round(sum(r["seconds"] for r in runs.values()), 1)}
-    t = res["oscar_tp2_vs_tp1"]
-    # TP changes only the all-reduce order; the 200-token prompt is inside the BF16 windows, so it must match
-    # BF16 at TP 2 too (rotation rounding aside).
-    res["ok"] = all(len(x) == 32 for r in runs.values() for x in r["tokens"]) and t["tokens_equal"][0] \
-        and max(t["max_abs_logprob_gap"]) <= 0.1 and res["oscar_tp2_vs_bf16_tp2"]["max_abs_logprob_gap"][0] <= 0.1
+           "prompts": [200, 3000], "bf16_tp2_vs_tp1": bf16, "oscar_tp2_vs_tp1": oscar,
+           "oscar_tp2_vs_bf16_tp2": windows, "seconds": round(sum(r["seconds"] for r in runs.values()), 1)}
+    # The 200-token prompt lies inside the BF16 windows: oscar_int2 at TP 2 must give TP 1's tokens and match BF16
+    # at TP 2 (rotation rounding aside). Greedy tokens on the 3000-token prompt are reported, not asserted: the
+    # random model's logits are flat (top-2 gaps 0.03-0.4), so any rounding change reorders them (the H200 run
+    # of 2026-11-23 parted at a 0.22 gap while BF16 itself parted between TP 1 and 2).
+    tol = max(0.1, 2 * max(bf16["max_abs_logprob_gap"]))
+    res["oscar_logprob_tolerance"] = tol
+    # Teacher-forced over the 3000-token prompt (256-token chunks, INT2 history): TP moves oscar_int2's logprobs by
+    # rounding, which flips a few INT2 codes; a sharding error (a head paired with another head's cache rows or
+    # window) would move them as much as quantization itself does. Rule: the TP 1 vs 2 change must stay under a
+    # quarter of the oscar_int2 vs BF16 change.
+    tf = {m: r["teacher_forced_logprobs"] for m, r in runs.items()}
+    mean_abs = lambda a, b: sum(abs(x - y) for x, y in zip(tf[a], tf[b])) / len(tf[a])  # noqa: E731
+    res["teacher_forced_mean_abs_logprob_diff"] = {
+        "bf16_tp2_vs_tp1": mean_abs("auto-tp1", "auto-tp2"),
+        "oscar_tp2_vs_tp1": mean_abs("oscar_int2-tp1", "oscar_int2-tp2"),
+        "oscar_vs_bf16_tp1": mean_abs("auto-tp1", "oscar_int2-tp1")}
+    d = res["teacher_forced_mean_abs_logprob_diff"]
+    res["ok"] = all(len(x) == 32 for r in runs.values() for x in r["tokens"]) and oscar["tokens_equal"][0] \
+        and windows["parted_at_near_tie"][0] and windows["max_abs_logprob_gap"][0] <= 0.1 \
+        and d["oscar_tp2_vs_tp1"] <= 0.25 * d["oscar_vs_bf16_tp1"]
     res["status"] = "pass" if res["ok"] else "fail"
     return res
 
