@@ -635,6 +635,11 @@ def _tasks(text: str) -> tuple[str, ...]:
     return tuple(t for t in longctx.TASKS if t in tasks)  # run order: ppl, recall, passkey
 
 
+def accuracy_path(acc_tag: str | None) -> Path:
+    """Where the accuracy suite's results go: ``accuracy-gpu-smollm2.json``, or ``-<acc_tag>`` before ``.json``."""
+    return RESULTS / f"accuracy-gpu-smollm2{'-' + acc_tag if acc_tag else ''}.json"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=["all", "perf", "accuracy", "serve"], default="all",
@@ -665,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passkey-depths", type=_floats, default=longctx.PASSKEY_DEPTHS)
     p.add_argument("--seed", type=int, default=0, help="recall and passkey example seed")
     p.add_argument("--tag", default="h100", help="file suffix: e2e-<tag>.json")
+    p.add_argument("--acc-tag", default=None,
+                   help="accuracy results go to accuracy-gpu-smollm2-<tag>.json (e.g. a run with another --chunk, "
+                        "so its numbers do not replace the 32-token-chunk ones)")
     p.add_argument("--worker-timeout", type=int, default=1500)
     p.add_argument("--fresh", action="store_true", help="replace the result JSON instead of merging formats into it")
     p.add_argument("--serve-rates", default="4,16,inf", help="request rates (req/s) for --suite serve")
@@ -710,7 +718,8 @@ def accuracy_settings(args) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    e2e_path, acc_path = RESULTS / f"e2e-{args.tag}.json", RESULTS / "accuracy-gpu-smollm2.json"
+    e2e_path = RESULTS / f"e2e-{args.tag}.json"
+    acc_path = accuracy_path(args.acc_tag)
     load = lambda q: json.loads(q.read_text()) if q.exists() else None
     if args.markdown:
         print(markdown(load(e2e_path), load(acc_path)))

@@ -14,6 +14,7 @@ import platform
 import sys
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -105,6 +106,25 @@ def collect_weighted_stats(model, sequences: torch.Tensor, stats: V.VariantStats
 
 
 @torch.inference_mode()
+def collect_channel_stats(model, sequences: torch.Tensor, info, progress: bool = True) -> V.ChannelStats:
+    """One exact pass over ``sequences [N, T]`` accumulating :class:`variants.ChannelStats`."""
+    stats = V.ChannelStats(info.num_layers, info.num_kv_heads, info.head_dim)
+
+    def hook(module, q, k, v):
+        stats.add(layer_index(module), k[0].transpose(0, 1), v[0].transpose(0, 1))
+        return causal_sdpa(module, q, k, v)
+
+    with attention_override(model, hook):
+        for n, seq in enumerate(sequences):
+            t0 = time.time()
+            model.get_decoder()(seq[None])
+            if progress:
+                print(f"  channel stats seq {n + 1}/{len(sequences)} {time.time() - t0:.1f}s", file=sys.stderr,
+                      flush=True)
+    return stats
+
+
+@torch.inference_mode()
 def capture(model, seq: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``[(q [T,Hq,d], k [T,Hkv,d], v [T,Hkv,d])]`` per layer from one exact forward of ``seq [T]``."""
     out: dict[int, tuple] = {}
@@ -169,7 +189,7 @@ class Setup:
     def __init__(self, args):
         from vllm_oscar.calibrate.data import token_sequences  # noqa: PLC0415
         from vllm_oscar.calibrate.models import load_model  # noqa: PLC0415
-        from vllm_oscar.calibrate.pipeline import calibrate, collect_moments  # noqa: PLC0415
+        from vllm_oscar.calibrate.pipeline import calibrate  # noqa: PLC0415
         from vllm_oscar.hub import load_rotations  # noqa: PLC0415
 
         self.work = Path(args.workdir)
@@ -185,22 +205,41 @@ class Setup:
             if not (art_dir / "oscar_config.json").is_file():
                 calibrate(self.lm.model, cal, info, source=CALIBRATION_SET).save(art_dir)
             self.artifact = load_rotations(str(art_dir))
+        self._cal = cal
+        self._captures = None
+        self._stats = self._per_head = self._imp_v = self._channel = None
+
+    # calibration statistics, each computed on first use and cached in the work directory ---------
+    @property
+    def stats(self) -> V.VariantStats:
+        if self._stats is not None:
+            return self._stats
+        info, cal = self.info, self._cal
         stats_file = self.work / "variant-stats.pt"
         keys = ("qq", "q_rows", "k_sum", "kk", "v_sum", "vv", "oo", "tokens",
                 "kkw", "vvw", "kw_sum", "vw_sum", "k_wtot", "v_wtot")
-        self.stats = V.VariantStats(info.num_layers, info.num_kv_heads, info.head_dim)
+        self._stats = V.VariantStats(info.num_layers, info.num_kv_heads, info.head_dim)
         if stats_file.is_file():
             for k, v in torch.load(stats_file).items():
-                setattr(self.stats, k, v)
+                setattr(self._stats, k, v)
         else:
             print("statistics: 16 x 2048 comedies tokens (+ attention-weighted on every other)",
                   file=sys.stderr)
-            self.stats = collect_stats(self.lm.model, cal, info)
-            collect_weighted_stats(self.lm.model, cal[::2], self.stats, k_weight="p2dv")
-            torch.save({k: getattr(self.stats, k) for k in keys}, stats_file)
+            self._stats = collect_stats(self.lm.model, cal, info)
+            collect_weighted_stats(self.lm.model, cal[::2], self._stats, k_weight="p2dv")
+            torch.save({k: getattr(self._stats, k) for k in keys}, stats_file)
+        return self._stats
+
+    @property
+    def per_head(self) -> dict:
+        from vllm_oscar.calibrate.pipeline import collect_moments
+
+        if self._per_head is not None:
+            return self._per_head
+        info, cal = self.info, self._cal
         heads_file = self.work / "paper-per-head.pt"
         if heads_file.is_file():
-            self.per_head = torch.load(heads_file)
+            self._per_head = torch.load(heads_file)
         else:  # the faithful targets per KV group (two passes, as the calibrator does)
             moments = collect_moments(self.lm.model, cal, info, progress=False)
             groups = range(info.num_kv_heads)
@@ -208,11 +247,31 @@ class Setup:
                               for m in moments])
             rv = torch.stack([torch.stack([ref.fit_rotation(m.wvv_sum[g] / m.w_sum[g].clamp(min=1e-12))[0]
                                            for g in groups]) for m in moments])
-            self.per_head = {"k": rk.float(), "v": rv.float()}
-            torch.save(self.per_head, heads_file)
-        self.imp_v = V.o_proj_importance(self.lm.model, info.num_kv_heads, info.head_dim)
-        self._cal = cal
-        self._captures = None
+            self._per_head = {"k": rk.float(), "v": rv.float()}
+            torch.save(self._per_head, heads_file)
+        return self._per_head
+
+    @property
+    def imp_v(self) -> torch.Tensor:
+        if self._imp_v is None:
+            self._imp_v = V.o_proj_importance(self.lm.model, self.info.num_kv_heads, self.info.head_dim)
+        return self._imp_v
+
+    @property
+    def channel(self) -> V.ChannelStats:
+        """Plain per-channel K/V statistics of the 16 calibration sequences (one exact pass)."""
+        if self._channel is not None:
+            return self._channel
+        info = self.info
+        shape = (info.num_layers, info.num_kv_heads, info.head_dim)
+        f = self.work / "channel-stats.pt"
+        if f.is_file():
+            self._channel = V.ChannelStats.from_state(*shape, torch.load(f))
+        else:
+            print(f"channel statistics: {self._cal.shape[0]} x {self._cal.shape[1]} calibration tokens", file=sys.stderr)
+            self._channel = collect_channel_stats(self.lm.model, self._cal, info)
+            torch.save(self._channel.state(), f)
+        return self._channel
 
     def captures(self):
         if self._captures is None:
@@ -246,6 +305,43 @@ class Setup:
             return V.fit_transforms(self.stats, "oscar", "oscar", artifact=self.artifact, **kw)
         return V.fit_transforms(self.stats, kind, kind, **kw)
 
+    def channel_centered(self, kind: str, estimator: str, sides: str) -> list[V.LayerTransform]:
+        """``kind`` (hadamard | paper) rotations with plain per-channel means of the calibration text
+        removed from the ``sides`` (``"k"``, ``"v"`` or ``"kv"``). ``estimator``: ``mean`` (every
+        token), ``mean64`` (tokens at positions >= 64 of each sequence: the BF16 sink window and its
+        attention-sink token 0 left out), ``med`` (coordinate-wise median in the rotated basis,
+        positions >= 64)."""
+        base = self.orthogonal(kind)
+        ch = self.channel
+
+        def mu(side):
+            if side not in sides:
+                return None
+            if estimator == "mean":
+                return ch.mean(side)
+            if estimator == "mean64":
+                return ch.mean(side, skip=64)
+            if estimator == "med":
+                basis = torch.stack([t.k_store if side == "k" else t.v_store for t in base])
+                return ch.median(side, basis)
+            raise ValueError(estimator)
+
+        return V.with_means(base, mu("k"), mu("v"))
+
+    def channel_selected(self, kind: str, estimator: str, variant: V.AttentionVariant) -> list[V.LayerTransform]:
+        """Per layer and side, keep the plain channel mean (``channel_centered``) only where it lowers
+        the attention-output proxy on the two calibration captures: K judged with V unquantized, V with
+        K unquantized (the other side's centering is then exact, so one centered transform serves both)."""
+        base = self.orthogonal(kind)
+        full = self.channel_centered(kind, estimator, "kv")
+        caps, w_os, scale = self.captures(), o_proj_weights(self.lm.model), self.info.head_dim ** -0.5
+        o_refs = exact_outputs(caps, scale)
+        kvar, vvar = replace(variant, v=None), replace(variant, k=None)
+        k0, k1 = (proxy_errors(caps, t, kvar, w_os, scale, o_refs=o_refs) for t in (base, full))
+        v0, v1 = (proxy_errors(caps, t, vvar, w_os, scale, o_refs=o_refs) for t in (base, full))
+        return [replace(b, k_mean=f.k_mean if k1[i] < k0[i] else None, v_mean=f.v_mean if v1[i] < v0[i] else None)
+                for i, (b, f) in enumerate(zip(base, full, strict=True))]
+
 
 def variant_registry() -> dict[str, dict]:
     """name -> {description, transforms(setup) (None = exact attention), variant(setup)}."""
@@ -275,7 +371,12 @@ def variant_registry() -> dict[str, dict]:
                                     0.125)
         return replace_variant(PAPER, k_clips=k, v_clips=v)
 
-    return {
+    def chan(kind, estimator, sides, var):
+        if sides == "sel":
+            return lambda s: s.channel_selected(kind, estimator, var(s))
+        return lambda s: s.channel_centered(kind, estimator, sides)
+
+    reg = {
         "exact": entry("no quantization", None, lambda s: None),
         "paper": entry("faithful OSCAR: calibrated per-layer R = U H P_br, clip 0.96/0.92, min-max INT2, "
                        "fp16 scale+offset, 64+256 BF16 windows", orth("paper")),
@@ -309,6 +410,23 @@ def variant_registry() -> dict[str, dict]:
         "paper_wc_mse_log8_r512": entry("(5) paper_wc_mse_log8 with the saved bits spent on a 512-token "
                                         "recent window", cent("paper"), log8_r512),
     }
+    # Plain per-channel centering (issue: K's constant per-channel bias): {rotation}_c{sides}_{estimator}
+    # [_mse]; the means come from the calibration text only (ChannelStats, one exact pass).
+    estimators = {"mean": "plain mean of every calibration token",
+                  "mean64": "plain mean of the calibration tokens at positions >= 64 (sink window out)",
+                  "med": "coordinate-wise median in the rotated basis (positions >= 64)"}
+    side_names = {"kv": "K and V", "k": "K only", "v": "V only",
+                  "sel": "K and/or V, per layer where it lowers the proxy on the calibration captures"}
+    quantizers = (("hadamard", "_mse", mse, "Hadamard + MSE grid"),
+                  ("hadamard", "", lambda s: PAPER, "Hadamard + paper quantizer (min-max, clip 0.96/0.92)"),
+                  ("paper", "", lambda s: PAPER, "paper rotations + paper quantizer (min-max, clip 0.96/0.92)"),
+                  ("paper", "_mse", mse, "paper rotations + MSE grid"))
+    for sides, sdesc in side_names.items():
+        for est, edesc in estimators.items():
+            for kind, suffix, var, qdesc in quantizers:
+                reg[f"{kind}_c{sides}_{est}{suffix}"] = entry(
+                    f"{qdesc}; per-channel centering of {sdesc}; center: {edesc}", chan(kind, est, sides, var), var)
+    return reg
 
 
 def replace_variant(v: V.AttentionVariant, **kw) -> V.AttentionVariant:
@@ -353,6 +471,9 @@ def run_sweep(args) -> dict:
                            "k_clips": var.k_clips, "v_clips": var.v_clips}
         else:
             r["bits_per_element"] = {f"at_{c}": 16.0 for c in (2048, 4096, 32768)}
+        if tr is not None and any(t.k_mean is not None or t.v_mean is not None for t in tr):
+            r["centered_layers"] = {"k": [i for i, t in enumerate(tr) if t.k_mean is not None],
+                                    "v": [i for i, t in enumerate(tr) if t.v_mean is not None]}
         for s in todo:
             t0 = time.time()
             ppl, _ = perplexity(setup.lm.model, sets[s], fn)
@@ -369,6 +490,65 @@ def run_sweep(args) -> dict:
     return results
 
 
+def _avg(xs) -> float:
+    return sum(xs) / len(xs)
+
+
+def centering_screen(setup: Setup, dev_seqs: int = 2) -> dict:
+    """Why per-channel centering helps or not, per layer, on ``dev_seqs`` captures of the dev split
+    (the means come from the calibration text): the mean's share of the rows' energy, the squared
+    INT2 error of the quantized rows (positions >= 64) with / without centering, plain and weighted
+    per token by how much its error moves the attention outputs (:func:`variants.attention_token_weights`),
+    and the attention-output proxy (K only, V only, K+V; every 4th query from 512)."""
+    from vllm_oscar.calibrate.data import token_sequences
+
+    seqs = token_sequences(setup.lm.tokenizer, DEV_SET, 2048, dev_seqs)
+    caps = [capture(setup.lm.model, s) for s in seqs]
+    w_os, scale = o_proj_weights(setup.lm.model), caps[0][0][0].shape[-1] ** -0.5
+    o_refs = exact_outputs(caps, scale)
+    # per token of each capture and layer: how much its INT2 error moves the attention outputs (the
+    # weights of the *_wc_* means: K sum_q p_qt^2 ||v_t - o_q||^2, V sum_q p_qt^2, INT2-read pairs)
+    weights = [[V.attention_token_weights(q, k, v, scale, sink=64, recent=256, k_weight="p2dv") for q, k, v in c]
+               for c in caps]
+    paper_k, paper_v = V.QuantSpec("minmax", 0.96), V.QuantSpec("minmax", 0.92)
+    setups = {"hadamard_mse": ("hadamard", MSE, MSE), "paper": ("paper", paper_k, paper_v),
+              "paper_mse": ("paper", MSE, MSE)}
+    out = {"dev_set": f"{DEV_SET}, {dev_seqs} x 2048", "layers": setup.info.num_layers, "configs": {}}
+    for cname, (kind, ks, vs) in setups.items():
+        base = setup.orthogonal(kind)
+        for est in ("none", "mean", "mean64", "med"):
+            tr = base if est == "none" else setup.channel_centered(kind, est, "kv")
+            rec: dict = {}
+            for j, (side, spec) in enumerate((("k", ks), ("v", vs))):
+                err, werr, energy, mean_energy = [], [], [], []
+                for i, t in enumerate(tr):
+                    e = we = en = me = 0.0
+                    for n, c in enumerate(caps):
+                        kt, vt = V.transformed_kv(c[i][1], c[i][2], t)
+                        x = (kt if side == "k" else vt)[64:]
+                        row_err = ((V.fake_quantize_variant(x, spec) - x) ** 2).sum(-1)  # [T - 64, Hkv]
+                        e += float(row_err.sum())
+                        we += float((row_err * weights[n][i][j][:, 64:].T).sum())
+                        en += float((x * x).sum())
+                        me += float((x.mean(0) ** 2).sum()) * x.shape[0]
+                    err.append(e)
+                    werr.append(we)
+                    energy.append(en)
+                    mean_energy.append(me)
+                rec[f"{side}_int2_sq_error"] = err
+                rec[f"{side}_int2_sq_error_attention_weighted"] = werr
+                rec[f"{side}_energy"] = energy
+                rec[f"{side}_mean_energy"] = mean_energy
+            for label, var in (("kv", V.AttentionVariant(k=ks, v=vs)), ("k", V.AttentionVariant(k=ks, v=None)),
+                               ("v", V.AttentionVariant(k=None, v=vs))):
+                rec[f"proxy_{label}"] = proxy_errors(caps, tr, var, w_os, scale, o_refs=o_refs)
+            out["configs"][f"{cname}/{est}"] = rec
+            print(f"{cname:14s} {est:7s} proxy K+V {_avg(rec['proxy_kv']):.5f} K {_avg(rec['proxy_k']):.5f} "
+                  f"V {_avg(rec['proxy_v']):.5f}  INT2 sq err K {sum(rec['k_int2_sq_error']):.4g} "
+                  f"V {sum(rec['v_int2_sq_error']):.4g}", flush=True)
+    return out
+
+
 def format_table(results: dict, seq_len: int = 2048) -> str:
     """Markdown table (variant x held-out set, % over exact, bits/element) from a results file."""
     sets = []
@@ -378,10 +558,12 @@ def format_table(results: dict, seq_len: int = 2048) -> str:
             if int(ctx) == seq_len and s not in sets:
                 sets.append(s)
     short = {s: s.split(":")[-1] for s in sets}
-    head = ["variant"] + [f"{short[s]} ppl (vs exact)" for s in sets] + ["bits/elem @2048", "@32K"]
+    head = ["variant"] + [f"{short[s]} ppl (vs exact)" for s in sets] + [f"bits/elem @{seq_len}", "@32K"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = {n: i for i, n in enumerate(variant_registry())}
     for name, r in sorted(results["variants"].items(), key=lambda kv: order.get(kv[0], len(order))):
+        if not any(f"{s}@{seq_len}" in r["perplexity"] for s in sets):
+            continue
         cells = []
         for s in sets:
             key = f"{s}@{seq_len}"
@@ -393,7 +575,7 @@ def format_table(results: dict, seq_len: int = 2048) -> str:
             pct = "" if name == "exact" or inc is None else f" ({inc:+.1f}%)"
             cells.append(f"{r['perplexity'][key]:.3f}{pct}")
         b = r.get("bits_per_element", {})
-        lines.append("| " + " | ".join([f"`{name}`", *cells, f"{b.get('at_2048', 16):.3f}",
+        lines.append("| " + " | ".join([f"`{name}`", *cells, f"{b.get(f'at_{seq_len}', 16):.3f}",
                                           f"{b.get('at_32768', 16):.3f}"]) + " |")
     return "\n".join(lines)
 
@@ -410,6 +592,8 @@ def main(argv=None) -> int:  # pragma: no cover - the CLI is exercised by hand (
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     p.add_argument("--table", action="store_true", help="print the markdown table of --output-json and exit")
+    p.add_argument("--centering-screen", action="store_true",
+                   help="per-layer screen of per-channel centering on dev-split captures, into --output-json")
     args = p.parse_args(argv)
     if args.list:
         for name, spec in variant_registry().items():
@@ -420,6 +604,16 @@ def main(argv=None) -> int:  # pragma: no cover - the CLI is exercised by hand (
         return 0
     torch.set_num_threads(args.threads)
     t0 = time.time()
+    if args.centering_screen:
+        out = Path(args.output_json)
+        results = json.loads(out.read_text()) if out.is_file() else {}
+        results["channel_centering_screen"] = centering_screen(Setup(args))
+        results["channel_centering_screen"]["command"] = (
+            "python -m vllm_oscar.calibrate.experiments " + " ".join(argv or sys.argv[1:]))
+        results["channel_centering_screen"]["seconds"] = round(time.time() - t0, 1)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {out}")
+        return 0
     results = run_sweep(args)
     results["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
                               "threads": args.threads, "total_seconds": round(time.time() - t0, 1)}

@@ -26,6 +26,10 @@ module reuses its pieces (Hadamard, clipping, the mixed-window attention) and ad
   softmax ignores) and the output is ``o T_V^{-1} + mu_V`` (attention weights sum to one). With
   ``T`` orthogonal and ``mu = 0`` this is exactly the reference.
 
+* **Plain per-channel centering** (:class:`ChannelStats`, :func:`with_means`): per-(layer, KV head)
+  channel means (optionally leaving out each sequence's first tokens) and coordinate-wise medians in
+  a rotated basis, from calibration text, removed from the stored rows (exact for attention).
+
 * **Calibration statistics and fits** (:class:`VariantStats`, :func:`fit_transforms`): centered K/V
   covariances, the query second moment, the V-side importance ``W_o W_o^T`` of the output
   projection, and the paper's *true* softmax V target ``C_S = (1/N) (SV)^T (SV)`` (the second moment
@@ -638,3 +642,98 @@ def search_clip_ratios(captures, transforms: list[LayerTransform], base: Attenti
 def clip_note(ratios) -> str:
     return ",".join(f"{r:g}" for r in ratios)
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-channel centering with plain (token-count) statistics
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChannelStats:
+    """Per-(layer, KV head) channel statistics of K and V rows for per-channel centering, streamed
+    over calibration sequences (position 0 = the first token of a sequence).
+
+    Kept: float64 sums over all tokens; the per-position sums of the first ``head`` positions of every
+    sequence (so the mean that leaves out the first ``s <= head`` tokens of each sequence, e.g. the
+    attention-sink token 0 or the whole BF16 sink window, is exact); and every ``sample_stride``-th
+    row at positions ``>= head`` (fp32) for the median.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    head: int = 64
+    sample_stride: int = 8
+    sums: dict = field(init=False)
+    head_sums: dict = field(init=False)
+    head_count: torch.Tensor = field(init=False)
+    tokens: torch.Tensor = field(init=False)
+    samples: dict = field(init=False)
+
+    def __post_init__(self):
+        L, H, d = self.num_layers, self.num_kv_heads, self.head_dim
+        self.sums = {s: torch.zeros(L, H, d, dtype=torch.float64) for s in "kv"}
+        self.head_sums = {s: torch.zeros(L, self.head, H, d, dtype=torch.float64) for s in "kv"}
+        self.head_count = torch.zeros(L, self.head, dtype=torch.float64)
+        self.tokens = torch.zeros(L, dtype=torch.float64)
+        self.samples = {s: [[] for _ in range(L)] for s in "kv"}
+
+    def add(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """``k, v [T, Hkv, d]``: one whole sequence of one layer, from its first token."""
+        t = k.shape[0]
+        n = min(t, self.head)
+        for s, x in (("k", k), ("v", v)):
+            x64 = x.double()
+            self.sums[s][layer] += x64.sum(0)
+            self.head_sums[s][layer, :n] += x64[:n]
+            if t > self.head:
+                self.samples[s][layer].append(x[self.head::self.sample_stride].float().clone())
+        self.head_count[layer, :n] += 1
+        self.tokens[layer] += t
+
+    def mean(self, side: str, skip: int = 0) -> torch.Tensor:
+        """``[L, H, d]``: the channel mean over every token at position ``>= skip`` of its sequence."""
+        if not 0 <= skip <= self.head:
+            raise ValueError(f"skip must be in [0, {self.head}], got {skip}")
+        s = self.sums[side] - self.head_sums[side][:, :skip].sum(1)
+        n = self.tokens - self.head_count[:, :skip].sum(1)
+        return s / n[:, None, None]
+
+    def median(self, side: str, basis: torch.Tensor | None = None) -> torch.Tensor:
+        """``[L, H, d]`` (model space): the coordinate-wise median of the sampled rows (positions
+        ``>= head``) taken in the basis ``x @ basis[l, h]`` (``basis [L, H, d, d]``, invertible; ``None``
+        = the model space) and mapped back, so that ``(x - mu) @ basis`` has median 0 per coordinate."""
+        out = []
+        for i in range(self.num_layers):
+            x = torch.cat(self.samples[side][i]).double()  # [N, H, d]
+            if basis is None:
+                out.append(x.median(0).values)
+                continue
+            b = basis[i].double()
+            med = torch.einsum("nhd,hde->nhe", x, b).median(0).values  # [H, d] in the rotated basis
+            out.append(torch.einsum("hd,hde->he", med, torch.linalg.inv(b)))
+        return torch.stack(out)
+
+    def state(self) -> dict:
+        return {"sums": self.sums, "head_sums": self.head_sums, "head_count": self.head_count,
+                "tokens": self.tokens, "samples": {s: [torch.cat(x) if x else torch.empty(0) for x in self.samples[s]]
+                                                   for s in "kv"}}
+
+    @staticmethod
+    def from_state(num_layers: int, num_kv_heads: int, head_dim: int, state: dict, **kw) -> ChannelStats:
+        st = ChannelStats(num_layers, num_kv_heads, head_dim, **kw)
+        st.sums, st.head_sums = state["sums"], state["head_sums"]
+        st.head_count, st.tokens = state["head_count"], state["tokens"]
+        st.samples = {s: [[x] if x.numel() else [] for x in state["samples"][s]] for s in "kv"}
+        return st
+
+
+def with_means(transforms: list[LayerTransform], k_mean: torch.Tensor | None = None,
+               v_mean: torch.Tensor | None = None) -> list[LayerTransform]:
+    """The same transforms with per-layer means ``[L, H, d]`` (model space) removed before storing;
+    ``None`` leaves that side uncentered. Exact for attention without quantization (softmax ignores
+    the per-query constant ``q . mu_K``; ``o = P (V - mu_V) + mu_V`` since each row of ``P`` sums to 1)."""
+    return [replace(t, k_mean=None if k_mean is None else k_mean[i].float(),
+                    v_mean=None if v_mean is None else v_mean[i].float())
+            for i, t in enumerate(transforms)]

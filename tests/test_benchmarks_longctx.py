@@ -341,3 +341,9 @@ def test_plots_of_the_new_shape(tmp_path):
     written = run.plots(None, NEW_RESULTS, tmp_path)
     assert [p.name for p in written] == ["accuracy-gpu-smollm2.png", "recall-gpu-smollm2.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+
+
+def test_accuracy_results_path_follows_acc_tag():
+    assert run.accuracy_path(None).name == "accuracy-gpu-smollm2.json"
+    args = run.build_parser().parse_args(["--acc-tag", "chunk8192"])
+    assert run.accuracy_path(args.acc_tag).name == "accuracy-gpu-smollm2-chunk8192.json"

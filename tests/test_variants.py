@@ -315,3 +315,124 @@ def test_clip_search_returns_the_per_layer_argmin():
 
     assert kc[0] == min(cands, key=lambda r: err(r, None))
     assert vc[0] == min(cands, key=lambda r: err(kc[0], r))
+
+
+# ---- plain per-channel centering -------------------------------------------------------------------
+
+
+def test_channel_stats_match_brute_force():
+    g = torch.Generator().manual_seed(3)
+    seqs = [(torch.randn(n, 2, 8, generator=g) + 3.0, torch.randn(n, 2, 8, generator=g) - 1.0) for n in (40, 25, 6)]
+    seqs[0][0][0] += 50.0  # an attention-sink-like first key
+    st = V.ChannelStats(1, 2, 8, head=8, sample_stride=3)
+    for k, v in seqs:
+        st.add(0, k, v)
+    for side, j in (("k", 0), ("v", 1)):
+        for skip in (0, 1, 8):
+            rows = torch.cat([s[j][skip:] for s in seqs]).double()
+            assert torch.allclose(st.mean(side, skip)[0], rows.mean(0), atol=1e-12)
+        sampled = torch.cat([s[j][8::3] for s in seqs if s[j].shape[0] > 8]).double()
+        assert torch.allclose(st.median(side)[0], sampled.median(0).values)
+        # in a rotated basis: (x - mu) @ B has median 0 in every coordinate of every head
+        basis = ref.hadamard(8, torch.float64).expand(1, 2, 8, 8)
+        mu = st.median(side, basis)[0]
+        rot = torch.einsum("nhd,de->nhe", sampled - mu, basis[0, 0])
+        assert torch.allclose(rot.median(0).values, torch.zeros(2, 8, dtype=torch.float64), atol=1e-9)
+    with pytest.raises(ValueError, match="skip"):
+        st.mean("k", 9)
+    again = V.ChannelStats.from_state(1, 2, 8, st.state(), head=8, sample_stride=3)
+    assert torch.equal(again.mean("v", 1), st.mean("v", 1))
+    assert torch.equal(again.median("k"), st.median("k"))
+
+
+@pytest.mark.parametrize("sides", ["k", "v", "kv"])
+def test_channel_centering_leaves_unquantized_attention_exact(sides):
+    q, k, v = qkv(t=40)
+    k = k + 5.0 * torch.randn(16)  # a large per-channel bias, constant over tokens
+    had = ref.hadamard(16, torch.float32)
+    st = V.ChannelStats(1, 2, 16, head=4, sample_stride=2)
+    st.add(0, *qkv(t=30, seed=9)[1:])  # calibration rows (not the evaluated ones)
+    base = [V.LayerTransform.orthogonal(had, had, 2)]
+    basis = had.double().expand(1, 2, 16, 16)
+    for mu_k, mu_v in ((st.mean("k"), st.mean("v")), (st.mean("k", 4), st.mean("v", 4)),
+                       (st.median("k", basis), st.median("v", basis))):
+        t = V.with_means(base, mu_k if "k" in sides else None, mu_v if "v" in sides else None)[0]
+        assert (t.k_mean is not None) == ("k" in sides) and (t.v_mean is not None) == ("v" in sides)
+        pos = torch.arange(q.shape[0])
+        got = V.variant_attention(q, k, v, t, None, None, pos, sink=4, recent=8)
+        want = V.exact_attention(q, k, v, 16**-0.5)
+        assert torch.allclose(got, want, atol=1e-5)
+        # the cache holds centered rows (windows included), rotated
+        kt, _ = V.transformed_kv(k, v, t)
+        if "k" in sides:
+            assert torch.allclose(kt, torch.einsum("thd,de->the", k - mu_k[0].float(), had), atol=1e-4)
+    # quantized, centering K with the right mean shrinks the error of a biased K
+    ks = V.QuantSpec("mse", 0.0)
+    t = V.with_means(base, k.mean(0, keepdim=True).double(), None)[0]
+    err_c = (V.variant_attention(q, k, v, t, ks, None, pos, sink=4, recent=8) - want).norm()
+    err_u = (V.variant_attention(q, k, v, base[0], ks, None, pos, sink=4, recent=8) - want).norm()
+    assert err_c < err_u
+
+
+def tiny_setup(tmp_path, cal):
+    """An ``experiments.Setup`` on a tiny random Llama (no download), calibration sequences ``cal``."""
+    from types import SimpleNamespace
+
+    from vllm_oscar.calibrate import experiments as E
+    from vllm_oscar.calibrate.models import model_info
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=1024, architectures=["LlamaForCausalLM"])
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    setup = E.Setup.__new__(E.Setup)
+    setup.lm, setup.info = SimpleNamespace(model=model), model_info(model.config, "test/tiny", None)
+    setup.work, setup._cal, setup._channel, setup._captures = tmp_path, cal, None, None
+    return setup
+
+
+def test_channel_means_come_from_the_calibration_sequences_only(tmp_path):
+    from vllm_oscar.calibrate.capture import attention_override, causal_sdpa, layer_index
+
+    cal = torch.randint(0, 97, (3, 90))
+    setup = tiny_setup(tmp_path, cal)
+    model = setup.lm.model
+    grabbed = {0: [], 1: []}
+
+    def grab(module, q, k, v):
+        grabbed[layer_index(module)].append((k[0].transpose(0, 1).double(), v[0].transpose(0, 1).double()))
+        return causal_sdpa(module, q, k, v)
+
+    with attention_override(model, grab), torch.inference_mode():
+        for s in cal:
+            model(s[None])
+    tr = setup.channel_centered("hadamard", "mean64", "kv")
+    for i in range(2):
+        ks = torch.cat([k[64:] for k, _ in grabbed[i]])
+        vs = torch.cat([v[64:] for _, v in grabbed[i]])
+        assert torch.allclose(tr[i].k_mean.double(), ks.mean(0), atol=1e-5)
+        assert torch.allclose(tr[i].v_mean.double(), vs.mean(0), atol=1e-5)
+    assert (tmp_path / "channel-stats.pt").is_file()  # cached; a fresh setup reloads the same means
+    setup._channel = None
+    assert torch.equal(setup.channel_centered("hadamard", "mean64", "k")[1].k_mean, tr[1].k_mean)
+    assert setup.channel_centered("hadamard", "mean64", "k")[1].v_mean is None
+
+
+def test_selected_centering_keeps_a_mean_only_where_the_calibration_proxy_drops(tmp_path):
+    from vllm_oscar.calibrate import experiments as E
+
+    setup = tiny_setup(tmp_path, torch.randint(0, 97, (12, 600)))
+    mse = V.QuantSpec("mse", 0.0)
+    var = V.AttentionVariant(k=mse, v=mse, sink=4, recent=16)
+    sel = setup.channel_selected("hadamard", "mean", var)
+    base, full = setup.orthogonal("hadamard"), setup.channel_centered("hadamard", "mean", "kv")
+    caps, w_os = setup.captures(), E.o_proj_weights(setup.lm.model)
+    for side, v_ in (("k", V.AttentionVariant(k=mse, v=None, sink=4, recent=16)),
+                     ("v", V.AttentionVariant(k=None, v=mse, sink=4, recent=16))):
+        e0 = E.proxy_errors(caps, base, v_, w_os, 0.25)
+        e1 = E.proxy_errors(caps, full, v_, w_os, 0.25)
+        for i, t in enumerate(sel):
+            mu = t.k_mean if side == "k" else t.v_mean
+            want = (full[i].k_mean if side == "k" else full[i].v_mean) if e1[i] < e0[i] else None
+            assert (mu is None and want is None) or torch.equal(mu, want)
