@@ -533,6 +533,15 @@ def markdown(e2e: dict | None, acc: dict | None) -> str:
     return "\n\n".join(parts)
 
 
+def _save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plots(e2e: dict | None, acc: dict | None, out_dir: Path) -> list[Path]:
     """PNG plots of the result JSON (matplotlib: ``pip install matplotlib``; not needed for anything else)."""
     import matplotlib
@@ -563,11 +572,7 @@ def plots(e2e: dict | None, acc: dict | None, out_dir: Path) -> list[Path]:
         ax2.set_ylabel("batch-1 TPOT (ms)")
         ax2.set_title("Decode latency, Qwen3-8B shape, H100")
         ax2.legend()
-        fig.tight_layout()
-        path = out_dir / "e2e-h100.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_figure(fig, out_dir / "e2e-h100.png"))
     if acc:
         res = upgrade_accuracy(acc)["results"]
         base = next((r["perplexity"] for r in res if r["format"] == "auto" and r.get("perplexity")), None)
@@ -593,11 +598,7 @@ def plots(e2e: dict | None, acc: dict | None, out_dir: Path) -> list[Path]:
             ax.set_title("Perplexity cost, SmolLM2-135M through vLLM")
             if len(ctxs) > 1:
                 ax.legend()
-            fig.tight_layout()
-            path = out_dir / "accuracy-gpu-smollm2.png"
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-            written.append(path)
+            written.append(_save_figure(fig, out_dir / "accuracy-gpu-smollm2.png"))
         rec = [r for r in res if r.get("recall")]
         if rec:
             fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -611,11 +612,7 @@ def plots(e2e: dict | None, acc: dict | None, out_dir: Path) -> list[Path]:
             ax.set_ylabel("recall token accuracy (mean over depths)")
             ax.set_title("Verbatim recall, SmolLM2-135M through vLLM")
             ax.legend()
-            fig.tight_layout()
-            path = out_dir / "recall-gpu-smollm2.png"
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-            written.append(path)
+            written.append(_save_figure(fig, out_dir / "recall-gpu-smollm2.png"))
     return written
 
 
