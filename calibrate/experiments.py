@@ -186,7 +186,7 @@ PAPER = V.AttentionVariant()  # minmax, clip 0.96/0.92, fp16 scale+offset, 64+25
 class Setup:
     """Model, faithful artifact, calibration statistics and captures, computed once and cached."""
 
-    def __init__(self, args):
+    def __init__(self, args, lm=None):
         from vllm_oscar.calibrate.data import token_sequences  # noqa: PLC0415
         from vllm_oscar.calibrate.models import load_model  # noqa: PLC0415
         from vllm_oscar.calibrate.pipeline import calibrate  # noqa: PLC0415
@@ -194,7 +194,7 @@ class Setup:
 
         self.work = Path(args.workdir)
         self.work.mkdir(parents=True, exist_ok=True)
-        self.lm = load_model("smollm2")
+        self.lm = load_model("smollm2") if lm is None else lm
         info = self.lm.info
         self.info = info
         cal = token_sequences(self.lm.tokenizer, CALIBRATION_SET, 2048, 16)
@@ -296,7 +296,23 @@ class Setup:
             a = self.artifact
             return [V.LayerTransform.orthogonal(a.k_rotation[i], tv[i].v_store, h)
                     for i in range(a.num_layers)]
+        if which == "qeig":  # K: eigenvectors of each KV group's Sigma_Q (no Hadamard); V: Hadamard
+            u = V.query_eigenbasis(self.stats.sigma_q()).float()
+            had = ref.hadamard(self.info.head_dim, torch.float32).expand(h, -1, -1)
+            return [V.LayerTransform.orthogonal(u[i], had, h) for i in range(self.info.num_layers)]
         raise ValueError(which)
+
+    def weighted(self, kind: str, v: bool = False, full: bool = False) -> list[V.LayerTransform]:
+        """``kind`` rotations (``orthogonal``) with the per-dimension weights of the weighted grid fit,
+        from the calibration text only: K = the calibration queries' second moment along each stored
+        coordinate (:func:`variants.query_weights`; ``full``: the whole matrix,
+        :func:`variants.query_moment_matrix`), V (if ``v``) = the output projection's importance
+        (:func:`variants.output_weights`)."""
+        base = self.orthogonal(kind)
+        sq = self.stats.sigma_q()
+        kw = V.query_moment_matrix(sq, base) if full else V.query_weights(sq, base)
+        vw = V.output_weights(self.imp_v, base) if v else None
+        return V.with_weights(base, kw, vw)
 
     def centered(self, kind: str) -> list[V.LayerTransform]:
         """Attention-weighted K and V means removed; ``kind`` = hadamard | paper | importance."""
@@ -371,6 +387,12 @@ def variant_registry() -> dict[str, dict]:
                                     0.125)
         return replace_variant(PAPER, k_clips=k, v_clips=v)
 
+    def wfit(k_mode, v_mode="none"):
+        return lambda s: V.AttentionVariant(k=replace(MSE, weighting=k_mode), v=replace(MSE, weighting=v_mode))
+
+    def wtr(kind, v=False, full=False):
+        return lambda s: s.weighted(kind, v=v, full=full)
+
     def chan(kind, estimator, sides, var):
         if sides == "sel":
             return lambda s: s.channel_selected(kind, estimator, var(s))
@@ -410,6 +432,22 @@ def variant_registry() -> dict[str, dict]:
         "paper_wc_mse_log8_r512": entry("(5) paper_wc_mse_log8 with the saved bits spent on a 512-token "
                                         "recent window", cent("paper"), log8_r512),
     }
+    # Attention-aware (weighted) grid fit: {rotation}_{kw|kws|kwfull|kvws}_mse. K rows fitted by least
+    # squares weighted with the calibration queries' second moment per stored coordinate (kw: the line
+    # fit only; kws: also a weighted start and the weighted error picks the candidate; kwfull: the
+    # whole query second-moment matrix as the quadratic form); kvws: V too, weighted by W_o's importance.
+    rot_desc = {"hadamard": "Hadamard", "paper": "paper (calibrated U H P_br) rotations",
+                "qeig": "K in the eigenbasis of each KV group's Sigma_Q (no Hadamard; V Hadamard)"}
+    reg["qeig_mse"] = entry(f"{rot_desc['qeig']} + MSE grid (unweighted)", orth("qeig"), mse)
+    for kind, rdesc in rot_desc.items():
+        reg[f"{kind}_kw_mse"] = entry(f"{rdesc}; K: MSE grid with the line fit weighted by diag(Sigma_Q) in "
+                                      "the stored basis; V: MSE grid", wtr(kind), wfit("fit"))
+        reg[f"{kind}_kws_mse"] = entry(f"{rdesc}; K: weighted fit + weighted Lloyd-Max start + candidate with "
+                                       "the smallest weighted error; V: MSE grid", wtr(kind), wfit("fit_select"))
+        reg[f"{kind}_kwfull_mse"] = entry(f"{rdesc}; K: fit and choice minimize e^T Sigma_Q' e (whole matrix); "
+                                          "V: MSE grid", wtr(kind, full=True), wfit("full"))
+        reg[f"{kind}_kvws_mse"] = entry(f"{rdesc}; K as kws; V: weighted fit/choice with diag(W_o importance)",
+                                        wtr(kind, v=True), wfit("fit_select", "fit_select"))
     # Plain per-channel centering (issue: K's constant per-channel bias): {rotation}_c{sides}_{estimator}
     # [_mse]; the means come from the calibration text only (ChannelStats, one exact pass).
     estimators = {"mean": "plain mean of every calibration token",
@@ -549,6 +587,65 @@ def centering_screen(setup: Setup, dev_seqs: int = 2) -> dict:
     return out
 
 
+def score_errors(captures, transforms, kspec: V.QuantSpec, scale: float, *, sink: int = 64, recent: int = 256,
+                 q_start: int = 512, q_stride: int = 4) -> list[dict]:
+    """Per layer, the logit (score) error of INT2 keys over the (query, key) pairs read from INT2
+    (outside the windows), for every ``q_stride``-th query from ``q_start``: ``rel`` = mean squared
+    error / mean squared exact logit (same pairs), ``attn`` = the same mean weighted by the exact
+    attention probability of each pair (the errors where the query actually looks)."""
+    out = []
+    for i, t in enumerate(transforms):
+        num = den = anum = aden = 0.0
+        for c in captures:
+            q, k, v = c[i]
+            kt, _ = V.transformed_kv(k, v, t)
+            kq = V.fake_quantize_variant(kt, kspec, V._weights(kspec, t.k_weight, "K"))
+            pos = torch.arange(q_start, q.shape[0], q_stride)
+            qt = V._per_group(q[pos].float(), t.k_query).transpose(0, 1)  # [Hq, P, d]
+            g = qt.shape[0] // kt.shape[1]
+            kth = kt.transpose(0, 1).repeat_interleave(g, 0)
+            kqh = kq.transpose(0, 1).repeat_interleave(g, 0)
+            s_ex = (qt @ kth.transpose(1, 2)) * scale
+            ds = (qt @ (kqh - kth).transpose(1, 2)) * scale
+            causal, exact = ref.exact_window_mask(pos, q.shape[0], sink, recent)
+            int2 = causal & ~exact
+            p = torch.softmax(s_ex.masked_fill(~causal, float("-inf")), -1)
+            num += float((ds * ds)[:, int2].sum())
+            den += float((s_ex * s_ex)[:, int2].sum())
+            pm = p.masked_fill(~int2, 0.0)
+            anum += float((pm * ds * ds).sum())
+            aden += float(pm.sum())
+        out.append({"rel": num / den, "attn": anum / max(aden, 1e-30)})
+    return out
+
+
+def weighted_fit_screen(setup: Setup, names: list[str], dev_seqs: int = 2) -> dict:
+    """Screen of the weighted grid fit on ``dev_seqs`` dev-split captures (held out from the
+    calibration text that gives the weights): per variant and layer, the attention-output proxy
+    (K only with V exact, and K+V) and the INT2 key logit errors (:func:`score_errors`)."""
+    from vllm_oscar.calibrate.data import token_sequences
+
+    registry = variant_registry()
+    seqs = token_sequences(setup.lm.tokenizer, DEV_SET, 2048, dev_seqs)
+    caps = [capture(setup.lm.model, s) for s in seqs]
+    w_os, scale = o_proj_weights(setup.lm.model), setup.info.head_dim ** -0.5
+    o_refs = exact_outputs(caps, scale)
+    out = {"dev_set": f"{DEV_SET}, {dev_seqs} x 2048", "variants": {}}
+    for name in names:
+        t0 = time.time()
+        tr = registry[name]["transforms"](setup)
+        var = registry[name]["variant"](setup)
+        rec = {"proxy_k": proxy_errors(caps, tr, replace(var, v=None), w_os, scale, o_refs=o_refs),
+               "proxy_kv": proxy_errors(caps, tr, var, w_os, scale, o_refs=o_refs),
+               "score_error": score_errors(caps, tr, var.k, scale, sink=var.sink, recent=var.recent)}
+        out["variants"][name] = rec
+        print(f"{name:24s} proxy K {_avg(rec['proxy_k']):.5f} K+V {_avg(rec['proxy_kv']):.5f} "
+              f"logit err rel {_avg([e['rel'] for e in rec['score_error']]):.5f} "
+              f"attn-weighted {_avg([e['attn'] for e in rec['score_error']]):.5f} ({time.time() - t0:.0f}s)",
+              flush=True)
+    return out
+
+
 def format_table(results: dict, seq_len: int = 2048) -> str:
     """Markdown table (variant x held-out set, % over exact, bits/element) from a results file."""
     sets = []
@@ -594,6 +691,8 @@ def main(argv=None) -> int:  # pragma: no cover - the CLI is exercised by hand (
     p.add_argument("--table", action="store_true", help="print the markdown table of --output-json and exit")
     p.add_argument("--centering-screen", action="store_true",
                    help="per-layer screen of per-channel centering on dev-split captures, into --output-json")
+    p.add_argument("--weighted-screen", action="store_true",
+                   help="dev-split screen (proxy, logit errors) of --variants, into --output-json")
     args = p.parse_args(argv)
     if args.list:
         for name, spec in variant_registry().items():
@@ -611,6 +710,17 @@ def main(argv=None) -> int:  # pragma: no cover - the CLI is exercised by hand (
         results["channel_centering_screen"]["command"] = (
             "python -m vllm_oscar.calibrate.experiments " + " ".join(argv or sys.argv[1:]))
         results["channel_centering_screen"]["seconds"] = round(time.time() - t0, 1)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {out}")
+        return 0
+    if args.weighted_screen:
+        out = Path(args.output_json)
+        results = json.loads(out.read_text()) if out.is_file() else {}
+        prev = results.get("weighted_fit_screen", {}).get("variants", {})
+        scr = weighted_fit_screen(Setup(args), args.variants.split(","))
+        scr["variants"] = {**prev, **scr["variants"]}
+        scr["command"] = "python -m vllm_oscar.calibrate.experiments " + " ".join(argv or sys.argv[1:])
+        results["weighted_fit_screen"] = scr
         out.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {out}")
         return 0

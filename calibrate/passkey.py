@@ -16,6 +16,9 @@ Cache semantics:
 * ``int2_prefill``: every query, prompt included, reads K/V outside its windows from INT2 (chunked
   prefill; the semantics of ``evaluate.perplexity``). One full forward per method and trial.
 
+Methods: ``exact``, ``naive_int2``, ``paper``, ``hadamard_mse`` (``evaluate.METHODS``), and any variant of
+``experiments.variant_registry`` as ``v:NAME`` (its calibration statistics from ``--variant-workdir``).
+
 Run: ``python -m vllm_oscar.calibrate.passkey --rotations ARTIFACT_DIR --trials 20 --threads 1``.
 """
 
@@ -40,6 +43,9 @@ DEPTHS = (0.1, 0.5, 0.9)
 #: greedy reply starts with a word ("You ...") even at full precision, so exact match would be 0%.
 ANSWER_PREFIX = "The pass key is"
 SEMANTICS = ("exact_prefill", "int2_prefill")
+#: prefix of a method that is an accuracy variant of ``experiments.variant_registry`` (e.g.
+#: ``v:hadamard_kws_mse``), run through ``variants.make_variant_attention``
+VARIANT_PREFIX = "v:"
 DEFAULT_METHODS = ("exact", "naive_int2", "paper", "hadamard_mse")
 #: passkey method name -> evaluate.METHODS name
 METHOD_MAP = {"exact": "exact", "naive_int2": "naive_int2", "paper": "oscar", "hadamard_mse": "hadamard_mse"}
@@ -179,6 +185,41 @@ def summarize(results: dict) -> dict:
     return results
 
 
+#: settings that must agree for two runs' trials to be the same prompts (seeded keys and haystacks)
+TRIAL_SETTINGS = ("data", "haystack_tokens", "depths", "seed", "answer_prefix", "key_sentence", "question",
+                  "sink_tokens", "recent_tokens")
+
+
+def merge_results(old: dict, new: dict) -> dict:
+    """``old`` with ``new``'s methods added (same method/semantics keys replaced): the trials of both
+    must be the same prompts (same trial settings, and the shared trials' keys and needle positions
+    agree). A method in both gets the union of its trials (``new``'s replacing the same trial and depth),
+    so a run with ``--start-trial`` extends an earlier one. ``new``'s command and variant descriptions are appended under ``merged_runs``."""
+    for k in TRIAL_SETTINGS:
+        if old["settings"].get(k) != new["settings"].get(k):
+            raise ValueError(f"cannot merge: setting {k!r} differs ({old['settings'].get(k)!r} vs "
+                             f"{new['settings'].get(k)!r})")
+    def ident(r):
+        return r["key"], r["needle_fraction"]
+
+    seen = {(r["trial"], r["depth"]): ident(r) for recs in old["trials"].values() for r in recs}
+    for recs in new["trials"].values():
+        for r in recs:
+            if seen.setdefault((r["trial"], r["depth"]), ident(r)) != ident(r):
+                raise ValueError(f"cannot merge: trial {r['trial']} depth {r['depth']} is another prompt")
+    out = dict(old)
+    out["trials"] = dict(old["trials"])
+    for k, recs in new["trials"].items():  # a method's trials: the union, this run's replacing the same trial
+        mine = {(r["trial"], r["depth"]) for r in recs}
+        out["trials"][k] = sorted([r for r in old["trials"].get(k, []) if (r["trial"], r["depth"]) not in mine]
+                                  + recs, key=lambda r: (r["trial"], r["depth"]))
+    out.setdefault("merged_runs", []).append({"command": new["command"], "wall_seconds": new["wall_seconds"],
+                                              "methods": list(new["trials"]),
+                                              "threads": new["settings"].get("threads"),
+                                              "variants": new["settings"].get("variants", {})})
+    return out
+
+
 def main(argv=None) -> int:  # pragma: no cover - CPU minutes; the pieces are tested
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
@@ -191,12 +232,20 @@ def main(argv=None) -> int:  # pragma: no cover - CPU minutes; the pieces are te
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--int2-methods", default=None, help="methods run with int2_prefill (default: --methods)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start-trial", type=int, default=0,
+                   help="skip the first N trials per depth (their keys and haystacks are drawn and discarded, so "
+                        "trial t is the same prompt as in a run from 0); with --merge this extends a run")
     p.add_argument("--answer-prefix", default=ANSWER_PREFIX,
                    help="start of the assistant's reply before the key ('' = the digits right after the "
                         "generation prompt)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("VLLM_OSCAR_NUM_THREADS", "1")))
     p.add_argument("--deadline", type=float, default=None, help="stop starting trials after this many seconds")
+    p.add_argument("--variant-workdir", default="/tmp/vllm-oscar-variants",
+                   help="cached calibration statistics of the 'v:NAME' methods (experiments --workdir)")
     p.add_argument("--output", default="benchmarks/results/passkey-cpu-smollm2.json")
+    p.add_argument("--merge", action="store_true",
+                   help="keep --output's other methods' trials (the same settings are required) and add/replace "
+                        "this run's")
     p.add_argument("--table", action="store_true", help="re-summarize --output's trials and print the table")
     args = p.parse_args(argv)
     if args.table:
@@ -223,8 +272,22 @@ def main(argv=None) -> int:  # pragma: no cover - CPU minutes; the pieces are te
     methods = args.methods.split(",")
     int2_methods = (args.int2_methods or args.methods).split(",")
     int2_methods = [m for m in int2_methods if m and m != "exact"]  # exact is the same under both
-    fns = {}
+    fns, variant_info, setup = {}, {}, None
     for m in methods:
+        if m.startswith(VARIANT_PREFIX):
+            from types import SimpleNamespace
+
+            from vllm_oscar.calibrate import experiments as E
+            from vllm_oscar.calibrate import variants as V
+
+            if setup is None:
+                setup = E.Setup(SimpleNamespace(workdir=args.variant_workdir, rotations=args.rotations), lm=lm)
+            spec = E.variant_registry()[m[len(VARIANT_PREFIX):]]
+            var = spec["variant"](setup)
+            fns[m] = V.make_variant_attention(spec["transforms"](setup), var)
+            variant_info[m] = {"description": spec["description"], "k": var.k.__dict__, "v": var.v.__dict__,
+                               "sink": var.sink, "recent": var.recent}
+            continue
         em = ev.METHODS[METHOD_MAP[m]]
         fns[m] = None if em.kind == "exact" else ev.make_attention(
             em, art, head_dim, k_clip=k_clip, v_clip=v_clip, sink=sink, recent=recent)
@@ -242,7 +305,11 @@ def main(argv=None) -> int:  # pragma: no cover - CPU minutes; the pieces are te
         records.setdefault(name, []).append({**info, "retrieved": hit, "logprob": lp, "argmax": argmax})
         return hit, lp, argmax
 
-    trials = [(t, d) for t in range(args.trials) for d in depths]  # round-robin: depths stay balanced
+    for _ in range(args.start_trial * len(depths)):  # the skipped trials' draws, as a run from 0 makes them
+        random_key(rng)
+        rng.randrange(0, len(text) - 20 * args.haystack_tokens)
+    # round-robin: depths stay balanced
+    trials = [(t, d) for t in range(args.start_trial, args.start_trial + args.trials) for d in depths]
     stopped_early = False
     for t, d in trials:
         if args.deadline and time.time() - t0 > args.deadline:
@@ -259,7 +326,7 @@ def main(argv=None) -> int:  # pragma: no cover - CPU minutes; the pieces are te
         for m, logits in per.items():
             hit, lp, argmax = record(f"{m}/exact_prefill", logits, ex["answer"], info)
             line.append(f"{m}:{'Y' if hit else 'n'}{lp:.2f}:{argmax}")
-        if t < int2_trials:
+        if t - args.start_trial < int2_trials:
             for m in int2_methods:
                 logits = int2_prefill_logits(model, ex["prompt"], ex["answer"], fns[m])
                 hit, lp, _ = record(f"{m}/int2_prefill", logits, ex["answer"], info)
@@ -275,6 +342,7 @@ def main(argv=None) -> int:  # pragma: no cover - CPU minutes; the pieces are te
                                "v_clip_ratio": v_clip},
                      "hadamard_mse": {"rotations": "hadamard", "levels": "mse", "clip": None},
                      "naive_int2": {"rotations": None, "levels": "minmax", "clip": None, "windows": None},
+                     "variants": variant_info,
                      "threads": args.threads, "stopped_early_by_deadline": stopped_early,
                      "key_sentence": KEY_SENTENCE, "question": QUESTION,
                      "answer_prefix": args.answer_prefix,
@@ -289,6 +357,8 @@ def main(argv=None) -> int:  # pragma: no cover - CPU minutes; the pieces are te
         "results": {},
         "trials": records,
     }
+    if args.merge and Path(args.output).is_file():
+        results = merge_results(json.loads(Path(args.output).read_text()), results)
     summarize(results)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=1) + "\n")

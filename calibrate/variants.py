@@ -14,6 +14,12 @@ module reuses its pieces (Hadamard, clipping, the mixed-window attention) and ad
     (Lloyd-Max and the min-max grid shrunk to 100/80/60/45% of the range), keeping the best: a
     near-MSE-optimal affine grid, still one FMA to dequantize.
 
+* **Attention-aware (weighted) fit** (``QuantSpec.weighting``): the ``mse`` grid's least-squares
+  line (and optionally its start and the choice among candidates) weighted per element, e.g. by the
+  calibration queries' second moment along each stored K coordinate (:func:`query_weights`), so the
+  fit targets the logit error ``q . (k - k_hat)`` rather than the row MSE; ``"full"`` uses the whole
+  query second-moment matrix (:func:`query_moment_matrix`). Codes stay nearest-level.
+
 * **Per-row parameter formats** (what one row's ``(scale, offset)`` costs in the cache):
   ``fp16`` (32 bits, the reference), ``bf16`` (32), ``fp16_i8`` (fp16 scale + 8-bit offset in units
   of the scale: 24), ``log8_i8`` (8-bit log2 scale + 8-bit offset: 16), ``log8_sym`` (8-bit log2
@@ -78,6 +84,13 @@ class QuantSpec:
     params: ParamFormat = "fp16"
     lm_ratio: float = 1.16  # only for levels="lm"
     iters: int = 6  # only for levels="mse"
+    # only for levels="mse": per-element weights (``LayerTransform.k_weight``/``v_weight``, e.g. the
+    # query second moments per rotated dimension) in the fit. "fit": the least-squares line through
+    # (code, x) is weighted, the starts and the choice among them stay unweighted; "fit_select": also a
+    # weighted Lloyd-Max start and the candidate with the smallest *weighted* error is kept; "full":
+    # the weights are a matrix ``M [..., d, d]`` and fit and choice minimize ``e^T M e`` (``e`` = the
+    # row's error; codes still nearest-level, unweighted starts).
+    weighting: Literal["none", "fit", "fit_select", "full"] = "none"
 
     def bits_per_row_params(self) -> int:
         return PARAM_BITS[self.params]
@@ -116,8 +129,35 @@ def _codes(x: torch.Tensor, s: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.floor((x - o[..., None]) / s[..., None] + 0.5), 0, ref.INT2_LEVELS - 1)
 
 
-def _sse(x, c, s, o):
-    return ((c * s[..., None] + o[..., None] - x) ** 2).sum(-1)
+def _rowmat(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Rows ``x [..., d]`` times ``m`` (``[d, d]``, or ``[H, d, d]`` for rows ``[..., H, d]``)."""
+    if m.dim() == 2:
+        return x @ m
+    if m.dim() == 3 and x.dim() >= 2 and x.shape[-2] == m.shape[0]:
+        return torch.einsum("...hd,hde->...he", x, m)  # one matrix product per head, not a matvec per row
+    return torch.matmul(x.unsqueeze(-2), m).squeeze(-2)
+
+
+def _sse(x, c, s, o, w=None, full=False):
+    e = c * s[..., None] + o[..., None] - x
+    if full:  # e^T M e with M = w [..., d, d]
+        return (_rowmat(e, w) * e).sum(-1)
+    return (e * e if w is None else e * e * w).sum(-1)
+
+
+def _ls_fit_full(x, c, s, o, m, m1, m11):
+    """``(s, o)`` minimizing ``(c s + o - x)^T M (c s + o - x)`` per row (``M = m [..., d, d]``
+    symmetric positive definite, ``m1 = M 1``, ``m11 = 1^T M 1``); keeps ``(s, o)`` where degenerate."""
+    mc = _rowmat(c, m)
+    a11, a12, b1 = (mc * c).sum(-1), mc.sum(-1), (mc * x).sum(-1)
+    b2 = (m1 * x).sum(-1)
+    det = a11 * m11 - a12 * a12
+    ok0 = det > 1e-12 * a11 * m11
+    det = torch.where(ok0, det, torch.ones_like(det))
+    s_new = (m11 * b1 - a12 * b2) / det
+    o_new = (a11 * b2 - a12 * b1) / det
+    ok = ok0 & (s_new > 0)
+    return torch.where(ok, s_new, s), torch.where(ok, o_new, o)
 
 
 def _minmax_params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,27 +165,44 @@ def _minmax_params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (hi - lo) / 3.0, lo
 
 
-def _lm_params(x: torch.Tensor, lm_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The authors' Lloyd-Max affine pair and threshold codes: ``(codes, scale, offset)`` (unrounded)."""
-    mean = x.mean(-1)
-    std = torch.sqrt(x.var(-1, unbiased=False) + 1e-8)
+def _lm_params(x: torch.Tensor, lm_ratio: float, w: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The authors' Lloyd-Max affine pair and threshold codes: ``(codes, scale, offset)`` (unrounded).
+    With element weights ``w`` the row's mean and standard deviation are weighted."""
+    if w is None:
+        mean = x.mean(-1)
+        std = torch.sqrt(x.var(-1, unbiased=False) + 1e-8)
+    else:
+        w = w.expand_as(x)
+        tot = w.sum(-1)
+        mean = (w * x).sum(-1) / tot
+        std = torch.sqrt((w * (x - mean[..., None]) ** 2).sum(-1) / tot + 1e-8)
     z = (x - mean[..., None]) / std[..., None]
     codes = (z >= -LM_THRESHOLD).float() + (z >= 0).float() + (z >= LM_THRESHOLD).float()
     scale = LM_UNIFORM_FACTOR * lm_ratio * std
     return codes, scale, mean - 1.5 * scale
 
 
-def _ls_fit(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, o: torch.Tensor, symmetric: bool):
-    """Least-squares ``x ~ c*s + o`` per row (``o = -1.5 s`` when ``symmetric``); keeps ``(s, o)``
-    where the fit is degenerate (one distinct code) or gives a non-positive scale."""
-    d = x.shape[-1]
+def _ls_fit(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, o: torch.Tensor, symmetric: bool,
+            w: torch.Tensor | None = None):
+    """Least-squares ``x ~ c*s + o`` per row (``o = -1.5 s`` when ``symmetric``), weighted by the
+    per-element weights ``w`` (broadcast to ``x``) if given; keeps ``(s, o)`` where the fit is
+    degenerate (one distinct code) or gives a non-positive scale. All-ones weights give bit for bit
+    the unweighted fit."""
     if symmetric:
         u = c - 1.5
-        den = (u * u).sum(-1)
-        s_new = (u * x).sum(-1) / torch.clamp(den, min=1e-30)
+        wu = u if w is None else w * u
+        den = (wu * u).sum(-1)
+        s_new = (wu * x).sum(-1) / torch.clamp(den, min=1e-30)
         ok = s_new > 0
         return torch.where(ok, s_new, s), torch.where(ok, -1.5 * s_new, o)
-    sc, scc, sx, scx = c.sum(-1), (c * c).sum(-1), x.sum(-1), (c * x).sum(-1)
+    if w is None:
+        d = x.shape[-1]
+        sc, scc, sx, scx = c.sum(-1), (c * c).sum(-1), x.sum(-1), (c * x).sum(-1)
+    else:  # the same normal equations with weighted sums (d -> sum of weights)
+        w = w.expand_as(x)
+        wc = w * c
+        d, sc, scc, sx, scx = w.sum(-1), wc.sum(-1), (wc * c).sum(-1), (w * x).sum(-1), (wc * x).sum(-1)
     det = d * scc - sc * sc
     s_new = (d * scx - sc * sx) / torch.where(det > 0, det, torch.ones_like(det))
     o_new = (sx - s_new * sc) / d
@@ -153,14 +210,33 @@ def _ls_fit(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, o: torch.Tensor, 
     return torch.where(ok, s_new, s), torch.where(ok, o_new, o)
 
 
-def quantize_rows_variant(x: torch.Tensor, spec: QuantSpec
+def quantize_rows_variant(x: torch.Tensor, spec: QuantSpec, weights: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize rows ``x [..., d]`` (fp32): ``(codes uint8 [..., d], scale fp32 [...], offset fp32 [...])``.
 
     ``scale``/``offset`` are exactly the stored (rounded) values and the codes are nearest-level codes
     against them, except for ``levels="lm"`` whose codes are the authors' threshold codes.
+
+    ``weights`` (positive, broadcastable to ``x``, e.g. ``[Hkv, d]`` for rows ``[T, Hkv, d]``): the
+    per-element weights of ``spec.weighting`` (``levels="mse"`` only). The codes stay nearest-level
+    (the weighted error is separable, so the nearest level minimizes each element's term whatever its
+    weight); only the line fit (and with ``"fit_select"`` the starts and the choice) are weighted.
     """
     x = ref.clip_rows(x.float(), spec.clip)
+    w = None
+    if spec.weighting != "none":
+        if spec.levels != "mse":
+            raise ValueError(f"weighting {spec.weighting!r} needs levels 'mse', got {spec.levels!r}")
+        if weights is None:
+            raise ValueError(f"weighting {spec.weighting!r} needs per-element weights")
+        w = weights.float()
+    full = spec.weighting == "full"
+    if full:
+        if spec.params == "log8_sym":
+            raise ValueError("weighting 'full' does not support symmetric rows")
+        m1 = w.sum(-1)  # M 1 (M symmetric)
+        m11 = m1.sum(-1)
+    w_sel = w if spec.weighting in ("fit_select", "full") else None
     symmetric = spec.params == "log8_sym"
     if spec.levels == "minmax":
         s, o = _minmax_params(x)
@@ -176,7 +252,7 @@ def quantize_rows_variant(x: torch.Tensor, spec: QuantSpec
         best = None
         lo, hi = x.amin(-1), x.amax(-1)
         mid, rng = (lo + hi) / 2, hi - lo
-        inits = [_lm_params(x, 1.0)[1:]]
+        inits = [_lm_params(x, 1.0, None if full else w_sel)[1:]]
         for a in MSE_INIT_RANGE_FRACTIONS:  # min-max grid shrunk around the mid-range
             inits.append((a * rng / 3.0, mid - 0.5 * a * rng))
         for s, o in inits:
@@ -185,11 +261,14 @@ def quantize_rows_variant(x: torch.Tensor, spec: QuantSpec
                 o = -1.5 * s
             c = _codes(x, s, o)
             for _ in range(spec.iters):
-                s, o = _ls_fit(x, c, s, o, symmetric)
+                if full:
+                    s, o = _ls_fit_full(x, c, s, o, w, m1, m11)
+                else:
+                    s, o = _ls_fit(x, c, s, o, symmetric, w)
                 c = _codes(x, s, o)
             sr, orr = round_params(s, o, spec.params)
             cr = _codes(x, sr, orr)
-            err = _sse(x, cr, sr, orr)
+            err = _sse(x, cr, sr, orr, w_sel, full)
             if best is None:
                 best = (err, cr, sr, orr)
             else:
@@ -202,9 +281,9 @@ def quantize_rows_variant(x: torch.Tensor, spec: QuantSpec
     return c.to(torch.uint8), s, o
 
 
-def fake_quantize_variant(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def fake_quantize_variant(x: torch.Tensor, spec: QuantSpec, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize + dequantize rows (``code * scale + offset``), fp32."""
-    c, s, o = quantize_rows_variant(x, spec)
+    c, s, o = quantize_rows_variant(x, spec, weights)
     return c.float() * s[..., None] + o[..., None]
 
 
@@ -237,6 +316,8 @@ class LayerTransform:
 
     cache K row: ``(k - k_mean) @ k_store``; query: ``q @ k_query`` with ``k_query = k_store^{-T}``;
     cache V row: ``(v - v_mean) @ v_store``; output: ``o_cache @ v_out + v_mean``, ``v_out = v_store^{-1}``.
+    ``k_weight``/``v_weight`` ``[Hkv, d]``: per-dimension weights of the stored coordinates for a
+    weighted grid fit (``QuantSpec.weighting``), e.g. :func:`query_weights` / :func:`output_weights`.
     """
 
     k_store: torch.Tensor
@@ -245,6 +326,8 @@ class LayerTransform:
     v_mean: torch.Tensor | None = None
     k_query: torch.Tensor | None = None
     v_out: torch.Tensor | None = None
+    k_weight: torch.Tensor | None = None
+    v_weight: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.k_query is None:
@@ -302,6 +385,14 @@ def transformed_kv(k: torch.Tensor, v: torch.Tensor, t: LayerTransform) -> tuple
     return _per_head(kc, t.k_store), _per_head(vc, t.v_store)
 
 
+def _weights(spec: QuantSpec, w: torch.Tensor | None, side: str) -> torch.Tensor | None:
+    if spec.weighting == "none":
+        return None
+    if w is None:
+        raise ValueError(f"{side} spec has weighting {spec.weighting!r} but the layer transform has no {side} weights")
+    return w
+
+
 def variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: LayerTransform,
                       kspec: QuantSpec | None, vspec: QuantSpec | None, q_positions: torch.Tensor, *,
                       sink: int, recent: int, scale: float | None = None) -> torch.Tensor:
@@ -309,8 +400,8 @@ def variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: Laye
     transformed by ``t`` and quantized outside the windows; ``None`` spec = that side unquantized.
     Returns ``[Tq, Hq, d]`` in the model space."""
     kt, vt = transformed_kv(k.float(), v.float(), t)
-    kq = kt if kspec is None else fake_quantize_variant(kt, kspec)
-    vq = vt if vspec is None else fake_quantize_variant(vt, vspec)
+    kq = kt if kspec is None else fake_quantize_variant(kt, kspec, _weights(kspec, t.k_weight, "K"))
+    vq = vt if vspec is None else fake_quantize_variant(vt, vspec, _weights(vspec, t.v_weight, "V"))
     qt = _per_group(q.float(), t.k_query)
     o = ref.mixed_window_attention(qt, kt, vt, kq, vq, q_positions, sink, recent, scale)
     o = _per_group(o, t.v_out)
@@ -327,7 +418,8 @@ def make_variant_attention(transforms: list[LayerTransform], variant: AttentionV
         i = layer_index(module)
         q_, k_, v_ = (x[0].transpose(0, 1).float() for x in (q, k, v))
         ks, vs = variant.specs(i)
-        o = variant_attention(q_, k_, v_, transforms[i], ks, vs, torch.arange(q_.shape[0]), sink=variant.sink,
+        tq, tkv = q_.shape[0], k_.shape[0]  # with a KV cache the queries are the last positions
+        o = variant_attention(q_, k_, v_, transforms[i], ks, vs, torch.arange(tkv - tq, tkv), sink=variant.sink,
                               recent=variant.recent, scale=module.scaling)
         return o[None].to(q.dtype)
 
@@ -737,3 +829,69 @@ def with_means(transforms: list[LayerTransform], k_mean: torch.Tensor | None = N
     return [replace(t, k_mean=None if k_mean is None else k_mean[i].float(),
                     v_mean=None if v_mean is None else v_mean[i].float())
             for i, t in enumerate(transforms)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention-aware (weighted) grid fit: per-dimension weights of the stored coordinates
+# --------------------------------------------------------------------------------------------------
+
+
+def _normalized_diag(m: torch.Tensor) -> torch.Tensor:
+    """``diag(m)`` of ``[..., d, d]`` scaled to mean 1 over ``d`` (the fit is invariant to the scale)."""
+    w = torch.diagonal(m, dim1=-2, dim2=-1).clamp(min=0)
+    return w / w.mean(-1, keepdim=True).clamp(min=1e-300)
+
+
+def query_weights(sigma_q: torch.Tensor, transforms: list[LayerTransform], floor: float = 1e-3) -> torch.Tensor:
+    """``[L, Hkv, d]``: the second moment of the queries along each stored K coordinate,
+    ``diag(k_query^T Sigma_Q k_query)`` per layer and KV group (``sigma_q [L, Hkv, d, d]``, the
+    calibration text's :meth:`VariantStats.sigma_q`; ``k_query`` maps model-space queries to the
+    stored basis), normalized to mean 1 and floored at ``floor`` (relative). A K row error ``e`` moves
+    a query's score by ``q'.e``; averaged over the calibration queries its square is ``e^T Sigma' e``,
+    of which ``sum_i w_i e_i^2`` is the diagonal part (all of it when ``Sigma'`` is diagonal, as in the
+    eigenbasis of ``Sigma_Q``)."""
+    out = []
+    for i, t in enumerate(transforms):
+        kq = t.k_query.double()  # [Hkv, d, d]
+        out.append(_normalized_diag(kq.transpose(-1, -2) @ sigma_q[i].double() @ kq))
+    w = torch.stack(out)
+    return torch.clamp(w, min=floor).float()
+
+
+def output_weights(v_importance: torch.Tensor, transforms: list[LayerTransform], floor: float = 1e-3) -> torch.Tensor:
+    """``[L, Hkv, d]``: how much an error on each stored V coordinate moves the residual stream,
+    ``diag(v_out Sigma_imp v_out^T)`` with ``Sigma_imp = sum_h W_o^h W_o^h^T`` (:func:`o_proj_importance`),
+    normalized to mean 1 and floored at ``floor``."""
+    out = []
+    for i, t in enumerate(transforms):
+        vo = t.v_out.double()  # [Hkv, d, d]: stored -> model space
+        out.append(_normalized_diag(vo @ v_importance[i].double() @ vo.transpose(-1, -2)))
+    return torch.clamp(torch.stack(out), min=floor).float()
+
+
+def query_moment_matrix(sigma_q: torch.Tensor, transforms: list[LayerTransform]) -> torch.Tensor:
+    """``[L, Hkv, d, d]``: ``k_query^T Sigma_Q k_query`` (the calibration queries' second moment in the
+    stored K basis), scaled to mean diagonal 1: the whole quadratic form of the expected squared score
+    error ``e^T Sigma' e`` (``weighting="full"``)."""
+    out = []
+    for i, t in enumerate(transforms):
+        kq = t.k_query.double()
+        m = kq.transpose(-1, -2) @ sigma_q[i].double() @ kq
+        m = (m + m.transpose(-1, -2)) / 2
+        out.append(m / torch.diagonal(m, dim1=-2, dim2=-1).mean(-1)[..., None, None])
+    return torch.stack(out).float()
+
+
+def with_weights(transforms: list[LayerTransform], k_weight: torch.Tensor | None = None,
+                 v_weight: torch.Tensor | None = None) -> list[LayerTransform]:
+    """The same transforms with per-layer weights ``[L, Hkv, d]`` for the weighted grid fit."""
+    return [replace(t, k_weight=None if k_weight is None else k_weight[i],
+                    v_weight=None if v_weight is None else v_weight[i]) for i, t in enumerate(transforms)]
+
+
+def query_eigenbasis(sigma_q: torch.Tensor) -> torch.Tensor:
+    """``[L, Hkv, d, d]``: the eigenvectors of each KV group's ``Sigma_Q`` (columns, descending
+    eigenvalue), an orthogonal K basis in which ``Sigma_Q`` is diagonal (no Hadamard after it)."""
+    s = sigma_q.double()
+    _, u = torch.linalg.eigh((s + s.transpose(-1, -2)) / 2)
+    return u.flip(-1)

@@ -125,3 +125,24 @@ def test_summarize_and_table():
                           "later_digits_retrieved": 1}
     assert out["all"]["retrieved"] == 1 and out["all"]["later_digits_retrieved"] == 2
     assert "| `exact` | exact_prefill | 1/1 [1] (-0.20) | 0/2 [1] (-0.80) | 1/3 [2] (-0.60) |" in pk.format_table(res)
+
+
+def test_merge_keeps_other_methods_and_checks_the_prompts():
+    rec = {"trial": 0, "depth": 0.1, "key": "60494", "needle_fraction": 0.1, "prompt_tokens": 10,
+           "retrieved": True, "logprob": -0.2, "argmax": " 60494"}
+    settings = {k: 0 for k in pk.TRIAL_SETTINGS}
+    old = {"settings": dict(settings), "trials": {"exact/exact_prefill": [rec], "paper/int2_prefill": [rec]}}
+    new = {"settings": dict(settings, variants={"v:x": {}}), "command": "c", "wall_seconds": 1,
+           "trials": {"exact/exact_prefill": [rec], "v:x/exact_prefill": [dict(rec, retrieved=False)]}}
+    out = pk.merge_results(old, new)
+    assert list(out["trials"]) == ["exact/exact_prefill", "paper/int2_prefill", "v:x/exact_prefill"]
+    assert out["merged_runs"][0]["methods"] == ["exact/exact_prefill", "v:x/exact_prefill"]
+    # a later run (--start-trial) extends a method's trials; the same trial is replaced
+    later = dict(rec, trial=1, retrieved=False)
+    ext = pk.merge_results(out, dict(new, trials={"exact/exact_prefill": [later, dict(rec, logprob=-0.1)]}))
+    assert [(r["trial"], r["logprob"]) for r in ext["trials"]["exact/exact_prefill"]] == [(0, -0.1), (1, -0.2)]
+    assert ext["trials"]["paper/int2_prefill"] == [rec]
+    with pytest.raises(ValueError):  # other prompts: a different key at the same trial
+        pk.merge_results(old, dict(new, trials={"exact/exact_prefill": [dict(rec, key="11111")]}))
+    with pytest.raises(ValueError):
+        pk.merge_results(old, dict(new, settings=dict(settings, seed=1)))

@@ -389,6 +389,7 @@ def tiny_setup(tmp_path, cal):
     setup = E.Setup.__new__(E.Setup)
     setup.lm, setup.info = SimpleNamespace(model=model), model_info(model.config, "test/tiny", None)
     setup.work, setup._cal, setup._channel, setup._captures = tmp_path, cal, None, None
+    setup._stats = setup._per_head = setup._imp_v = None
     return setup
 
 
@@ -436,3 +437,136 @@ def test_selected_centering_keeps_a_mean_only_where_the_calibration_proxy_drops(
             mu = t.k_mean if side == "k" else t.v_mean
             want = (full[i].k_mean if side == "k" else full[i].v_mean) if e1[i] < e0[i] else None
             assert (mu is None and want is None) or torch.equal(mu, want)
+
+
+# ---- attention-aware (weighted) grid fit ------------------------------------------------------------
+
+
+def _weighted_err(x, c, s, o, w):
+    return (((c.float() * s[..., None] + o[..., None]) - x) ** 2 * w).sum(-1)
+
+
+@pytest.mark.parametrize("heavy", [False, True])
+def test_weighted_fit_lowers_the_weighted_error(heavy):
+    g = torch.Generator().manual_seed(3)
+    x = rows(n=256, heavy=heavy).reshape(64, 4, 64)
+    w = torch.exp(1.5 * torch.randn(4, 64, generator=g))  # per (head, dimension), like query moments
+    err = {}
+    for mode in ("none", "fit", "fit_select"):
+        c, s, o = V.quantize_rows_variant(x, V.QuantSpec("mse", 0.0, "fp16", weighting=mode), w)
+        # codes stay nearest-level against the stored pair whatever the weights
+        lv = torch.arange(4.0) * s[..., None] + o[..., None]
+        dist = (x[..., None] - lv[..., None, :]).abs()
+        assert torch.all(dist.gather(-1, c.long()[..., None])[..., 0] <= dist.amin(-1) + 1e-5 * s[..., None])
+        err[mode] = _weighted_err(x, c, s, o, w)
+    assert err["fit"].sum() < 0.95 * err["none"].sum()
+    assert err["fit_select"].sum() < err["fit"].sum()
+    # the weighted choice keeps, per row, the best weighted candidate: at least as good on most rows
+    assert (err["fit_select"] <= err["none"] * (1 + 1e-5)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "log8_i8", "log8_sym"])
+def test_uniform_weights_give_the_unweighted_fit_exactly(fmt):
+    x = rows(n=128, heavy=True).reshape(32, 4, 64)
+    want = V.quantize_rows_variant(x, V.QuantSpec("mse", 0.0, fmt))
+    for mode in ("fit", "fit_select"):
+        got = V.quantize_rows_variant(x, V.QuantSpec("mse", 0.0, fmt, weighting=mode), torch.ones(4, 64))
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    # a constant weight is the same fit up to rounding
+    c, s, _ = V.quantize_rows_variant(x, V.QuantSpec("mse", 0.0, fmt, weighting="fit"), torch.full((4, 64), 3.7))
+    assert (c == want[0]).float().mean() > 0.999 and torch.allclose(s, want[1], rtol=1e-3)
+    # the full quadratic form with M = I is the unweighted fit too (other arithmetic)
+    if fmt != "log8_sym":
+        c, s, _ = V.quantize_rows_variant(x, V.QuantSpec("mse", 0.0, fmt, weighting="full"), torch.eye(64))
+        assert (c == want[0]).float().mean() > 0.999 and torch.allclose(s, want[1], rtol=1e-3)
+
+
+def test_full_weighting_lowers_the_quadratic_form():
+    g = torch.Generator().manual_seed(4)
+    x = rows(n=256, heavy=True).reshape(64, 4, 64)
+    u = torch.randn(4, 64, 64, generator=g)
+    m = u @ u.transpose(-1, -2) / 64 + torch.diag_embed(torch.rand(4, 64, generator=g))
+    e = {}
+    for mode, w in (("none", None), ("full", m)):
+        c, s, o = V.quantize_rows_variant(x, V.QuantSpec("mse", 0.0, "fp16", weighting=mode), w)
+        r = c.float() * s[..., None] + o[..., None] - x
+        e[mode] = (torch.matmul(r.unsqueeze(-2), m).squeeze(-2) * r).sum(-1)
+    assert e["full"].sum() < 0.99 * e["none"].sum()
+    assert (e["full"] <= e["none"] * (1 + 1e-5)).float().mean() > 0.8
+
+
+def test_weighting_needs_weights_and_the_mse_grid():
+    x = rows(n=4)
+    with pytest.raises(ValueError):
+        V.quantize_rows_variant(x, V.QuantSpec("mse", 0.0, weighting="fit"))
+    with pytest.raises(ValueError):
+        V.quantize_rows_variant(x, V.QuantSpec("minmax", 0.0, weighting="fit"), torch.ones(64))
+    q, k, v = qkv()
+    had = ref.hadamard(16, torch.float32)
+    t = V.LayerTransform.orthogonal(had, had, 2)
+    with pytest.raises(ValueError):
+        V.variant_attention(q, k, v, t, V.QuantSpec("mse", weighting="fit"), None, torch.arange(40), sink=4, recent=8)
+
+
+def test_query_weights_are_the_query_moments_of_the_stored_basis():
+    g = torch.Generator().manual_seed(5)
+    d, h = 16, 2
+    a = torch.randn(2, h, d, d, generator=g, dtype=torch.float64)
+    sq = a @ a.transpose(-1, -2) + 0.5 * torch.ones(d, d, dtype=torch.float64)  # [L, Hkv, d, d], mean-dominated
+    u = V.query_eigenbasis(sq)
+    tr = [V.LayerTransform.orthogonal(u[i].float(), u[i].float(), h) for i in range(2)]
+    w = V.query_weights(sq, tr)
+    lam = torch.linalg.eigvalsh(sq).flip(-1)  # descending, as the eigenbasis' columns
+    assert torch.allclose(w.double(), (lam / lam.mean(-1, keepdim=True)).clamp(min=1e-3), atol=1e-4)
+    m = V.query_moment_matrix(sq, tr)  # diagonal in the eigenbasis: the diagonal weights are exact there
+    assert torch.allclose(m, torch.diag_embed(torch.diagonal(m, dim1=-2, dim2=-1)), atol=1e-4)
+    # any other basis: diag(R^T Sigma R), mean 1
+    had = ref.hadamard(d, torch.float32)
+    trh = [V.LayerTransform.orthogonal(had, had, h) for _ in range(2)]
+    wh = V.query_weights(sq, trh)
+    want = torch.diagonal(had.double().T @ sq @ had.double(), dim1=-2, dim2=-1)
+    assert torch.allclose(wh.double(), want / want.mean(-1, keepdim=True), atol=1e-5)
+
+
+def test_variant_attention_fn_with_a_kv_cache_reads_the_last_positions(monkeypatch):
+    """``make_variant_attention`` with fewer queries than keys (decode with a KV cache): the queries are
+    the last positions, so the result equals the last rows of the full computation."""
+    from types import SimpleNamespace
+
+    from vllm_oscar.calibrate import capture
+
+    q, k, v = qkv(t=48)
+    had = ref.hadamard(16, torch.float32)
+    tr = [V.LayerTransform.orthogonal(had, had, 2)]
+    mse = V.QuantSpec("mse", 0.0)
+    monkeypatch.setattr(capture, "layer_index", lambda m: 0)
+    fn = V.make_variant_attention(tr, V.AttentionVariant(k=mse, v=mse, sink=4, recent=8))
+    module = SimpleNamespace(scaling=0.25)
+    full = fn(module, *(x.transpose(0, 1)[None] for x in (q, k, v)))
+    last = fn(module, q[-3:].transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+    assert torch.allclose(last[0], full[0, -3:], atol=1e-5)
+
+
+def test_weighted_fit_weights_come_from_the_calibration_queries_only(tmp_path):
+    from vllm_oscar.calibrate.capture import attention_override, causal_sdpa, layer_index
+
+    cal = torch.randint(0, 97, (2, 40))
+    setup = tiny_setup(tmp_path, cal)
+    qs = {0: [], 1: []}
+
+    def grab(module, q, k, v):
+        qs[layer_index(module)].append(q[0].transpose(0, 1).double())
+        return causal_sdpa(module, q, k, v)
+
+    with attention_override(setup.lm.model, grab), torch.inference_mode():
+        for s in cal:
+            setup.lm.model(s[None])
+    for kind in ("hadamard", "qeig"):
+        tr = setup.weighted(kind, v=True)
+        for i in range(2):
+            sq = ref.query_second_moments(torch.cat(qs[i]), 2)  # brute force over the calibration tokens
+            kq = tr[i].k_query.double()
+            want = torch.diagonal(kq.transpose(-1, -2) @ sq @ kq, dim1=-2, dim2=-1)
+            want = (want / want.mean(-1, keepdim=True)).clamp(min=1e-3)
+            assert torch.allclose(tr[i].k_weight.double(), want, atol=1e-4)
+            assert tr[i].v_weight.shape == (2, 16)
