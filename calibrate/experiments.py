@@ -21,6 +21,7 @@ import torch
 
 from vllm_oscar.calibrate import variants as V
 from vllm_oscar.calibrate.capture import attention_override, causal_sdpa, layer_index
+from vllm_oscar.calibrate.pipeline import exact_passes
 from vllm_oscar.ops import reference as ref
 
 DEV_SET = "shakespeare:problems"
@@ -73,13 +74,7 @@ def collect_stats(model, sequences: torch.Tensor, info, progress: bool = True) -
         stats.add(layer_index(module), q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), o[0])
         return o
 
-    with attention_override(model, hook):
-        for n, seq in enumerate(sequences):
-            t0 = time.time()
-            model.get_decoder()(seq[None])
-            if progress:
-                print(f"  stats seq {n + 1}/{len(sequences)} {time.time() - t0:.1f}s", file=sys.stderr,
-                      flush=True)
+    exact_passes(model, sequences, hook, "stats", progress)
     return stats
 
 
@@ -95,13 +90,7 @@ def collect_weighted_stats(model, sequences: torch.Tensor, stats: V.VariantStats
         stats.add_weighted(layer_index(module), k_, v_, wk, wv)
         return causal_sdpa(module, q, k, v)
 
-    with attention_override(model, hook):
-        for n, seq in enumerate(sequences):
-            t0 = time.time()
-            model.get_decoder()(seq[None])
-            if progress:
-                print(f"  weighted stats seq {n + 1}/{len(sequences)} {time.time() - t0:.1f}s",
-                      file=sys.stderr, flush=True)
+    exact_passes(model, sequences, hook, "weighted stats", progress)
     return stats
 
 
@@ -114,13 +103,7 @@ def collect_channel_stats(model, sequences: torch.Tensor, info, progress: bool =
         stats.add(layer_index(module), k[0].transpose(0, 1), v[0].transpose(0, 1))
         return causal_sdpa(module, q, k, v)
 
-    with attention_override(model, hook):
-        for n, seq in enumerate(sequences):
-            t0 = time.time()
-            model.get_decoder()(seq[None])
-            if progress:
-                print(f"  channel stats seq {n + 1}/{len(sequences)} {time.time() - t0:.1f}s", file=sys.stderr,
-                      flush=True)
+    exact_passes(model, sequences, hook, "channel stats", progress)
     return stats
 
 

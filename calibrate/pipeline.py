@@ -25,7 +25,9 @@ FIT_ORTHOGONALITY_TOLERANCE = 1e-10
 MIN_CALIBRATION_TOKENS = 256
 
 
-def _run(model, sequences: torch.Tensor, fn, desc: str, progress: bool) -> None:
+def exact_passes(model, sequences: torch.Tensor, fn, desc: str, progress: bool) -> None:
+    """Run the decoder over each of ``sequences [N, T]`` with ``fn`` as every layer's attention (it sees
+    the exact q/k/v after RoPE and returns the output)."""
     device = next(model.parameters()).device
     decoder = model.get_decoder()
     with attention_override(model, fn), torch.inference_mode():
@@ -45,7 +47,7 @@ def collect_moments(model, sequences: torch.Tensor, info: BaseModelInfo, *, prog
         moments[layer_index(module)].add_queries(q[0].transpose(0, 1))
         return causal_sdpa(module, q, k, v)
 
-    _run(model, sequences, pass_queries, "calibration pass 1/2 (queries)", progress)
+    exact_passes(model, sequences, pass_queries, "calibration pass 1/2 (queries)", progress)
     sigmas = [m.query_moments() for m in moments]
 
     def pass_values(module, q, k, v):
@@ -53,7 +55,7 @@ def collect_moments(model, sequences: torch.Tensor, info: BaseModelInfo, *, prog
         moments[i].add_values(k[0].transpose(0, 1), v[0].transpose(0, 1), sigmas[i])
         return causal_sdpa(module, q, k, v)
 
-    _run(model, sequences, pass_values, "calibration pass 2/2 (values)", progress)
+    exact_passes(model, sequences, pass_values, "calibration pass 2/2 (values)", progress)
     return moments
 
 
