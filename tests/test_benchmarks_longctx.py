@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks import longctx as lc
 from benchmarks import run
+from fake_tokenizers import CharTokenizer
 
 HAY = list(range(1000, 1000 + 9000))  # distinct ids: a passage can be found where it was put
 PASSAGES = list(range(50000, 50000 + 500))
@@ -95,21 +96,6 @@ def test_nll_of_reads_prompt_logprobs():
 
 
 # ------------------------------------------------------------------------------------------ passkey
-
-
-class CharTokenizer:
-    """One token per character, SmolLM2's ChatML-like template."""
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(c) for c in text]}
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(chr(i) for i in ids)
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
-        assert not tokenize
-        s = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return s + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
 TEXT = "\n".join(f"Line {i} speaks of the sea. And the wind answers! Does it? Aye." for i in range(2000))

@@ -9,21 +9,7 @@ import torch
 from vllm_oscar.calibrate import evaluate as ev
 from vllm_oscar.calibrate import passkey as pk
 from vllm_oscar.calibrate.capture import causal_sdpa
-
-
-class CharTokenizer:
-    """One token per character, a ChatML-like template (SmolLM2's shape)."""
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(c) for c in text]}
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
-        assert not tokenize
-        s = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return s + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+from fake_tokenizers import CharTokenizer
 
 
 TEXT = "\n".join(f"Line {i} speaks of the sea. And the wind answers! Does it? Aye." for i in range(200))
