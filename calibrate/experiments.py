@@ -397,6 +397,17 @@ def variant_registry() -> dict[str, dict]:
                                  "clipping", orth("paper"), lloyd_max),
         "hadamard_mse": entry("(4) Hadamard + MSE-fitted affine grid per row (no clipping), fp16 "
                               "scale+offset", orth("hadamard"), mse),
+        "hadamard_mse_logitvar04": entry("(6) hadamard_mse + softmax logit-variance correction, lambda 0.4 "
+                                         "(needs each row's mean squared K error: +16 bits/row if stored)",
+                                         orth("hadamard"), lambda s: V.AttentionVariant(k=MSE, v=MSE,
+                                                                                        k_logit_var=0.4)),
+        "hadamard_mse_logitvar10": entry("(6) as hadamard_mse_logitvar04 with lambda 1 (the Gaussian-noise "
+                                         "value)", orth("hadamard"),
+                                         lambda s: V.AttentionVariant(k=MSE, v=MSE, k_logit_var=1.0)),
+        "hadamard_mse_logitvar_m10": entry("(6) the opposite sign, lambda -1 (INT2 keys' logits raised: the "
+                                           "correction for an error independent of the reconstruction)",
+                                           orth("hadamard"),
+                                           lambda s: V.AttentionVariant(k=MSE, v=MSE, k_logit_var=-1.0)),
         "hadamard_mse_log8": entry("data-free: Hadamard + MSE grid with 8-bit log scale + 8-bit offset "
                                    "(16 bits/row)", orth("hadamard"), log8),
         "paper_mse": entry("(4) paper rotations + MSE-fitted grid, fp16", orth("paper"), mse),
@@ -489,7 +500,7 @@ def run_sweep(args) -> dict:
         if var is not None:
             r["bits_per_element"] = {f"at_{c}": round(var.bits(d, c), 4) for c in (2048, 4096, 32768)}
             r["config"] = {"k": var.k.__dict__, "v": var.v.__dict__, "sink": var.sink, "recent": var.recent,
-                           "k_clips": var.k_clips, "v_clips": var.v_clips}
+                           "k_clips": var.k_clips, "v_clips": var.v_clips, "k_logit_var": var.k_logit_var}
         else:
             r["bits_per_element"] = {f"at_{c}": 16.0 for c in (2048, 4096, 32768)}
         if tr is not None and any(t.k_mean is not None or t.v_mean is not None for t in tr):

@@ -364,6 +364,11 @@ class AttentionVariant:
     # per-layer clip ratios (override ``k.clip``/``v.clip``), e.g. from :func:`search_clip_ratios`
     k_clips: tuple[float, ...] | None = None
     v_clips: tuple[float, ...] | None = None
+    # softmax logit-variance correction (lambda): the logit of a key read from INT2 gets
+    # ``- lambda/2 * scale^2 * |q|^2 * mean((k - k_hat)^2)`` (the row's own mean squared K error, which
+    # would cost one more parameter per row to store): the exp(sigma^2/2) bias of exp(logit + noise)
+    # for an error independent of the key. 0 = off (every stored format).
+    k_logit_var: float = 0.0
 
     def specs(self, layer: int) -> tuple[QuantSpec, QuantSpec]:
         k, v = self.k, self.v
@@ -395,19 +400,38 @@ def _weights(spec: QuantSpec, w: torch.Tensor | None, side: str) -> torch.Tensor
 
 def variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: LayerTransform,
                       kspec: QuantSpec | None, vspec: QuantSpec | None, q_positions: torch.Tensor, *,
-                      sink: int, recent: int, scale: float | None = None) -> torch.Tensor:
+                      sink: int, recent: int, scale: float | None = None, k_logit_var: float = 0.0
+                      ) -> torch.Tensor:
     """Attention of ``q [Tq, Hq, d]`` over ``k, v [Tkv, Hkv, d]`` (model space, fp32) with the cache
     transformed by ``t`` and quantized outside the windows; ``None`` spec = that side unquantized.
-    Returns ``[Tq, Hq, d]`` in the model space."""
+    ``k_logit_var``: see :attr:`AttentionVariant.k_logit_var`. Returns ``[Tq, Hq, d]`` in the model space."""
     kt, vt = transformed_kv(k.float(), v.float(), t)
     kq = kt if kspec is None else fake_quantize_variant(kt, kspec, _weights(kspec, t.k_weight, "K"))
     vq = vt if vspec is None else fake_quantize_variant(vt, vspec, _weights(vspec, t.v_weight, "V"))
     qt = _per_group(q.float(), t.k_query)
-    o = ref.mixed_window_attention(qt, kt, vt, kq, vq, q_positions, sink, recent, scale)
+    if k_logit_var:
+        if kspec is None:
+            raise ValueError("k_logit_var needs a quantized K side")
+        scale = q.shape[-1] ** -0.5 if scale is None else scale  # fixed before the extra dimension
+        qt, kt, kq, vt, vq = _with_logit_var(qt, kt, kq, vt, vq, k_logit_var, scale)
+    o = ref.mixed_window_attention(qt, kt, vt, kq, vq, q_positions, sink, recent, scale)[..., :q.shape[-1]]
     o = _per_group(o, t.v_out)
     if t.v_mean is not None:
         o = o + t.v_mean.repeat_interleave(q.shape[1] // t.v_mean.shape[0], 0)
     return o
+
+
+def _with_logit_var(qt, kt, kq, vt, vq, lam: float, scale: float):
+    """One extra dimension carries the correction through :func:`ref.mixed_window_attention`:
+    ``q' = [q, |q|^2]``, INT2 keys ``[k_hat, -lambda/2 * scale * err]``, window keys ``[k, 0]``, values
+    padded with a zero column (drop the output's last column)."""
+    err = (kt - kq).square().mean(-1, keepdim=True)  # [Tkv, Hkv, 1]
+    qn = qt.square().sum(-1, keepdim=True)
+
+    def pad(x, col=None):
+        return torch.cat([x, torch.zeros_like(x[..., :1]) if col is None else col], -1)
+
+    return (pad(qt, qn), pad(kt), pad(kq, -0.5 * lam * scale * err), pad(vt), pad(vq))
 
 
 def make_variant_attention(transforms: list[LayerTransform], variant: AttentionVariant):
@@ -420,7 +444,7 @@ def make_variant_attention(transforms: list[LayerTransform], variant: AttentionV
         ks, vs = variant.specs(i)
         tq, tkv = q_.shape[0], k_.shape[0]  # with a KV cache the queries are the last positions
         o = variant_attention(q_, k_, v_, transforms[i], ks, vs, torch.arange(tkv - tq, tkv), sink=variant.sink,
-                              recent=variant.recent, scale=module.scaling)
+                              recent=variant.recent, scale=module.scaling, k_logit_var=variant.k_logit_var)
         return o[None].to(q.dtype)
 
     return attention

@@ -570,3 +570,40 @@ def test_weighted_fit_weights_come_from_the_calibration_queries_only(tmp_path):
             want = (want / want.mean(-1, keepdim=True)).clamp(min=1e-3)
             assert torch.allclose(tr[i].k_weight.double(), want, atol=1e-4)
             assert tr[i].v_weight.shape == (2, 16)
+
+
+def test_logit_variance_correction_matches_explicit_logits():
+    """``k_logit_var``: INT2 keys' logits lose ``lambda/2 * scale^2 * |q|^2 * mean((k - k_hat)^2)``;
+    window keys are untouched. Checked against softmax over explicitly written logits."""
+    g = torch.Generator().manual_seed(3)
+    tq, hq, hkv, d, tkv, sink, recent, lam, scale = 5, 4, 2, 8, 14, 2, 3, 0.7, 0.3
+    q = torch.randn(tq, hq, d, generator=g)
+    k, v = torch.randn(tkv, hkv, d, generator=g), torch.randn(tkv, hkv, d, generator=g)
+    had = ref.hadamard(d, torch.float32)
+    t = V.LayerTransform.orthogonal(had, had, hkv)
+    spec = V.QuantSpec("mse", 0.0, "fp16")
+    pos = torch.arange(tkv - tq, tkv)
+    got = V.variant_attention(q, k, v, t, spec, spec, pos, sink=sink, recent=recent, scale=scale, k_logit_var=lam)
+
+    kt, vt = k @ had, v @ had
+    kq, vq = V.fake_quantize_variant(kt, spec), V.fake_quantize_variant(vt, spec)
+    err = (kt - kq).square().mean(-1)  # [Tkv, Hkv]
+    causal, exact = ref.exact_window_mask(pos, tkv, sink, recent)
+    want = torch.empty(tq, hq, d)
+    for i, h in itertools.product(range(tq), range(hq)):
+        j = h // (hq // hkv)
+        qi = q[i, h] @ had
+        logits = torch.empty(tkv)
+        for n in range(tkv):
+            if exact[i, n]:
+                logits[n] = scale * (qi @ kt[n, j])
+            else:
+                logits[n] = scale * (qi @ kq[n, j]) - 0.5 * lam * scale**2 * (qi @ qi) * err[n, j]
+        p = torch.softmax(logits.masked_fill(~causal[i], float("-inf")), 0)
+        vals = torch.where(exact[i, :, None], vt[:, j], vq[:, j])
+        want[i, h] = (p @ vals) @ had.T
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    plain = V.variant_attention(q, k, v, t, spec, spec, pos, sink=sink, recent=recent, scale=scale)
+    assert (got - plain).abs().max() > 1e-3  # the correction is not a no-op here
+    with pytest.raises(ValueError, match="quantized K"):
+        V.variant_attention(q, k, v, t, None, spec, pos, sink=sink, recent=recent, k_logit_var=lam)
