@@ -370,6 +370,9 @@ def variant_registry() -> dict[str, dict]:
                                     0.125)
         return replace_variant(PAPER, k_clips=k, v_clips=v)
 
+    def logit_var(lam):
+        return lambda s: V.AttentionVariant(k=MSE, v=MSE, k_logit_var=lam)
+
     def wfit(k_mode, v_mode="none"):
         return lambda s: V.AttentionVariant(k=replace(MSE, weighting=k_mode), v=replace(MSE, weighting=v_mode))
 
@@ -399,15 +402,12 @@ def variant_registry() -> dict[str, dict]:
                               "scale+offset", orth("hadamard"), mse),
         "hadamard_mse_logitvar04": entry("(6) hadamard_mse + softmax logit-variance correction, lambda 0.4 "
                                          "(needs each row's mean squared K error: +16 bits/row if stored)",
-                                         orth("hadamard"), lambda s: V.AttentionVariant(k=MSE, v=MSE,
-                                                                                        k_logit_var=0.4)),
+                                         orth("hadamard"), logit_var(0.4)),
         "hadamard_mse_logitvar10": entry("(6) as hadamard_mse_logitvar04 with lambda 1 (the Gaussian-noise "
-                                         "value)", orth("hadamard"),
-                                         lambda s: V.AttentionVariant(k=MSE, v=MSE, k_logit_var=1.0)),
+                                         "value)", orth("hadamard"), logit_var(1.0)),
         "hadamard_mse_logitvar_m10": entry("(6) the opposite sign, lambda -1 (INT2 keys' logits raised: the "
                                            "correction for an error independent of the reconstruction)",
-                                           orth("hadamard"),
-                                           lambda s: V.AttentionVariant(k=MSE, v=MSE, k_logit_var=-1.0)),
+                                           orth("hadamard"), logit_var(-1.0)),
         "hadamard_mse_log8": entry("data-free: Hadamard + MSE grid with 8-bit log scale + 8-bit offset "
                                    "(16 bits/row)", orth("hadamard"), log8),
         "paper_mse": entry("(4) paper rotations + MSE-fitted grid, fp16", orth("paper"), mse),
