@@ -499,8 +499,7 @@ def run_sweep(args) -> dict:
         fn = causal_sdpa if tr is None else V.make_variant_attention(tr, var)
         if var is not None:
             r["bits_per_element"] = {f"at_{c}": round(var.bits(d, c), 4) for c in (2048, 4096, 32768)}
-            r["config"] = {"k": var.k.__dict__, "v": var.v.__dict__, "sink": var.sink, "recent": var.recent,
-                           "k_clips": var.k_clips, "v_clips": var.v_clips, "k_logit_var": var.k_logit_var}
+            r["config"] = var.config()
         else:
             r["bits_per_element"] = {f"at_{c}": 16.0 for c in (2048, 4096, 32768)}
         if tr is not None and any(t.k_mean is not None or t.v_mean is not None for t in tr):

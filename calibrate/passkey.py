@@ -285,8 +285,7 @@ def main(argv=None) -> int:  # pragma: no cover - CPU minutes; the pieces are te
             spec = E.variant_registry()[m[len(VARIANT_PREFIX):]]
             var = spec["variant"](setup)
             fns[m] = V.make_variant_attention(spec["transforms"](setup), var)
-            variant_info[m] = {"description": spec["description"], "k": var.k.__dict__, "v": var.v.__dict__,
-                               "sink": var.sink, "recent": var.recent}
+            variant_info[m] = {"description": spec["description"], **var.config()}
             continue
         em = ev.METHODS[METHOD_MAP[m]]
         fns[m] = None if em.kind == "exact" else ev.make_attention(

@@ -378,6 +378,11 @@ class AttentionVariant:
             v = replace(v, clip=self.v_clips[layer])
         return k, v
 
+    def config(self) -> dict:
+        """What a results file records of this variant (JSON-ready)."""
+        return {"k": self.k.__dict__, "v": self.v.__dict__, "sink": self.sink, "recent": self.recent,
+                "k_clips": self.k_clips, "v_clips": self.v_clips, "k_logit_var": self.k_logit_var}
+
     def bits(self, head_dim: int, context: int) -> float:
         return bits_per_element(head_dim, context, sink=self.sink, recent=self.recent,
                                 param_bits=(self.k.bits_per_row_params(), self.v.bits_per_row_params()))

@@ -607,3 +607,10 @@ def test_logit_variance_correction_matches_explicit_logits():
     assert (got - plain).abs().max() > 1e-3  # the correction is not a no-op here
     with pytest.raises(ValueError, match="quantized K"):
         V.variant_attention(q, k, v, t, None, spec, pos, sink=sink, recent=recent, k_logit_var=lam)
+
+
+def test_variant_config_records_every_setting_that_changes_results():
+    var = V.AttentionVariant(k=V.QuantSpec("mse", 0.0, "log8_i8"), recent=512, k_clips=(0.9, 0.8), k_logit_var=0.4)
+    cfg = var.config()
+    assert cfg["k"]["params"] == "log8_i8" and cfg["recent"] == 512 and cfg["k_clips"] == (0.9, 0.8)
+    assert cfg["k_logit_var"] == 0.4 and cfg["v"] == V.QuantSpec(clip=0.92).__dict__
