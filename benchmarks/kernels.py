@@ -319,7 +319,8 @@ def run_split_sweep(quick: bool, budget: Budget):
 def run_store(quick: bool):
     rows = []
     for shape, (hq, hkv, d) in SHAPES.items():
-        for tokens in (1, 64, 256, 8192) if not quick else (1, 8192):
+        # 16 tokens: the last team-mode count of the Qwen3-8B shape (128 rows); 32: plain mode (csrc/store.cu).
+        for tokens in (1, 16, 32, 64, 256, 8192) if not quick else (1, 8192):
             layout = Int2PageLayout(d, 16, hkv)
             nb = -(-tokens // 16) + 1
             n_bufs = 8

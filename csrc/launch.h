@@ -12,7 +12,7 @@
 
 namespace oscar {
 
-void launch_store(const StoreParams& p, int head_dim, bool many_rows, cudaStream_t stream);
+void launch_store(const StoreParams& p, int head_dim, cudaStream_t stream);
 void launch_decode(const DecodeParams& p, int head_dim, bool pdl, cudaStream_t stream);
 void launch_gather(const GatherParams& p, int head_dim, cudaStream_t stream);
 

@@ -113,7 +113,7 @@ void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tenso
     p.win_block_size = static_cast<int>(w.size(2));
     p.num_win_slots = w.size(0) * w.size(2);
   }
-  launch_store(p, static_cast<int>(D), T * Hkv >= 4096, c10::cuda::getCurrentCUDAStream());
+  launch_store(p, static_cast<int>(D), c10::cuda::getCurrentCUDAStream());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -16,18 +16,6 @@
 namespace oscar {
 
 
-template <int D, int RPW>
-struct StoreTraits {
-  static constexpr int kWarps = 8;
-  static constexpr int kL = D / 4 < 32 ? D / 4 : 32;  // lanes per row: one code byte (4 elements) each
-  static constexpr int kP = 32 / kL;                   // rows side by side in a warp
-  static constexpr int kBPL = (D / 4) / kL;            // code bytes per lane
-  static constexpr int kE = 4 * kBPL;                  // elements per lane
-  static constexpr int kRows = kP * RPW;               // rows per warp
-  static constexpr bool kRInSmem = D <= 128;
-  static constexpr int kXStride = D + 4;  // row pitch of the staged inputs (floats), breaks bank aliasing
-  static constexpr int kSmem = (kRInSmem ? D * D * 4 : 0) + kWarps * kRows * kXStride * 4;
-};
 
 template <int L>
 OSCAR_DEVICE float group_max(float v) {
@@ -106,88 +94,100 @@ OSCAR_DEVICE void mse_start_fraction(int i, float& a, float& half_a) {
   }
 }
 
+// Candidate grids of the MSE fit, in the order the reference tries them: 0 is the min-max grid, then
+// the starts (Lloyd-Max when kMseLloydMax, then the kMseFracs shrunk grids).
+constexpr int kMseCandidates = 1 + kMseFracs + (kMseLloydMax ? 1 : 0);
+
 // MSE-fitted affine grid of one row spread over the L lanes of a row group (E elements per lane,
-// lo/hi = the row's min/max): candidates are the min-max grid, then each start refined by kMsePasses
-// alternating least-squares passes (codes -> least-squares line through (code, x) -> codes); the
-// first candidate with the smallest squared error after fp16 rounding wins. Every lane returns the
-// same pair. Warp-uniform control flow: a pass loop ends early only when no code of the warp changed,
-// which is a fixed point (the next fit would see the same sums), so the result equals kMsePasses passes.
+// lo/hi = the row's min/max). Candidate 0 is the min-max grid; every other candidate is a start refined
+// by kMsePasses alternating least-squares passes (codes -> least-squares line through (code, x) ->
+// codes). Of the candidates first, first + step, ... this returns the first one with the smallest
+// squared error after fp16 rounding (first = 0, step = 1: all of them, the reference's choice; the
+// first candidate tried is kept even if its error is NaN, as the reference keeps the min-max grid).
+// Every lane returns the same triple; have = false when the range holds no candidate.
+// Warp-uniform control flow: a pass loop ends early only when no code of the warp changed, which is a
+// fixed point (the next fit would see the same sums), so the result equals kMsePasses passes.
 template <int E, int L>
-OSCAR_DEVICE void mse_grid(const float (&x)[E], float lo, float hi, float& s_out, float& o_out) {
+OSCAR_DEVICE bool mse_grid(const float (&x)[E], float lo, float hi, int first, int step, float& s_out,
+                           float& o_out, float& err_out) {
   constexpr float kD = static_cast<float>(E * L);
   constexpr float kInvD = 1.f / static_cast<float>(E * L);  // a power of two: exact
   const float sx = group_sum<L>(lane_sum(x));
-
-  float bs = round_scale(__fdiv_rn(__fsub_rn(hi, lo), 3.f)), bo = round_offset(lo);
-  float best = grid_sq_error<E, L>(x, bs, bo);
-
   const float mid = __fmul_rn(__fadd_rn(lo, hi), 0.5f), rng = __fsub_rn(hi, lo);
-  constexpr int kStarts = kMseFracs + (kMseLloydMax ? 1 : 0);
+  bool have = false;
 #pragma unroll 1
-  for (int st = 0; st < kStarts; ++st) {
-    float s, o;
-    if (kMseLloydMax && st == 0) {
-      const float mean = __fmul_rn(sx, kInvD);
-      float t[E];
-#pragma unroll
-      for (int e = 0; e < E; ++e) {
-        const float dv = __fsub_rn(x[e], mean);
-        t[e] = __fmul_rn(dv, dv);
-      }
-      const float sd = __fsqrt_rn(__fmul_rn(group_sum<L>(lane_sum(t)), kInvD));
-      s = __fmul_rn(kMseLmStep, sd);
-      o = __fsub_rn(mean, __fmul_rn(1.5f, s));
+  for (int cand = first; cand < kMseCandidates; cand += step) {
+    float rs, ro;
+    if (cand == 0) {
+      rs = round_scale(__fdiv_rn(rng, 3.f));
+      ro = round_offset(lo);
     } else {
-      float a, half_a;
-      mse_start_fraction(st - (kMseLloydMax ? 1 : 0), a, half_a);
-      s = __fdiv_rn(__fmul_rn(a, rng), 3.f);
-      o = __fsub_rn(mid, __fmul_rn(half_a, rng));
-    }
-    s = fmaxf(s, kMseMinScale);
-    float c[E];
+      const int st = cand - 1;
+      float s, o;
+      if (kMseLloydMax && st == 0) {
+        const float mean = __fmul_rn(sx, kInvD);
+        float t[E];
 #pragma unroll
-    for (int e = 0; e < E; ++e) c[e] = nearest_code(x[e], s, o);
-#pragma unroll 1
-    for (int it = 0; it < kMsePasses; ++it) {
-      float t[E];
-      int cc = 0;  // sum(c) in bits 0..15 (<= 3 * 256), sum(c^2) above (<= 9 * 256): exact in any order
-#pragma unroll
-      for (int e = 0; e < E; ++e) {
-        const int ci = static_cast<int>(c[e]);
-        cc += ci + ((ci * ci) << 16);
-        t[e] = __fmul_rn(c[e], x[e]);
-      }
-      cc = group_sum_int<L>(cc);
-      const float scx = group_sum<L>(lane_sum(t));
-      const int n_c = cc & 0xffff, n_cc = cc >> 16;
-      const int det = E * L * n_cc - n_c * n_c;
-      if (det > 0) {
-        const float fc = static_cast<float>(n_c);
-        const float sn = __fdiv_rn(__fsub_rn(__fmul_rn(scx, kD), __fmul_rn(fc, sx)), static_cast<float>(det));
-        if (sn > 0.f) {
-          s = sn;
-          o = __fmul_rn(__fsub_rn(sx, __fmul_rn(sn, fc)), kInvD);
+        for (int e = 0; e < E; ++e) {
+          const float dv = __fsub_rn(x[e], mean);
+          t[e] = __fmul_rn(dv, dv);
         }
+        const float sd = __fsqrt_rn(__fmul_rn(group_sum<L>(lane_sum(t)), kInvD));
+        s = __fmul_rn(kMseLmStep, sd);
+        o = __fsub_rn(mean, __fmul_rn(1.5f, s));
+      } else {
+        float a, half_a;
+        mse_start_fraction(st - (kMseLloydMax ? 1 : 0), a, half_a);
+        s = __fdiv_rn(__fmul_rn(a, rng), 3.f);
+        o = __fsub_rn(mid, __fmul_rn(half_a, rng));
       }
-      bool changed = false;
+      s = fmaxf(s, kMseMinScale);
+      float c[E];
 #pragma unroll
-      for (int e = 0; e < E; ++e) {
-        const float cn = nearest_code(x[e], s, o);
-        changed |= cn != c[e];
-        c[e] = cn;
+      for (int e = 0; e < E; ++e) c[e] = nearest_code(x[e], s, o);
+#pragma unroll 1
+      for (int it = 0; it < kMsePasses; ++it) {
+        float t[E];
+        int cc = 0;  // sum(c) in bits 0..15 (<= 3 * 256), sum(c^2) above (<= 9 * 256): exact in any order
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const int ci = static_cast<int>(c[e]);
+          cc += ci + ((ci * ci) << 16);
+          t[e] = __fmul_rn(c[e], x[e]);
+        }
+        cc = group_sum_int<L>(cc);
+        const float scx = group_sum<L>(lane_sum(t));
+        const int n_c = cc & 0xffff, n_cc = cc >> 16;
+        const int det = E * L * n_cc - n_c * n_c;
+        if (det > 0) {
+          const float fc = static_cast<float>(n_c);
+          const float sn = __fdiv_rn(__fsub_rn(__fmul_rn(scx, kD), __fmul_rn(fc, sx)), static_cast<float>(det));
+          if (sn > 0.f) {
+            s = sn;
+            o = __fmul_rn(__fsub_rn(sx, __fmul_rn(sn, fc)), kInvD);
+          }
+        }
+        bool changed = false;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const float cn = nearest_code(x[e], s, o);
+          changed |= cn != c[e];
+          c[e] = cn;
+        }
+        if (!__any_sync(0xffffffffu, changed)) break;
       }
-      if (!__any_sync(0xffffffffu, changed)) break;
+      rs = round_scale(s);
+      ro = round_offset(o);
     }
-    const float rs = round_scale(s), ro = round_offset(o);
     const float err = grid_sq_error<E, L>(x, rs, ro);
-    if (err < best) {
-      best = err;
-      bs = rs;
-      bo = ro;
+    if (!have || err < err_out) {
+      err_out = err;
+      s_out = rs;
+      o_out = ro;
     }
+    have = true;
   }
-  s_out = bs;
-  o_out = bo;
+  return have;
 }
 
 // Exact sort(a)[idx] over the E values of each of the L lanes of a row group (a >= 0, no NaN).
@@ -249,10 +249,31 @@ OSCAR_DEVICE float kth_smallest(const float (&a_in)[E], int idx, int lane) {
   return group_min<L>(lm);
 }
 
-// grid (ceil(T*Hkv / (8 warps * kRows)), 2): blockIdx.y 0 = K, 1 = V.
-template <int D, int RPW>
+// RPW: rows per warp pass (1 for few rows, 4 for prefill: one R load from shared memory feeds 4 rows).
+// kTeam (levels "mse", few rows; needs RPW 1): the CTA's 8 warps share one warp's rows and each fits
+// one candidate grid of mse_grid, so the kMseCandidates dependent refinement chains of a row run side
+// by side instead of one after another; warp 0 picks the winner in candidate order and writes.
+template <int D, int RPW, bool kTeam = false>
+struct StoreTraits {
+  static_assert(!kTeam || RPW == 1, "team mode stores one warp's rows per CTA");
+  static_assert(!kTeam || kMseCandidates <= 8, "team mode gives each candidate grid its own warp");
+  static constexpr int kWarps = 8;
+  static constexpr int kL = D / 4 < 32 ? D / 4 : 32;  // lanes per row: one code byte (4 elements) each
+  static constexpr int kP = 32 / kL;                   // rows side by side in a warp
+  static constexpr int kBPL = (D / 4) / kL;            // code bytes per lane
+  static constexpr int kE = 4 * kBPL;                  // elements per lane
+  static constexpr int kRows = kP * RPW;               // rows per warp
+  static constexpr int kCtaRows = kTeam ? kRows : kWarps * kRows;  // rows per CTA
+  static constexpr bool kRInSmem = D <= 128;
+  static constexpr int kXStride = D + 4;  // row pitch of the staged inputs (floats), breaks bank aliasing
+  static constexpr int kCandFloats = kTeam ? 3 * kMseCandidates * kP : 0;  // (err, scale, offset) per candidate
+  static constexpr int kSmem = (kRInSmem ? D * D * 4 : 0) + kWarps * kRows * kXStride * 4 + kCandFloats * 4;
+};
+
+// grid (ceil(T*Hkv / kCtaRows), 2): blockIdx.y 0 = K, 1 = V.
+template <int D, int RPW, bool kTeam>
 __global__ void __launch_bounds__(256) store_kernel(const StoreParams p) {
-  using Tr = StoreTraits<D, RPW>;
+  using Tr = StoreTraits<D, RPW, kTeam>;
   constexpr int L = Tr::kL, P = Tr::kP, E = Tr::kE, BPL = Tr::kBPL, QB = D / 4, XS = Tr::kXStride;
   extern __shared__ __align__(16) float st_smem[];
   float* sR = st_smem;                                                // [D][D] when kRInSmem
@@ -264,7 +285,9 @@ __global__ void __launch_bounds__(256) store_kernel(const StoreParams p) {
   const void* src = is_v ? p.value : p.key;
   const int64_t s0 = is_v ? p.v_s0 : p.k_s0, s1 = is_v ? p.v_s1 : p.k_s1;
   const int N = p.num_tokens * p.num_kv_heads;
-  const int row_base = (blockIdx.x * Tr::kWarps + warp) * Tr::kRows;
+  // Team mode: every warp stages and rotates the same rows (the same fp32 FMA order as the other
+  // modes, so the bytes do not depend on the mode).
+  const int row_base = kTeam ? blockIdx.x * Tr::kRows : (blockIdx.x * Tr::kWarps + warp) * Tr::kRows;
 
   if constexpr (Tr::kRInSmem) {
     if (rot != nullptr) {
@@ -357,9 +380,31 @@ __global__ void __launch_bounds__(256) store_kernel(const StoreParams p) {
     lo = group_min<L>(lo);
     hi = group_max<L>(hi);
     __half sch, offh;
-    if (p.levels == kLevelsMse) {  // warp-uniform (a kernel argument)
-      float ms, mo;
-      mse_grid<E, L>(x, lo, hi, ms, mo);
+    if constexpr (kTeam) {  // levels "mse" (the launcher's choice): candidate `warp`, then warp 0 picks
+      float* cand = xs_all + Tr::kWarps * Tr::kRows * XS;  // [kMseCandidates][3][P]
+      float ms, mo, me;
+      if (warp < kMseCandidates && mse_grid<E, L>(x, lo, hi, warp, kMseCandidates, ms, mo, me) && li == 0) {
+        cand[(warp * 3 + 0) * P + rg] = me;
+        cand[(warp * 3 + 1) * P + rg] = ms;
+        cand[(warp * 3 + 2) * P + rg] = mo;
+      }
+      __syncthreads();
+      if (warp != 0) return;
+      float best = cand[rg], bs = cand[P + rg], bo = cand[2 * P + rg];
+#pragma unroll
+      for (int c = 1; c < kMseCandidates; ++c) {  // mse_grid's rule: the first smallest error wins
+        const float e = cand[(c * 3 + 0) * P + rg];
+        if (e < best) {
+          best = e;
+          bs = cand[(c * 3 + 1) * P + rg];
+          bo = cand[(c * 3 + 2) * P + rg];
+        }
+      }
+      sch = __float2half_rn(bs);  // already fp16 values: exact
+      offh = __float2half_rn(bo);
+    } else if (p.levels == kLevelsMse) {  // warp-uniform (a kernel argument)
+      float ms, mo, me;
+      mse_grid<E, L>(x, lo, hi, 0, 1, ms, mo, me);
       sch = __float2half_rn(ms);  // already fp16 values: exact
       offh = __float2half_rn(mo);
     } else {

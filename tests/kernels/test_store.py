@@ -132,11 +132,12 @@ def test_store_with_rotation(d, bs, t):
 
 MSE_CASES = [
     # head_dim, block_size, dtype, tokens, rotation, window, strided inputs
-    (64, 16, torch.bfloat16, 1, None, True, False),  # one row: 1 row per warp pass, 2 row groups per warp
+    (64, 16, torch.bfloat16, 1, None, True, False),  # 8 rows, 2 row groups per warp: team mode
     (64, 32, torch.float16, 700, "identity", False, True),  # 5600 rows: 4 rows per warp pass
     (128, 16, torch.bfloat16, 65, "identity", True, False),
     (128, 64, torch.float16, 600, None, True, True),
-    (256, 16, torch.bfloat16, 33, None, True, False),  # 8 elements per lane
+    (128, 32, torch.bfloat16, 9, "identity", True, True),  # 72 rows: team mode (a warp per candidate grid)
+    (256, 16, torch.bfloat16, 33, None, True, False),  # 8 elements per lane; team mode
     (256, 32, torch.float16, 2100, "identity", False, False),  # 4200 rows (hkv 2): 4 rows per pass
 ]
 
@@ -213,6 +214,37 @@ def test_store_mse_with_rotation(d, bs, t):
         e_ref = ((deq_ref[pos] - xr) ** 2).sum(-1).double()
         ratio = e / e_ref.clamp(min=1e-30)
         assert abs(ratio.mean().item() - 1) <= 5e-3 and ratio.max().item() <= 1.1, (ratio.mean(), ratio.max())
+
+
+@pytest.mark.parametrize("d,hkv,t,chunk", [(64, 8, 600, 1), (64, 3, 200, 7), (128, 8, 80, 3), (256, 2, 700, 16)])
+def test_store_mse_team_mode_matches_plain_mode(d, hkv, t, chunk):
+    """With few rows per call (decode steps) levels="mse" runs in team mode, one warp per candidate grid
+    (csrc/store.cu); with many rows, one warp per row (four per pass from 4096 rows: the first case). Both rotate in the same fp32 order and pick the
+    same candidate, so storing the tokens `chunk` at a time (team mode) must give the very bytes of one
+    call over all of them (plain mode), with a real rotation, skipped slots and the window write."""
+    gen = torch.Generator().manual_seed(31 * d + t)
+    layout = Int2PageLayout(d, 16, hkv)
+    num_blocks = -(-t // 16) + 2
+    dev = "cuda"
+    key, value = kv_rows(t, hkv, d, gen).to(dev), kv_rows(t, hkv, d, gen).to(dev)
+    key[5] = 0.75  # a constant row: every candidate grid ties
+    rk, rv = random_rotation(d, gen).to(dev), random_rotation(d, gen).to(dev)
+    slots = _slots(t, num_blocks * 16, gen).to(dev)
+    wslots = _slots(t, num_blocks * 16, gen).to(dev)
+    per_mode = []
+    for step in (t, chunk):
+        cache = poisoned_int2_cache(layout, num_blocks, dev)
+        win = nan_window_cache(num_blocks, 16, hkv, d, dev)
+        for a in range(0, t, step):
+            ops.store_kv(key[a : a + step], value[a : a + step], cache, slots[a : a + step], rk, rv,
+                         k_clip_ratio=0.0, v_clip_ratio=0.0, window_cache=win,
+                         window_slot_mapping=wslots[a : a + step], levels="mse")
+        torch.cuda.synchronize()
+        per_mode.append((cache.cpu(), win.cpu()))
+    (plain, win_plain), (team, win_team) = per_mode
+    assert (plain != 0xFF).any(), "nothing was stored"
+    assert torch.equal(team, plain), f"{(team != plain).sum().item()} cache bytes differ between the modes"
+    assert torch.equal(win_team.view(torch.int16), win_plain.view(torch.int16)), "window cache differs"
 
 
 def test_store_opcheck():
