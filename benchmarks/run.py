@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 
 from benchmarks import longctx
+from benchmarks.serving import stop_on_sigterm, wait_or_stop
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -357,10 +358,8 @@ def _run_worker(kind: str, fmt: str, args, extra: list[str]) -> dict:
     cmd += ["--worker-out", str(res_file)]
     print("$", " ".join(cmd), flush=True)
     t = time.time()
-    try:
-        rc = subprocess.run(cmd, check=False, cwd=ROOT, timeout=args.worker_timeout).returncode
-    except subprocess.TimeoutExpired:
-        rc = "timeout"
+    rc = wait_or_stop(subprocess.Popen(cmd, cwd=ROOT), args.worker_timeout)
+    rc = "timeout" if rc is None else rc
     data = json.loads(res_file.read_text()) if res_file.exists() else {"format": fmt}
     res_file.unlink(missing_ok=True)
     if rc != 0:  # keep the partial measurements, say why the rest is missing
@@ -503,7 +502,26 @@ def _passkey_tables(res: dict[str, dict]) -> list[str]:
             f"to {st['max_tokens']} tokens; success = the reply's first number is the key)\n\n" + _table(rows)]
 
 
-def markdown(e2e: dict | None, acc: dict | None) -> str:
+def _serve_table(serve: dict) -> str:
+    """One row per (format, request rate) of ``--suite serve``; throughput also as a multiple of BF16's."""
+    res = {r["format"]: r for r in serve["results"]}
+    base = res.get("auto", {}).get("serve", {}).get("rates", {})
+    rows = [["format", "rate (req/s)", "out tok/s", "x BF16", "TTFT p50 / p99 (ms)", "TPOT p50 / p99 (ms)"]]
+    for f, r in res.items():
+        if "serve" not in r:
+            rows.append([f"`{f}`", r.get("error", "failed"), "", "", "", ""])
+            continue
+        for rate, m in r["serve"]["rates"].items():
+            ratio = m["output_throughput"] / base[rate]["output_throughput"] if rate in base else float("nan")
+            rows.append([f"`{f}`", rate, f"{m['output_throughput']:.0f}", f"{ratio:.2f}x",
+                         f"{m['p50_ttft_ms']:.0f} / {m['p99_ttft_ms']:.0f}",
+                         f"{m['p50_tpot_ms']:.1f} / {m['p99_tpot_ms']:.1f}"])
+    s = serve.get("settings", {})
+    return (f"Online serving, `vllm bench serve`, {s.get('prompts')} random prompts of {s.get('input_len')} in / "
+            f"{s.get('output_len')} out\n\n" + _table(rows))
+
+
+def markdown(e2e: dict | None, acc: dict | None, serve: dict | None = None) -> str:
     parts = []
     if e2e:
         res = {r["format"]: r for r in e2e["results"]}
@@ -530,6 +548,8 @@ def markdown(e2e: dict | None, acc: dict | None) -> str:
     if acc:
         res = {r["format"]: r for r in upgrade_accuracy(acc)["results"]}
         parts += _perplexity_tables(res) + _recall_tables(res) + _passkey_tables(res)
+    if serve:
+        parts.append(_serve_table(serve))
     return "\n\n".join(parts)
 
 
@@ -719,13 +739,14 @@ def main(argv=None) -> int:
     acc_path = accuracy_path(args.acc_tag)
     load = lambda q: json.loads(q.read_text()) if q.exists() else None
     if args.markdown:
-        print(markdown(load(e2e_path), load(acc_path)))
+        print(markdown(load(e2e_path), load(acc_path), load(RESULTS / f"serve-{args.tag}.json")))
         return 0
     if args.plots:
         for path in plots(load(e2e_path), load(acc_path), ROOT / "docs"):
             print(path.relative_to(ROOT))
         return 0
     if args.worker:
+        stop_on_sigterm()  # the parent's time limit must also stop a `vllm serve` this worker started
         if args.format not in FORMATS:
             raise SystemExit(f"unknown format {args.format!r}; valid: {list(FORMATS)}")
         res = {"perf": worker_perf, "accuracy": worker_accuracy, "serve": worker_serve}[args.worker](args)

@@ -23,6 +23,22 @@ def test_markdown_tables_from_results():
     assert "| `oscar_int2` | 37.400 | +10.0% |" in text
 
 
+def test_serve_table_compares_each_rate_with_bf16():
+    def rate(tput):
+        return {"output_throughput": tput, "p50_ttft_ms": 700.4, "p99_ttft_ms": 12445.5, "p50_tpot_ms": 38.04,
+                "p99_tpot_ms": 43.74}
+    serve = {"settings": {"prompts": 128, "input_len": 4096, "output_len": 512}, "results": [
+        {"format": "auto", "serve": {"rates": {"8": rate(1832.0)}}},
+        {"format": "oscar_int2", "serve": {"rates": {"8": rate(2454.0), "inf": rate(2561.0)}}},
+        {"format": "fp8", "error": "worker timed out after 270s"},
+    ]}
+    text = markdown(None, None, serve)
+    assert "128 random prompts of 4096 in / 512 out" in text
+    assert "| `oscar_int2` | 8 | 2454 | 1.34x | 700 / 12446 | 38.0 / 43.7 |" in text
+    assert "| `oscar_int2` | inf | 2561 | nanx |" in text  # no BF16 run at that rate: no ratio
+    assert "| `fp8` | worker timed out after 270s |" in text
+
+
 def test_every_format_goes_through_the_same_engine_kwargs():
     assert {f["kv_cache_dtype"] for f in FORMATS.values()} == {
         "auto", "fp8", "turboquant_4bit_nc", "turboquant_3bit_nc", "oscar_int2"}
