@@ -373,6 +373,9 @@ def variant_registry() -> dict[str, dict]:
     def logit_var(lam):
         return lambda s: V.AttentionVariant(k=MSE, v=MSE, k_logit_var=lam)
 
+    def pinned(count, pool=1):
+        return lambda s: V.AttentionVariant(k=MSE, v=MSE, pin_tokens=count, pin_pool=pool)
+
     def wfit(k_mode, v_mode="none"):
         return lambda s: V.AttentionVariant(k=replace(MSE, weighting=k_mode), v=replace(MSE, weighting=v_mode))
 
@@ -408,6 +411,14 @@ def variant_registry() -> dict[str, dict]:
         "hadamard_mse_logitvar_m10": entry("(6) the opposite sign, lambda -1 (INT2 keys' logits raised: the "
                                            "correction for an error independent of the reconstruction)",
                                            orth("hadamard"), logit_var(-1.0)),
+        "hadamard_mse_pin32": entry("(6) hadamard_mse + the 32 prompt tokens per (layer, KV head) that the "
+                                    "prompt's last 32 queries attend to most, read exactly (SnapKV-style; needs an "
+                                    "exact prefill: passkey only)", orth("hadamard"), pinned(32)),
+        "hadamard_mse_pin128": entry("(6) as hadamard_mse_pin32 with 128 tokens", orth("hadamard"), pinned(128)),
+        "hadamard_mse_pin32_pool7": entry("(6) as hadamard_mse_pin32, scores averaged over 7 neighbours (keeps "
+                                          "a pinned token's neighbours)", orth("hadamard"), pinned(32, 7)),
+        "hadamard_mse_pin128_pool7": entry("(6) as hadamard_mse_pin32_pool7 with 128 tokens", orth("hadamard"),
+                                           pinned(128, 7)),
         "hadamard_mse_log8": entry("data-free: Hadamard + MSE grid with 8-bit log scale + 8-bit offset "
                                    "(16 bits/row)", orth("hadamard"), log8),
         "paper_mse": entry("(4) paper rotations + MSE-fitted grid, fp16", orth("paper"), mse),

@@ -110,9 +110,19 @@ def score(logits: torch.Tensor, answer: list[int] | torch.Tensor) -> tuple[bool,
 def exact_prefill_logits(model, prompt: list[int], answer: list[int], attention_fns: dict) -> dict:
     """Per method: answer logits with an exact prefill of ``prompt`` (shared) and the answer tokens
     decoded through ``attention_fns[name]`` (``None``: the model's own attention)."""
-    from vllm_oscar.calibrate.capture import attention_override
+    from vllm_oscar.calibrate.capture import attention_override, causal_sdpa
 
-    out = model(torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+    observers = [fn.observe_prefill for fn in attention_fns.values() if hasattr(fn, "observe_prefill")]
+    if observers:  # methods that pick tokens from the prefill see it; the prefill itself stays exact
+        def observed(module, q, k, v):
+            for observe in observers:
+                observe(module, q, k)
+            return causal_sdpa(module, q, k, v)
+
+        with attention_override(model, observed):
+            out = model(torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+    else:
+        out = model(torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
     first, cache, n = out.logits[0, -1:].float(), out.past_key_values, len(prompt)
     result = {}
     for name, fn in attention_fns.items():

@@ -369,6 +369,14 @@ class AttentionVariant:
     # would cost one more parameter per row to store): the exp(sigma^2/2) bias of exp(logit + noise)
     # for an error independent of the key. 0 = off (every stored format).
     k_logit_var: float = 0.0
+    # Pinned tokens (a SnapKV-style retrieval experiment): when a prompt is prefilled exactly, the
+    # ``pin_tokens`` prompt positions per (layer, KV head) outside the windows that the prompt's last
+    # ``pin_window`` queries attend to most (:func:`pin_scores`, averaged over ``pin_pool`` neighbours)
+    # are read exactly, like the windows, by every later query. Costs a BF16 K/V row and a 32-bit
+    # position per pinned token and head. 0 = off (every stored format).
+    pin_tokens: int = 0
+    pin_window: int = 32
+    pin_pool: int = 1
 
     def specs(self, layer: int) -> tuple[QuantSpec, QuantSpec]:
         k, v = self.k, self.v
@@ -381,11 +389,14 @@ class AttentionVariant:
     def config(self) -> dict:
         """What a results file records of this variant (JSON-ready)."""
         return {"k": self.k.__dict__, "v": self.v.__dict__, "sink": self.sink, "recent": self.recent,
-                "k_clips": self.k_clips, "v_clips": self.v_clips, "k_logit_var": self.k_logit_var}
+                "k_clips": self.k_clips, "v_clips": self.v_clips, "k_logit_var": self.k_logit_var,
+                "pin_tokens": self.pin_tokens, "pin_window": self.pin_window, "pin_pool": self.pin_pool}
 
     def bits(self, head_dim: int, context: int) -> float:
+        pins = min(self.pin_tokens, max(0, context - self.sink - self.recent))
         return bits_per_element(head_dim, context, sink=self.sink, recent=self.recent,
-                                param_bits=(self.k.bits_per_row_params(), self.v.bits_per_row_params()))
+                                param_bits=(self.k.bits_per_row_params(), self.v.bits_per_row_params()),
+                                extra_window_tokens=pins) + pins * 32 / (2 * head_dim) / context
 
 
 def transformed_kv(k: torch.Tensor, v: torch.Tensor, t: LayerTransform) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,11 +416,13 @@ def _weights(spec: QuantSpec, w: torch.Tensor | None, side: str) -> torch.Tensor
 
 def variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: LayerTransform,
                       kspec: QuantSpec | None, vspec: QuantSpec | None, q_positions: torch.Tensor, *,
-                      sink: int, recent: int, scale: float | None = None, k_logit_var: float = 0.0
-                      ) -> torch.Tensor:
+                      sink: int, recent: int, scale: float | None = None, k_logit_var: float = 0.0,
+                      pinned: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of ``q [Tq, Hq, d]`` over ``k, v [Tkv, Hkv, d]`` (model space, fp32) with the cache
     transformed by ``t`` and quantized outside the windows; ``None`` spec = that side unquantized.
-    ``k_logit_var``: see :attr:`AttentionVariant.k_logit_var`. Returns ``[Tq, Hq, d]`` in the model space."""
+    ``k_logit_var``: see :attr:`AttentionVariant.k_logit_var`. ``pinned [Hkv, Tkv]`` (bool): keys every
+    query reads exactly besides its windows (:attr:`AttentionVariant.pin_tokens`). Returns ``[Tq, Hq, d]``
+    in the model space."""
     kt, vt = transformed_kv(k.float(), v.float(), t)
     kq = kt if kspec is None else fake_quantize_variant(kt, kspec, _weights(kspec, t.k_weight, "K"))
     vq = vt if vspec is None else fake_quantize_variant(vt, vspec, _weights(vspec, t.v_weight, "V"))
@@ -419,7 +432,12 @@ def variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: Laye
             raise ValueError("k_logit_var needs a quantized K side")
         scale = q.shape[-1] ** -0.5 if scale is None else scale  # fixed before the extra dimension
         qt, kt, kq, vt, vq = _with_logit_var(qt, kt, kq, vt, vq, k_logit_var, scale)
-    o = ref.mixed_window_attention(qt, kt, vt, kq, vq, q_positions, sink, recent, scale)[..., :q.shape[-1]]
+    exact_mask = None
+    if pinned is not None:  # [Hkv, 1, Tq, Tkv]: broadcasts over the G query heads of each KV head
+        _, window = ref.exact_window_mask(q_positions, k.shape[0], sink, recent)
+        exact_mask = (window[None] | pinned[:, None, :])[:, None]
+    o = ref.mixed_window_attention(qt, kt, vt, kq, vq, q_positions, sink, recent, scale,
+                                   exact_mask=exact_mask)[..., :q.shape[-1]]
     o = _per_group(o, t.v_out)
     if t.v_mean is not None:
         o = o + t.v_mean.repeat_interleave(q.shape[1] // t.v_mean.shape[0], 0)
@@ -439,19 +457,73 @@ def _with_logit_var(qt, kt, kq, vt, vq, lam: float, scale: float):
     return (pad(qt, qn), pad(kt), pad(kq, -0.5 * lam * scale * err), pad(vt), pad(vq))
 
 
+def pin_scores(q: torch.Tensor, k: torch.Tensor, scale: float, window: int, pool: int = 1) -> torch.Tensor:
+    """How much the last ``window`` queries of an exact prefill attend to each key, ``[Hkv, T]``:
+    exact softmax weights (model space, causal) summed over those queries and each KV head's query heads,
+    then averaged over ``pool`` neighbouring positions (odd; SnapKV's pooling keeps a token's neighbours).
+    ``q [T, Hq, d]``, ``k [T, Hkv, d]``."""
+    t, hq, _ = q.shape
+    hkv = k.shape[1]
+    w = min(window, t)
+    s = torch.einsum("qhd,khd->hqk", q[t - w:].double(), k.double().repeat_interleave(hq // hkv, 1)) * scale
+    s = s.masked_fill(torch.arange(t)[None, :] > torch.arange(t - w, t)[:, None], float("-inf"))
+    weights = torch.softmax(s, -1).sum(1).view(hkv, hq // hkv, t).sum(1)  # [Hkv, T]
+    if pool > 1:
+        if pool % 2 == 0:
+            raise ValueError(f"pin_pool must be odd (a window centred on each token), got {pool}")
+        weights = torch.nn.functional.avg_pool1d(weights[:, None], pool, 1, pool // 2, count_include_pad=False)[:, 0]
+    return weights
+
+
+def pin_mask(scores: torch.Tensor, count: int, sink: int, recent: int) -> torch.Tensor:
+    """The ``count`` highest-scoring positions per KV head among ``[sink, T - recent)`` (those the next
+    query reads from INT2), as a bool ``[Hkv, T]``."""
+    hkv, t = scores.shape
+    mask = torch.zeros(hkv, t, dtype=torch.bool)
+    lo, hi = sink, max(sink, t - recent)
+    n = min(count, hi - lo)
+    if n > 0:
+        top = scores[:, lo:hi].topk(n, -1).indices + lo
+        mask.scatter_(1, top, True)
+    return mask
+
+
 def make_variant_attention(transforms: list[LayerTransform], variant: AttentionVariant):
-    """An attention function for ``capture.attention_override`` / ``evaluate.perplexity``."""
+    """An attention function for ``capture.attention_override`` / ``evaluate.perplexity``.
+
+    With ``variant.pin_tokens`` the function has an ``observe_prefill(module, q, k)`` method: an exact
+    prefill calls it per layer (``passkey.exact_prefill_logits``) and the later (decode) calls read the
+    chosen prompt positions exactly. A call over a whole sequence (``Tq == Tkv``: every query reads
+    INT2, e.g. ``evaluate.perplexity``) has no exact prefill to choose from and is refused."""
     from vllm_oscar.calibrate.capture import layer_index  # noqa: PLC0415
+
+    pins: dict[int, torch.Tensor] = {}  # layer -> [Hkv, prompt length] of the last observed prefill
 
     def attention(module, q, k, v):
         i = layer_index(module)
         q_, k_, v_ = (x[0].transpose(0, 1).float() for x in (q, k, v))
         ks, vs = variant.specs(i)
         tq, tkv = q_.shape[0], k_.shape[0]  # with a KV cache the queries are the last positions
+        pinned = None
+        if variant.pin_tokens:
+            if tq == tkv or i not in pins:
+                raise ValueError("pin_tokens chooses its tokens from an exact prompt prefill: use the passkey "
+                                 "harness's exact_prefill semantics (observe_prefill), not a whole-sequence pass")
+            p = pins[i]
+            pinned = torch.cat([p, p.new_zeros(p.shape[0], tkv - p.shape[1])], 1)
         o = variant_attention(q_, k_, v_, transforms[i], ks, vs, torch.arange(tkv - tq, tkv), sink=variant.sink,
-                              recent=variant.recent, scale=module.scaling, k_logit_var=variant.k_logit_var)
+                              recent=variant.recent, scale=module.scaling, k_logit_var=variant.k_logit_var,
+                              pinned=pinned)
         return o[None].to(q.dtype)
 
+    if variant.pin_tokens:
+        def observe_prefill(module, q, k):
+            """``q [1, Hq, T, d]``, ``k [1, Hkv, T, d]`` of one exact prompt prefill (model space)."""
+            scores = pin_scores(q[0].transpose(0, 1).float(), k[0].transpose(0, 1).float(), module.scaling,
+                                variant.pin_window, variant.pin_pool)
+            pins[layer_index(module)] = pin_mask(scores, variant.pin_tokens, variant.sink, variant.recent)
+
+        attention.observe_prefill = observe_prefill
     return attention
 
 

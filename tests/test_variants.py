@@ -572,21 +572,27 @@ def test_weighted_fit_weights_come_from_the_calibration_queries_only(tmp_path):
             assert tr[i].v_weight.shape == (2, 16)
 
 
-def test_logit_variance_correction_matches_explicit_logits():
-    """``k_logit_var``: INT2 keys' logits lose ``lambda/2 * scale^2 * |q|^2 * mean((k - k_hat)^2)``;
-    window keys are untouched. Checked against softmax over explicitly written logits."""
-    g = torch.Generator().manual_seed(3)
-    tq, hq, hkv, d, tkv, sink, recent, lam, scale = 5, 4, 2, 8, 14, 2, 3, 0.7, 0.3
+def decode_case(seed, tq, hq, hkv, d, tkv):
+    """Decode-style inputs (the queries are the last ``tq`` positions) with a Hadamard transform and the fp16
+    MSE grid, plus the rows a brute-force check reads: ``kt, vt`` exact and ``kq, vq`` quantized."""
+    g = torch.Generator().manual_seed(seed)
     q = torch.randn(tq, hq, d, generator=g)
     k, v = torch.randn(tkv, hkv, d, generator=g), torch.randn(tkv, hkv, d, generator=g)
     had = ref.hadamard(d, torch.float32)
-    t = V.LayerTransform.orthogonal(had, had, hkv)
     spec = V.QuantSpec("mse", 0.0, "fp16")
-    pos = torch.arange(tkv - tq, tkv)
+    kt, vt = k @ had, v @ had
+    rows = {"kt": kt, "vt": vt, "kq": V.fake_quantize_variant(kt, spec), "vq": V.fake_quantize_variant(vt, spec)}
+    return q, k, v, had, V.LayerTransform.orthogonal(had, had, hkv), spec, torch.arange(tkv - tq, tkv), rows
+
+
+def test_logit_variance_correction_matches_explicit_logits():
+    """``k_logit_var``: INT2 keys' logits lose ``lambda/2 * scale^2 * |q|^2 * mean((k - k_hat)^2)``;
+    window keys are untouched. Checked against softmax over explicitly written logits."""
+    tq, hq, hkv, d, tkv, sink, recent, lam, scale = 5, 4, 2, 8, 14, 2, 3, 0.7, 0.3
+    q, k, v, had, t, spec, pos, r = decode_case(3, tq, hq, hkv, d, tkv)
     got = V.variant_attention(q, k, v, t, spec, spec, pos, sink=sink, recent=recent, scale=scale, k_logit_var=lam)
 
-    kt, vt = k @ had, v @ had
-    kq, vq = V.fake_quantize_variant(kt, spec), V.fake_quantize_variant(vt, spec)
+    kt, vt, kq, vq = r["kt"], r["vt"], r["kq"], r["vq"]
     err = (kt - kq).square().mean(-1)  # [Tkv, Hkv]
     causal, exact = ref.exact_window_mask(pos, tkv, sink, recent)
     want = torch.empty(tq, hq, d)
@@ -614,3 +620,86 @@ def test_variant_config_records_every_setting_that_changes_results():
     cfg = var.config()
     assert cfg["k"]["params"] == "log8_i8" and cfg["recent"] == 512 and cfg["k_clips"] == (0.9, 0.8)
     assert cfg["k_logit_var"] == 0.4 and cfg["v"] == V.QuantSpec(clip=0.92).__dict__
+    pinned = V.AttentionVariant(pin_tokens=32, pin_window=16, pin_pool=7).config()
+    assert (pinned["pin_tokens"], pinned["pin_window"], pinned["pin_pool"]) == (32, 16, 7)
+
+
+def test_pinned_keys_are_read_exactly_by_every_query():
+    """``variant_attention(pinned=...)``: a pinned key is read from the exact rows, per KV head, on top of
+    each query's windows. Checked against softmax over explicitly chosen rows."""
+    tq, hq, hkv, d, tkv, sink, recent, scale = 3, 4, 2, 8, 20, 2, 3, 0.3
+    q, k, v, had, t, spec, pos, r = decode_case(5, tq, hq, hkv, d, tkv)
+    pinned = torch.zeros(hkv, tkv, dtype=torch.bool)
+    pinned[0, [5, 9]] = True
+    pinned[1, 7] = True
+    got = V.variant_attention(q, k, v, t, spec, spec, pos, sink=sink, recent=recent, scale=scale, pinned=pinned)
+
+    kt, vt, kq, vq = r["kt"], r["vt"], r["kq"], r["vq"]
+    causal, window = ref.exact_window_mask(pos, tkv, sink, recent)
+    want = torch.empty(tq, hq, d)
+    for i, h in itertools.product(range(tq), range(hq)):
+        j = h // (hq // hkv)
+        exact = window[i] | pinned[j]
+        qi = q[i, h] @ had
+        logits = scale * torch.where(exact, kt[:, j] @ qi, kq[:, j] @ qi)
+        p = torch.softmax(logits.masked_fill(~causal[i], float("-inf")), 0)
+        want[i, h] = (p @ torch.where(exact[:, None], vt[:, j], vq[:, j])) @ had.T
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    plain = V.variant_attention(q, k, v, t, spec, spec, pos, sink=sink, recent=recent, scale=scale)
+    assert (got - plain).abs().max() > 1e-3  # pinning changed something here
+
+
+def test_pin_scores_and_mask():
+    """pin_scores sums the last ``window`` queries' exact softmax weights per KV head; pin_mask takes the top
+    positions outside the sink and the recent window only."""
+    g = torch.Generator().manual_seed(6)
+    t, hq, hkv, d, w, scale = 12, 4, 2, 8, 3, 0.4
+    q, k = torch.randn(t, hq, d, generator=g), torch.randn(t, hkv, d, generator=g)
+    got = V.pin_scores(q, k, scale, w)
+    want = torch.zeros(hkv, t, dtype=torch.float64)
+    for i, h in itertools.product(range(t - w, t), range(hq)):
+        logits = (k[: i + 1, h // 2].double() @ q[i, h].double()) * scale
+        want[h // 2, : i + 1] += torch.softmax(logits, 0)
+    torch.testing.assert_close(got, want)
+    pooled = V.pin_scores(q, k, scale, w, pool=3)
+    torch.testing.assert_close(pooled[:, 5], want[:, 4:7].mean(1))
+    torch.testing.assert_close(pooled[:, 0], want[:, :2].mean(1))  # the edge averages what exists
+    with pytest.raises(ValueError, match="odd"):
+        V.pin_scores(q, k, scale, w, pool=4)
+
+    scores = torch.arange(10.0).repeat(2, 1)
+    scores[1, 1] = scores[1, 9] = 100.0  # in the sink / the recent window: never chosen
+    scores[1, 3] = 50.0
+    mask = V.pin_mask(scores, 2, sink=2, recent=3)  # candidates: positions 2..6
+    assert mask[0].nonzero().flatten().tolist() == [5, 6]
+    assert mask[1].nonzero().flatten().tolist() == [3, 6]
+    assert V.pin_mask(scores, 99, sink=2, recent=3).sum(1).tolist() == [5, 5]
+
+
+def test_pinning_attention_fn_picks_tokens_from_the_observed_prefill(monkeypatch):
+    """With ``pin_tokens`` the attention function pins what ``observe_prefill`` chose from the prompt and
+    refuses a whole-sequence pass (no exact prefill to choose from)."""
+    from types import SimpleNamespace
+
+    from vllm_oscar.calibrate import capture
+
+    q, k, v = qkv(t=40)
+    had = ref.hadamard(16, torch.float32)
+    tr = [V.LayerTransform.orthogonal(had, had, 2)]
+    mse = V.QuantSpec("mse", 0.0)
+    var = V.AttentionVariant(k=mse, v=mse, sink=4, recent=8, pin_tokens=3, pin_window=5)
+    monkeypatch.setattr(capture, "layer_index", lambda m: 0)
+    fn = V.make_variant_attention(tr, var)
+    module = SimpleNamespace(scaling=0.25)
+    heads_first = lambda x: x.transpose(0, 1)[None]
+    with pytest.raises(ValueError, match="exact prompt prefill"):
+        fn(module, heads_first(q), heads_first(k), heads_first(v))
+    n = 36  # the prompt; the last 4 positions are decode steps
+    fn.observe_prefill(module, heads_first(q[:n]), heads_first(k[:n]))
+    got = fn(module, heads_first(q[n:]), heads_first(k), heads_first(v))[0]
+    chosen = V.pin_mask(V.pin_scores(q[:n], k[:n], 0.25, 5), 3, 4, 8)
+    assert chosen.sum().item() == 6  # 3 per KV head
+    pinned = torch.cat([chosen, torch.zeros(2, 4, dtype=torch.bool)], 1)
+    want = V.variant_attention(q[n:], k, v, tr[0], mse, mse, torch.arange(n, 40), sink=4, recent=8, scale=0.25,
+                               pinned=pinned)
+    torch.testing.assert_close(got, want)
