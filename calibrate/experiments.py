@@ -343,9 +343,13 @@ class Setup:
 
 
 def variant_registry() -> dict[str, dict]:
-    """name -> {description, transforms(setup) (None = exact attention), variant(setup)}."""
-    def entry(description, transforms, variant=lambda s: PAPER):
-        return {"description": description, "transforms": transforms, "variant": variant}
+    """name -> {description, transforms(setup) (None = exact attention), variant(setup), passkey_only}.
+
+    ``passkey_only``: the variant needs an exact prompt prefill (pinned tokens), which only the passkey
+    harness's ``exact_prefill`` semantics has; the perplexity sweep cannot run it."""
+    def entry(description, transforms, variant=lambda s: PAPER, passkey_only=False):
+        return {"description": description, "transforms": transforms, "variant": variant,
+                "passkey_only": passkey_only}
 
     def orth(which):
         return lambda s: s.orthogonal(which)
@@ -375,6 +379,9 @@ def variant_registry() -> dict[str, dict]:
 
     def pinned(count, pool=1):
         return lambda s: V.AttentionVariant(k=MSE, v=MSE, pin_tokens=count, pin_pool=pool)
+
+    def pin_entry(description, count, pool=1):
+        return entry(description, orth("hadamard"), pinned(count, pool), passkey_only=True)
 
     def wfit(k_mode, v_mode="none"):
         return lambda s: V.AttentionVariant(k=replace(MSE, weighting=k_mode), v=replace(MSE, weighting=v_mode))
@@ -411,14 +418,13 @@ def variant_registry() -> dict[str, dict]:
         "hadamard_mse_logitvar_m10": entry("(6) the opposite sign, lambda -1 (INT2 keys' logits raised: the "
                                            "correction for an error independent of the reconstruction)",
                                            orth("hadamard"), logit_var(-1.0)),
-        "hadamard_mse_pin32": entry("(6) hadamard_mse + the 32 prompt tokens per (layer, KV head) that the "
-                                    "prompt's last 32 queries attend to most, read exactly (SnapKV-style; needs an "
-                                    "exact prefill: passkey only)", orth("hadamard"), pinned(32)),
-        "hadamard_mse_pin128": entry("(6) as hadamard_mse_pin32 with 128 tokens", orth("hadamard"), pinned(128)),
-        "hadamard_mse_pin32_pool7": entry("(6) as hadamard_mse_pin32, scores averaged over 7 neighbours (keeps "
-                                          "a pinned token's neighbours)", orth("hadamard"), pinned(32, 7)),
-        "hadamard_mse_pin128_pool7": entry("(6) as hadamard_mse_pin32_pool7 with 128 tokens", orth("hadamard"),
-                                           pinned(128, 7)),
+        "hadamard_mse_pin32": pin_entry("(6) hadamard_mse + the 32 prompt tokens per (layer, KV head) that the "
+                                        "prompt's last 32 queries attend to most, read exactly (SnapKV-style; "
+                                        "needs an exact prefill: passkey only)", 32),
+        "hadamard_mse_pin128": pin_entry("(6) as hadamard_mse_pin32 with 128 tokens", 128),
+        "hadamard_mse_pin32_pool7": pin_entry("(6) as hadamard_mse_pin32, scores averaged over 7 neighbours "
+                                              "(keeps a pinned token's neighbours)", 32, 7),
+        "hadamard_mse_pin128_pool7": pin_entry("(6) as hadamard_mse_pin32_pool7 with 128 tokens", 128, 7),
         "hadamard_mse_log8": entry("data-free: Hadamard + MSE grid with 8-bit log scale + 8-bit offset "
                                    "(16 bits/row)", orth("hadamard"), log8),
         "paper_mse": entry("(4) paper rotations + MSE-fitted grid, fp16", orth("paper"), mse),
@@ -482,10 +488,15 @@ def run_sweep(args) -> dict:
     from vllm_oscar.calibrate.data import token_sequences  # noqa: PLC0415
 
     registry = variant_registry()
-    names = args.variants.split(",") if args.variants else list(registry)
+    names = args.variants.split(",") if args.variants else [n for n in registry if not registry[n]["passkey_only"]]
     unknown = [n for n in names if n not in registry]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; valid: {list(registry)}")
+    passkey_only = [n for n in names if registry[n]["passkey_only"]]
+    if passkey_only:
+        raise SystemExit(f"variant(s) {passkey_only} choose pinned tokens from an exact prompt prefill, which the "
+                         "perplexity sweep does not have: run them with `python -m vllm_oscar.calibrate.passkey "
+                         "--methods v:NAME`")
     setup = Setup(args)
     out_path = Path(args.output_json)
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}

@@ -703,3 +703,16 @@ def test_pinning_attention_fn_picks_tokens_from_the_observed_prefill(monkeypatch
     want = V.variant_attention(q[n:], k, v, tr[0], mse, mse, torch.arange(n, 40), sink=4, recent=8, scale=0.25,
                                pinned=pinned)
     torch.testing.assert_close(got, want)
+
+
+def test_the_perplexity_sweep_refuses_and_skips_passkey_only_variants():
+    """Pinned-token variants need an exact prompt prefill: naming one in the sweep is refused before any
+    model loads; the default list (every variant) leaves them out."""
+    from types import SimpleNamespace
+
+    from vllm_oscar.calibrate import experiments as E
+
+    registry = E.variant_registry()
+    assert {n for n, spec in registry.items() if spec["passkey_only"]} >= {"hadamard_mse_pin128_pool7"}
+    with pytest.raises(SystemExit, match=r"hadamard_mse_pin32.*calibrate.passkey"):
+        E.run_sweep(SimpleNamespace(variants="hadamard_mse,hadamard_mse_pin32"))
