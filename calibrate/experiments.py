@@ -478,6 +478,14 @@ def variant_registry() -> dict[str, dict]:
     return reg
 
 
+def _write_screen(out: Path, key: str, make) -> None:
+    """``out[key] = make(out[key] or {})``; the file's other entries are kept."""
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    results[key] = make(results.get(key, {}))
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def replace_variant(v: V.AttentionVariant, **kw) -> V.AttentionVariant:
     from dataclasses import replace  # noqa: PLC0415
 
@@ -718,32 +726,23 @@ def main(argv=None) -> int:  # pragma: no cover - the CLI is exercised by hand (
         return 0
     torch.set_num_threads(args.threads)
     t0 = time.time()
+    command = "python -m vllm_oscar.calibrate.experiments " + " ".join(argv or sys.argv[1:])
     if args.centering_screen:
-        out = Path(args.output_json)
-        results = json.loads(out.read_text()) if out.is_file() else {}
-        results["channel_centering_screen"] = centering_screen(Setup(args))
-        results["channel_centering_screen"]["command"] = (
-            "python -m vllm_oscar.calibrate.experiments " + " ".join(argv or sys.argv[1:]))
-        results["channel_centering_screen"]["seconds"] = round(time.time() - t0, 1)
-        out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {out}")
+        _write_screen(Path(args.output_json), "channel_centering_screen",
+                      lambda old: {**centering_screen(Setup(args)), "command": command,
+                                   "seconds": round(time.time() - t0, 1)})
         return 0
     if args.weighted_screen:
-        out = Path(args.output_json)
-        results = json.loads(out.read_text()) if out.is_file() else {}
-        prev = results.get("weighted_fit_screen", {}).get("variants", {})
-        scr = weighted_fit_screen(Setup(args), args.variants.split(","))
-        scr["variants"] = {**prev, **scr["variants"]}
-        scr["command"] = "python -m vllm_oscar.calibrate.experiments " + " ".join(argv or sys.argv[1:])
-        results["weighted_fit_screen"] = scr
-        out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {out}")
+        def weighted(old):  # variants screened by earlier runs stay
+            scr = weighted_fit_screen(Setup(args), args.variants.split(","))
+            return {**scr, "variants": {**old.get("variants", {}), **scr["variants"]}, "command": command}
+
+        _write_screen(Path(args.output_json), "weighted_fit_screen", weighted)
         return 0
     results = run_sweep(args)
     results["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
                               "threads": args.threads, "total_seconds": round(time.time() - t0, 1)}
-    results.setdefault("commands", []).append(
-        "python -m vllm_oscar.calibrate.experiments " + " ".join(argv or sys.argv[1:]))
+    results.setdefault("commands", []).append(command)
     out = Path(args.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

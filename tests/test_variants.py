@@ -1,6 +1,7 @@
 """The accuracy variants (calibrate/variants.py) against brute-force definitions. CPU, seconds."""
 
 import itertools
+import json
 import math
 
 import pytest
@@ -716,3 +717,14 @@ def test_the_perplexity_sweep_refuses_and_skips_passkey_only_variants():
     assert {n for n, spec in registry.items() if spec["passkey_only"]} >= {"hadamard_mse_pin128_pool7"}
     with pytest.raises(SystemExit, match=r"hadamard_mse_pin32.*calibrate.passkey"):
         E.run_sweep(SimpleNamespace(variants="hadamard_mse,hadamard_mse_pin32"))
+
+
+def test_screens_update_their_own_entry_of_the_results_file(tmp_path):
+    from vllm_oscar.calibrate import experiments as E
+
+    out = tmp_path / "r.json"
+    out.write_text('{"variants": {"a": 1}, "weighted_fit_screen": {"variants": {"x": 1}}}')
+    E._write_screen(out, "weighted_fit_screen", lambda old: {"variants": {**old["variants"], "y": 2}})
+    E._write_screen(out, "channel_centering_screen", lambda old: {"seen": old})
+    assert json.loads(out.read_text()) == {"variants": {"a": 1}, "weighted_fit_screen": {"variants": {"x": 1, "y": 2}},
+                                           "channel_centering_screen": {"seen": {}}}
