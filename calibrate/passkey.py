@@ -25,6 +25,7 @@ Run: ``python -m vllm_oscar.calibrate.passkey --rotations ARTIFACT_DIR --trials 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -113,15 +114,13 @@ def exact_prefill_logits(model, prompt: list[int], answer: list[int], attention_
     from vllm_oscar.calibrate.capture import attention_override, causal_sdpa
 
     observers = [fn.observe_prefill for fn in attention_fns.values() if hasattr(fn, "observe_prefill")]
-    if observers:  # methods that pick tokens from the prefill see it; the prefill itself stays exact
-        def observed(module, q, k, v):
-            for observe in observers:
-                observe(module, q, k)
-            return causal_sdpa(module, q, k, v)
 
-        with attention_override(model, observed):
-            out = model(torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
-    else:
+    def observed(module, q, k, v):  # methods that pick tokens from the prefill see it; it stays exact
+        for observe in observers:
+            observe(module, q, k)
+        return causal_sdpa(module, q, k, v)
+
+    with attention_override(model, observed) if observers else contextlib.nullcontext():
         out = model(torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
     first, cache, n = out.logits[0, -1:].float(), out.past_key_values, len(prompt)
     result = {}

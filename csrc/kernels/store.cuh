@@ -256,8 +256,8 @@ OSCAR_DEVICE float kth_smallest(const float (&a_in)[E], int idx, int lane) {
 template <int D, int RPW, bool kTeam = false>
 struct StoreTraits {
   static_assert(!kTeam || RPW == 1, "team mode stores one warp's rows per CTA");
-  static_assert(!kTeam || kMseCandidates <= 8, "team mode gives each candidate grid its own warp");
   static constexpr int kWarps = 8;
+  static_assert(!kTeam || kMseCandidates <= kWarps, "team mode gives each candidate grid its own warp");
   static constexpr int kL = D / 4 < 32 ? D / 4 : 32;  // lanes per row: one code byte (4 elements) each
   static constexpr int kP = 32 / kL;                   // rows side by side in a warp
   static constexpr int kBPL = (D / 4) / kL;            // code bytes per lane
