@@ -51,6 +51,10 @@ OSCAR_DEVICE void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// The two bf16 halves of a bf16x2 word as fp32 (exact).
+OSCAR_DEVICE float bf16x2_lo(uint32_t v) { return __uint_as_float(v << 16); }
+OSCAR_DEVICE float bf16x2_hi(uint32_t v) { return __uint_as_float(v & 0xFFFF0000u); }
+
 // Transpose of an 8x8 b16 matrix held as a fragment (thread (g,t) holds row g, cols 2t, 2t+1).
 OSCAR_DEVICE uint32_t movmatrix_trans(uint32_t a) {
   uint32_t d;
@@ -67,12 +71,6 @@ OSCAR_DEVICE void ldmatrix_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2, ui
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                : "r"(smem_addr(p)));
-}
-
-OSCAR_DEVICE uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
 }
 
 OSCAR_DEVICE uint32_t pack_bf16x2(float lo, float hi) {
@@ -119,13 +117,17 @@ OSCAR_DEVICE void pdl_launch_dependents() {
 //
 // A 32-bit word x holds four bytes b0..b3 of a quartered-packed row; byte j holds codes
 // (c0, c1, c2, c3) of elements (j, Q+j, 2Q+j, 3Q+j) in bits [1:0], [3:2], [5:4], [7:6].
-// int2_pair(x, p, q, magic = 0x43004300) returns a bf16x2 whose low half is code q of byte p and whose high half is
-// code q of byte p+2 (p in {0,1}), each multiplied by int2_weight(q) in {1, 4, 16, 1}:
-//   (x & mask) | 0x4300 puts the code bits in the bf16 mantissa of 128.0 (ulp 1 at 128), so the
-//   value is 128 + w*c exactly; one fma.bf16x2 (v*1 - 128) leaves w*c, still exact.
+// int2_pair_biased(x, p, q, magic = 0x43004300) returns a bf16x2 whose low half is 128 + w*c for code
+// c = code q of byte p and whose high half is the same for byte p+2 (p in {0,1}), w = int2_weight(q)
+// in {1, 4, 16, 1}: (x & mask) | 0x4300 puts the code bits in the bf16 mantissa of 128.0 (ulp 1 at
+// 128), so the value is exact.
 // Codes 1 and 2 are taken in place (masks 0xC, 0x30) instead of being shifted down: 3 shifts and 8
 // LOP3 per word instead of 7 and 8. The weight is undone for free: K codes meet a query
 // pre-divided by w (exact, w is a power of two), V accumulators are divided by w in the epilogue.
+// The 128 is not subtracted per pair (an fma.bf16x2 each, 128 of the 777 instructions per warp and
+// stage at d=128): the decode kernel removes it afterwards, once per (token, head) from the scores
+// (128 * sum(q/w)) and once per (split, head) from the outputs (128 * sum over tokens of P'). The
+// products stay exact in the MMA; the bias only adds fp32 accumulation error, ~1e-6 relative.
 // ---------------------------------------------------------------------------------------------
 // (x & mask) | magic as one LOP3: with both constants as immediates the compiler emits two LOP3s
 // (an instruction takes one immediate), measured in the SASS: 265 LOP3 per stage instead of ~130.
@@ -136,20 +138,14 @@ OSCAR_DEVICE uint32_t and_or(uint32_t x, uint32_t magic) {
   return d;
 }
 
-OSCAR_DEVICE uint32_t int2_pair(uint32_t x, int p, int q, uint32_t magic) {
+OSCAR_DEVICE uint32_t int2_pair_biased(uint32_t x, int p, int q, uint32_t magic) {
   const uint32_t b = p ? (x >> 8) : x;
-  uint32_t m;
-  if (q == 0) {
-    m = and_or<0x00030003u>(b, magic);
-  } else if (q == 1) {
-    m = and_or<0x000C000Cu>(b, magic);
-  } else if (q == 2) {
-    m = and_or<0x00300030u>(b, magic);
-  } else {
-    m = and_or<0x00030003u>(b >> 6, magic);
-  }
-  return fma_bf16x2(m, 0x3F803F80u, 0xC300C300u);
+  if (q == 0) return and_or<0x00030003u>(b, magic);
+  if (q == 1) return and_or<0x000C000Cu>(b, magic);
+  if (q == 2) return and_or<0x00300030u>(b, magic);
+  return and_or<0x00030003u>(b >> 6, magic);
 }
+constexpr float kInt2PairBias = 128.f;
 __host__ __device__ constexpr float int2_weight(int q) { return q == 1 ? 4.f : (q == 2 ? 16.f : 1.f); }
 __host__ __device__ constexpr float int2_inv_weight(int q) { return q == 1 ? 0.25f : (q == 2 ? 0.0625f : 1.f); }
 

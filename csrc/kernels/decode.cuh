@@ -23,7 +23,8 @@
 //   score = scale_k[token] * S^T + offset_k[token] * sum_dim(q[head])  (K dequantized for free)
 //   O^T[dim, head] += Vcodes^T[dim, token] . (p * scale_v)^T[token, head]
 //   O[head, dim] = O^T / w(dim) + sum_token p * offset_v                (V dequantized for free)
-// so codes enter the MMAs as exact small integers and no element is ever dequantized.
+// so codes enter the MMAs as exact bf16 values 128 + w*c (the 128 comes off S^T and O^T afterwards,
+// see int2_pair_biased) and no element is ever dequantized.
 // The dims inside a 16-wide MMA k-step and the token rows inside a 16-row tile are permuted so
 // that each thread's operand bytes are contiguous in shared memory and the four code loads of a
 // warp hit 32 different banks (see tau() and the K/V fragment comments below).
@@ -56,7 +57,8 @@ struct DecodeTraits {
   static constexpr int kFinalScratch = 8192;  // split weights + replica sums of the final merge
   static constexpr int kRing =
       cmax(cmax(kStages * kStageBytes, kWinBytes), cmax(kRBytes + kFinalScratch, kMergeBytes));
-  static constexpr int kSmem = kRing + (kGP * D + kGP + 4) * 4;
+  // after the ring: q_rot [kGP][D], sum(q) [kGP], K bias [kGP], 4 flag words
+  static constexpr int kSmem = kRing + (kGP * D + 2 * kGP + 4) * 4;
   static constexpr int kKC = D / 16;  // MMA k-steps of QK^T == MMA m-tiles of PV
   static constexpr int kNW = D / 64;  // 32-bit K code words per token per thread
   static constexpr int kBV = D / 32;  // V code bytes per token per thread
@@ -161,7 +163,7 @@ OSCAR_DEVICE void load_k_words(const uint8_t* p, uint32_t (&w)[D / 64]) {
 }
 
 // V: thread g takes bytes [g*D/32, (g+1)*D/32) of rows a and b and interleaves them so that each
-// int2_pair() result holds the same element of the two tokens (the PV MMA reduces over tokens).
+// int2_pair_biased() result holds the same element of the two tokens (the PV MMA reduces over tokens).
 // x[v] = bytes (2v, 2v+1) of a, then (2v, 2v+1) of b.
 template <int D>
 OSCAR_DEVICE void load_v_pair(const uint8_t* sV, int ra, int rb, int g, uint32_t (&x)[D / 64 > 0 ? D / 64 : 1]) {
@@ -195,15 +197,17 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
   using Tr = DecodeTraits<D, NT>;
   constexpr int QB = Tr::kQB, TILE = Tr::kTile, TM = Tr::kTM, STAGES = Tr::kStages, KC = Tr::kKC;
   constexpr int GP = Tr::kGP, NX = Tr::kNX, WT = Tr::kWinTile, BV = Tr::kBV;
+  constexpr int RW = 16 * TM;  // INT2 rows of a stage that one warp loads and computes on
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* ring = smem;
   float* sQ = reinterpret_cast<float*>(smem + Tr::kRing);  // [GP][D] q_rot, later merge scratch
   float* sQsum = sQ + GP * D;                                // [GP]
-  int* sFlag = reinterpret_cast<int*>(sQsum + GP);
+  float* sKBias = sQsum + GP;                                // [GP] 128 * sum(bf16(q/w)), see int2_pair_biased
+  int* sFlag = reinterpret_cast<int*>(sKBias + GP);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
-  // Passed to int2_pair as a register operand: its LOP3 takes the code mask as the one immediate.
+  // Passed to int2_pair_biased as a register operand: its LOP3 takes the code mask as the one immediate.
   constexpr uint32_t kMagic = 0x43004300u;
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int s_total = p.s_win + p.s_int;
@@ -238,14 +242,16 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
 
   // One stage = TILE tokens laid out as [K codes TILE x QB | V codes TILE x QB | K params | V params],
   // whatever the block size: pages are cut into 16-byte chunks that each lie inside one block.
+  // Each warp loads only the RW rows it computes on (rows [warp*RW, (warp+1)*RW) of every region), so
+  // the ring needs no CTA barrier: a warp waits for its own copies and reuses its own rows.
   auto issue_int2 = [&](int tile, int buf) {
-    uint8_t* st = ring + buf * Tr::kStageBytes;
-    const int pos0 = tile * TILE;
-    constexpr int kCodeChunks = TILE * QB / 16;
+    uint8_t* st = ring + buf * Tr::kStageBytes + warp * RW * QB;  // this warp's K code rows
+    const int pos0 = tile * TILE + warp * RW;
+    constexpr int kCodeChunks = RW * QB / 16;
 #pragma unroll
-    for (int k0 = 0; k0 < kCodeChunks; k0 += 256) {
-      const int k = k0 + tid;
-      if (kCodeChunks % 256 == 0 || k < kCodeChunks) {
+    for (int k0 = 0; k0 < kCodeChunks; k0 += 32) {
+      const int k = k0 + lane;
+      if (kCodeChunks % 32 == 0 || k < kCodeChunks) {
         const int byte = k * 16;
         const int pos = pos0 + byte / QB;
         if (pos >= lo && pos < hi) {
@@ -257,15 +263,15 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
         }
       }
     }
-    constexpr int kParChunks = TILE * 4 / 16;
-    if (tid < kParChunks) {
-      const int pos = pos0 + tid * 4;  // four tokens per chunk, inside one block (bs % 16 == 0)
+    constexpr int kParChunks = RW * 4 / 16;  // per K or V; four tokens per chunk, inside one block
+    if (lane < 2 * kParChunks) {
+      const int c = lane % kParChunks, is_v = lane / kParChunks;
+      const int pos = pos0 + c * 4;
       if (pos < hi && pos + 4 > lo) {
         const int bi = p.block_shift >= 0 ? pos >> p.block_shift : pos / bs;
-        const uint8_t* page = kv_h + static_cast<int64_t>(bt[bi]) * p.kv_s0 + 2 * bs * QB;
-        const int src = (pos - bi * bs) * 4;
-        cp_async_16(st + 2 * TILE * QB + tid * 16, page + src);
-        cp_async_16(st + 2 * TILE * QB + TILE * 4 + tid * 16, page + 4 * bs + src);
+        const uint8_t* page = kv_h + static_cast<int64_t>(bt[bi]) * p.kv_s0 + 2 * bs * QB + is_v * 4 * bs;
+        cp_async_16(ring + buf * Tr::kStageBytes + 2 * TILE * QB + is_v * TILE * 4 + (warp * RW + c * 4) * 4,
+                    page + (pos - bi * bs) * 4);
       }
     }
   };
@@ -314,11 +320,22 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
   }
   __syncthreads();
   for (int head = warp; head < GP; head += Tr::kWarps) {
-    float s = 0.f;  // of the bf16-rounded q the MMAs see: score = q_bf16 . (scale * code + offset)
-    for (int d = lane; d < D; d += 32) s += __bfloat162float(__float2bfloat16_rn(sQ[head * D + d]));
+    // Sums of the bf16-rounded q the MMAs see: score = q_bf16 . (scale * code + offset), and the K
+    // codes enter as 128 + w*c against q/w (int2_pair_biased), so 128 * sum(q/w) comes off the score.
+    float s = 0.f, sb = 0.f;
+    for (int d = lane; d < D; d += 32) {
+      s += __bfloat162float(__float2bfloat16_rn(sQ[head * D + d]));
+      sb += __bfloat162float(__float2bfloat16_rn(sQ[head * D + d] * int2_inv_weight(d / QB)));
+    }
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (lane == 0) sQsum[head] = s;
+    for (int off = 16; off > 0; off >>= 1) {
+      s += __shfl_xor_sync(0xffffffffu, s, off);
+      sb += __shfl_xor_sync(0xffffffffu, sb, off);
+    }
+    if (lane == 0) {
+      sQsum[head] = s;
+      sKBias[head] = kInt2PairBias * sb;
+    }
   }
   __syncthreads();
 
@@ -345,7 +362,9 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
     // Q fragments in the permuted dim order of the K code fragments: k-step c takes, for thread t,
     // code q0 (slots 2t, 2t+1) and q0+1 (slots 2t+8, 2t+9) of bytes p, p+2 of word w of its bytes.
     uint32_t qf[NT][KC][2];
-    float qs[NT][2], ov_run[NT][2];
+    // vb_run: sum over tokens of the bf16 P' = p * scale_v the PV MMA sees; the V codes enter as
+    // 128 + w*c (int2_pair_biased), so 128 * vb_run comes off every output element at the end.
+    float qs[NT][2], kb[NT][2], ov_run[NT][2], vb_run[NT][2];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const float* qrow = sQ + (g + 8 * nt) * D;
@@ -362,13 +381,15 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         qs[nt][j] = sQsum[2 * t + j + 8 * nt];
+        kb[nt][j] = sKBias[2 * t + j + 8 * nt];
         ov_run[nt][j] = 0.f;
+        vb_run[nt][j] = 0.f;
       }
     }
 
     for (int it = 0, tile = tile_lo; tile < tile_hi; ++it, ++tile) {
       cp_async_wait<STAGES - 2>();
-      __syncthreads();
+      __syncwarp();  // this warp's rows of stage `it` have landed; its reads of stage it-1 are done
       {
         const int nxt = tile + STAGES - 1;
         if (nxt < tile_hi) issue_int2(nxt, (it + STAGES - 1) % STAGES);
@@ -394,8 +415,10 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
 #pragma unroll
         for (int c = 0; c < KC; ++c) {
           const int w = c >> 2, pb = (c >> 1) & 1, q0 = 2 * (c & 1);
-          const uint32_t a0 = int2_pair(k0[w], pb, q0, kMagic), a2 = int2_pair(k0[w], pb, q0 + 1, kMagic);
-          const uint32_t a1 = int2_pair(k1[w], pb, q0, kMagic), a3 = int2_pair(k1[w], pb, q0 + 1, kMagic);
+          const uint32_t a0 = int2_pair_biased(k0[w], pb, q0, kMagic);
+          const uint32_t a2 = int2_pair_biased(k0[w], pb, q0 + 1, kMagic);
+          const uint32_t a1 = int2_pair_biased(k1[w], pb, q0, kMagic);
+          const uint32_t a3 = int2_pair_biased(k1[w], pb, q0 + 1, kMagic);
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) mma_bf16(acc[nt], a0, a1, a2, a3, qf[nt][c][0], qf[nt][c][1]);
         }
@@ -410,10 +433,10 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
         const bool v0 = p0 >= lo && p0 < hi, v1 = p1 >= lo && p1 < hi;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          sc[mt][nt][0] = v0 ? fmaf(acc[nt][0], f0.x, f0.y * qs[nt][0]) : kNegInf;
-          sc[mt][nt][1] = v0 ? fmaf(acc[nt][1], f0.x, f0.y * qs[nt][1]) : kNegInf;
-          sc[mt][nt][2] = v1 ? fmaf(acc[nt][2], f1.x, f1.y * qs[nt][0]) : kNegInf;
-          sc[mt][nt][3] = v1 ? fmaf(acc[nt][3], f1.x, f1.y * qs[nt][1]) : kNegInf;
+          sc[mt][nt][0] = v0 ? fmaf(acc[nt][0] - kb[nt][0], f0.x, f0.y * qs[nt][0]) : kNegInf;
+          sc[mt][nt][1] = v0 ? fmaf(acc[nt][1] - kb[nt][1], f0.x, f0.y * qs[nt][1]) : kNegInf;
+          sc[mt][nt][2] = v1 ? fmaf(acc[nt][2] - kb[nt][0], f1.x, f1.y * qs[nt][0]) : kNegInf;
+          sc[mt][nt][3] = v1 ? fmaf(acc[nt][3] - kb[nt][1], f1.x, f1.y * qs[nt][1]) : kNegInf;
         }
       }
 
@@ -434,6 +457,7 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
           mu[nt][j] = muse;
           l_run[nt][j] *= alpha;
           ov_run[nt][j] *= alpha;
+          vb_run[nt][j] *= alpha;
 #pragma unroll
           for (int i = 0; i < KC; ++i) {
             o_acc[nt][i][j] *= alpha;
@@ -464,8 +488,11 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
           ov_run[nt][0] = fmaf(x0, ofs0, fmaf(x2, ofs1, ov_run[nt][0]));
           ov_run[nt][1] = fmaf(x1, ofs0, fmaf(x3, ofs1, ov_run[nt][1]));
           // P'^T rows (tokens) x cols (heads) -> B operand (k = tokens, n = heads) of the PV MMA
-          pb[nt][0] = movmatrix_trans(pack_bf16x2(x0 * sv0, x1 * sv0));
-          pb[nt][1] = movmatrix_trans(pack_bf16x2(x2 * sv1, x3 * sv1));
+          const uint32_t p01 = pack_bf16x2(x0 * sv0, x1 * sv0), p23 = pack_bf16x2(x2 * sv1, x3 * sv1);
+          vb_run[nt][0] += bf16x2_lo(p01) + bf16x2_lo(p23);
+          vb_run[nt][1] += bf16x2_hi(p01) + bf16x2_hi(p23);
+          pb[nt][0] = movmatrix_trans(p01);
+          pb[nt][1] = movmatrix_trans(p23);
         }
         // V^T A operand: m = 16 dims, k = tokens (tau(2t), tau(2t+1)) and the same + 8.
         const int ra = rbase + tau(2 * t), rb2 = rbase + tau(2 * t + 1);
@@ -475,8 +502,10 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
 #pragma unroll
         for (int i = 0; i < KC; ++i) {
           const int beta = i >> 1, v = beta >> 1, pbit = beta & 1, q0 = 2 * (i & 1);
-          const uint32_t a0 = int2_pair(xab[v], pbit, q0, kMagic), a1 = int2_pair(xab[v], pbit, q0 + 1, kMagic);
-          const uint32_t a2 = int2_pair(xcd[v], pbit, q0, kMagic), a3 = int2_pair(xcd[v], pbit, q0 + 1, kMagic);
+          const uint32_t a0 = int2_pair_biased(xab[v], pbit, q0, kMagic);
+          const uint32_t a1 = int2_pair_biased(xab[v], pbit, q0 + 1, kMagic);
+          const uint32_t a2 = int2_pair_biased(xcd[v], pbit, q0, kMagic);
+          const uint32_t a3 = int2_pair_biased(xcd[v], pbit, q0 + 1, kMagic);
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) mma_bf16(o_acc[nt][i], a0, a1, a2, a3, pb[nt][0], pb[nt][1]);
         }
@@ -491,6 +520,7 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
       for (int j = 0; j < 2; ++j) {
         l_run[nt][j] = warp_sum_xor_g(l_run[nt][j]);
         ov_run[nt][j] = warp_sum_xor_g(ov_run[nt][j]);
+        vb_run[nt][j] = kInt2PairBias * warp_sum_xor_g(vb_run[nt][j]);
       }
 #pragma unroll
       for (int i = 0; i < KC; ++i) {
@@ -502,7 +532,7 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             const int head = 2 * t + j + 8 * nt;
-            sMO[(warp * GP + head) * D + dim] = fmaf(o_acc[nt][i][2 * half + j], inv, ov_run[nt][j]);
+            sMO[(warp * GP + head) * D + dim] = fmaf(o_acc[nt][i][2 * half + j] - vb_run[nt][j], inv, ov_run[nt][j]);
           }
         }
       }
