@@ -191,14 +191,26 @@ def _run_ppl(llm, windows: dict[int, dict[str, list[list[int]]]]) -> dict[str, d
     return {ctx: {s: math.exp(nll / n) for s, (nll, n) in per.items()} for ctx, per in sums.items()}
 
 
-def _run_recall(llm, examples: list[dict], spec: longctx.RecallSpec) -> dict:
-    """Greedy continuation of every recall prompt (one ``generate`` call), scored position by position."""
+def _run_recall(llm, examples: list[dict], spec: longctx.RecallSpec, progress=None) -> dict:
+    """Greedy continuation of every recall prompt, scored position by position: one ``generate`` call per
+    haystack size, smallest first. After each size but the last, ``progress(block)`` gets the summary of
+    the sizes done so far, marked ``incomplete`` (the worker saves it: a time limit then keeps them)."""
     from vllm import SamplingParams
 
     sp = SamplingParams(max_tokens=spec.answer_tokens, temperature=0, ignore_eos=True, detokenize=False)
-    res = llm.generate([{"prompt_token_ids": e["prompt"]} for e in examples], sp, use_tqdm=False)
-    correct = [longctx.score_recall(list(r.outputs[0].token_ids), e["expected"]) for e, r in zip(examples, res)]
-    return longctx.summarize_recall(examples, correct, spec)
+    sizes = sorted({e["haystack"] for e in examples})
+    correct: dict[int, int] = {}  # example index -> right tokens
+    for n, size in enumerate(sizes):
+        idx = [i for i, e in enumerate(examples) if e["haystack"] == size]
+        res = llm.generate([{"prompt_token_ids": examples[i]["prompt"]} for i in idx], sp, use_tqdm=False)
+        for i, r in zip(idx, res, strict=True):
+            correct[i] = longctx.score_recall(list(r.outputs[0].token_ids), examples[i]["expected"])
+        if progress is not None and n + 1 < len(sizes):
+            done = sorted(correct)
+            block = longctx.summarize_recall([examples[i] for i in done], [correct[i] for i in done], spec)
+            block["incomplete"] = {"haystacks_done": sizes[: n + 1], "haystacks_missing": sizes[n + 1:]}
+            progress(block)
+    return longctx.summarize_recall(examples, [correct[i] for i in range(len(examples))], spec)
 
 
 def _run_passkey(llm, tokenizer, examples: list[dict], spec: longctx.PasskeySpec) -> dict:
@@ -294,9 +306,17 @@ def worker_accuracy(args) -> dict:
             block = out["perplexity"] = _run_ppl(llm, windows)
             out["perplexity_settings"] = ppl_settings
         elif task == "recall":
-            block = out["recall"] = _run_recall(llm, recall_ex, rspec)
-            block["settings"].update(prefill_chunk=args.chunk, generation="greedy, EOS ignored",
-                                     semantics="every prompt token reads the cache beyond the BF16 windows")
+            def recall_settings(block):
+                block["settings"].update(prefill_chunk=args.chunk, generation="greedy, EOS ignored",
+                                         semantics="every prompt token reads the cache beyond the BF16 windows")
+                return block
+
+            def save_sizes_done(block):
+                out["recall"] = recall_settings(block)
+                print(f"[{args.format}] recall, sizes done so far: {_headline('recall', block)}", flush=True)
+                _save_partial(args, out)
+
+            block = out["recall"] = recall_settings(_run_recall(llm, recall_ex, rspec, progress=save_sizes_done))
         else:
             block = out["passkey"] = _run_passkey(llm, tok, passkey_ex, pspec)
             block["settings"].update(prefill_chunk=args.chunk, generation="greedy, stops at EOS",
@@ -477,9 +497,11 @@ def _recall_tables(res: dict[str, dict]) -> list[str]:
             if deltas:
                 dv, h, d = min(deltas, key=lambda x: x[0])
                 worst = f"{dv:+.3f} ({longctx.size_label(h)} @{d})"
+        total = f"{b['all']['token_accuracy']:.3f} ({b['all']['exact_match']:.2f})"
+        if b.get("incomplete"):  # a worker stopped by its time limit after some haystack sizes
+            total += " over " + ", ".join(longctx.size_label(h) for h in b["incomplete"]["haystacks_done"]) + " only"
         rows.append([f"`{f}`"] + [f"{b['by_haystack'][h]['token_accuracy']:.3f}" if h in b["by_haystack"] else ""
-                                  for h in sizes]
-                    + [f"{b['all']['token_accuracy']:.3f} ({b['all']['exact_match']:.2f})", worst])
+                                  for h in sizes] + [total, worst])
     rows += [r + [""] * (len(rows[0]) - len(r)) for r in _missing(res, "recall")]
     st = next(iter(rec.values()))["settings"]
     return [f"Verbatim recall through vLLM: token accuracy of the greedy continuation ({st['passage_tokens'] - st['cue_tokens']}"
@@ -649,7 +671,7 @@ def _tasks(text: str) -> tuple[str, ...]:
     bad = [t for t in tasks if t not in longctx.TASKS]
     if bad or not tasks:
         raise argparse.ArgumentTypeError(f"unknown tasks {bad}; choose from {list(longctx.TASKS)}")
-    return tuple(t for t in longctx.TASKS if t in tasks)  # run order: ppl, recall, passkey
+    return tuple(t for t in longctx.TASKS if t in tasks)  # run order: longctx.TASKS
 
 
 def accuracy_path(acc_tag: str | None) -> Path:

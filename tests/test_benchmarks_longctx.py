@@ -193,8 +193,8 @@ def test_worker_runs_every_task_on_one_batched_engine(monkeypatch, tmp_path, cap
     assert kw["max_num_seqs"] == 64 and kw["max_num_batched_tokens"] == 64 * 32
     assert kw["long_prefill_token_threshold"] == 32 and kw["enable_prefix_caching"] is False
     assert kw["enable_chunked_prefill"] is True and kw["max_model_len"] <= 8192
-    # one generate call per task, every prompt in it
-    assert [n for n, _ in llm.calls] == [2 * 2 * 2, 2 * 2 * 2, 2]
+    # one generate call per task (recall: per haystack size), short tasks first
+    assert [n for n, _ in llm.calls] == [2 * 2 * 2, 2, 2 * 2, 2 * 2]
     assert out["perplexity"].keys() == {"256", "512"}
     assert out["perplexity"]["512"]["shakespeare:tragedies"] == pytest.approx(2.718281828)
     assert out["perplexity_settings"]["512"]["num_seqs"] == {"shakespeare:tragedies": 2, "shakespeare:histories": 2}
@@ -203,9 +203,40 @@ def test_worker_runs_every_task_on_one_batched_engine(monkeypatch, tmp_path, cap
     assert out["passkey"]["all"]["success"] == 2 and out["passkey"]["all"]["retrieved"] == 2
     assert set(out["elapsed_s"]) == {"ppl", "recall", "passkey"}
     assert json.loads((tmp_path / "w.json").read_text())["passkey"]["all"]["trials"] == 2  # partial save
+    assert "incomplete" not in out["recall"] and set(out["recall"]["by_haystack"]) == {"512", "1024"}
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[oscar_int2] ")]
-    assert [ln.split()[1] for ln in lines] == ["engine", "ppl:", "recall:", "passkey:"]
-    assert "token accuracy 1.000" in lines[2] and lines[3].endswith("s)")
+    assert [ln.split()[1] for ln in lines] == ["engine", "ppl:", "passkey:", "recall,", "recall:"]
+    assert "token accuracy 1.000" in lines[4] and lines[2].endswith("s)")
+
+
+def test_a_worker_stopped_during_recall_keeps_the_sizes_it_finished(monkeypatch, tmp_path):
+    """The worker saves recall after each haystack size; if its time limit hits during a later size, the
+    saved file has the finished sizes, marked incomplete, and the markdown table says so."""
+    import transformers
+
+    class StopAfterFirstSize(FakeLLM):
+        def generate(self, prompts, sp, use_tqdm=False):
+            if sp.ignore_eos and any(c[1].ignore_eos for c in self.calls):
+                raise TimeoutError("stand-in for the driver's time limit")
+            return super().generate(prompts, sp, use_tqdm)
+
+    monkeypatch.setattr(run, "_engine", lambda fmt, **kw: StopAfterFirstSize())
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: CharTokenizer())
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",
+                        lambda *a, **k: SimpleNamespace(max_position_embeddings=8192))
+    args = run.build_parser().parse_args([
+        "--worker", "accuracy", "--format", "turboquant_3bit_nc", "--model", "fake", "--tasks", "recall,passkey",
+        "--worker-out", str(tmp_path / "w.json"), "--recall-haystacks", "1024,512", "--recall-depths", "0.1,0.9",
+        "--recall-trials", "2", "--passkey-trials", "2", "--passkey-depths", "0.5"])
+    with pytest.raises(TimeoutError):
+        run.worker_accuracy(args)
+    saved = json.loads((tmp_path / "w.json").read_text())
+    assert saved["passkey"]["all"]["success"] == 2  # ran before recall
+    rec = saved["recall"]
+    assert rec["incomplete"] == {"haystacks_done": [512], "haystacks_missing": [1024]}
+    assert set(rec["by_haystack"]) == {"512"} and rec["all"]["trials"] == 4 and rec["settings"]["prefill_chunk"] == 32
+    table = run._recall_tables({"turboquant_3bit_nc": saved})[0]
+    assert "| `turboquant_3bit_nc` | 1.000 | 1.000 (1.00) over 0.5K only |" in table
 
 
 def test_worker_refuses_a_context_beyond_the_model(monkeypatch, tmp_path):
@@ -227,7 +258,7 @@ def test_worker_refuses_a_context_beyond_the_model(monkeypatch, tmp_path):
 def test_accuracy_arguments_defaults_alias_and_round_trip():
     p = run.build_parser()
     a = p.parse_args([])
-    assert a.tasks == ("ppl", "recall", "passkey") and a.seq_lens == (2048, 4096, 8192)
+    assert a.tasks == ("ppl", "passkey", "recall") and a.seq_lens == (2048, 4096, 8192)
     assert a.recall_trials == 20 and a.passkey_trials == 20 and a.chunk == 32 and a.max_num_seqs == 64
     assert a.recall_haystacks == (1024, 2048, 4096, 7680) and a.recall_depths == (0.1, 0.3, 0.5, 0.7, 0.9)
     assert p.parse_args(["--seq-len", "4096"]).seq_lens == (4096,)  # the old option, one context
