@@ -383,6 +383,9 @@ def variant_registry() -> dict[str, dict]:
     def pin_entry(description, count, pool=1):
         return entry(description, orth("hadamard"), pinned(count, pool), passkey_only=True)
 
+    def exit_pinned(count, pool=1):
+        return lambda s: V.AttentionVariant(k=MSE, v=MSE, pin_tokens=count, pin_pool=pool, pin_rule="window_exit")
+
     def wfit(k_mode, v_mode="none"):
         return lambda s: V.AttentionVariant(k=replace(MSE, weighting=k_mode), v=replace(MSE, weighting=v_mode))
 
@@ -425,6 +428,12 @@ def variant_registry() -> dict[str, dict]:
         "hadamard_mse_pin32_pool7": pin_entry("(6) as hadamard_mse_pin32, scores averaged over 7 neighbours "
                                               "(keeps a pinned token's neighbours)", 32, 7),
         "hadamard_mse_pin128_pool7": pin_entry("(6) as hadamard_mse_pin32_pool7 with 128 tokens", 128, 7),
+        "hadamard_mse_exitpin128": entry("(6) hadamard_mse + 128 tokens per (layer, KV head) read exactly, chosen "
+                                         "causally as tokens leave the recent window by the attention they "
+                                         "received in it (H2O-like, pin_rule window_exit)", orth("hadamard"),
+                                         exit_pinned(128)),
+        "hadamard_mse_exitpin128_pool7": entry("(6) as hadamard_mse_exitpin128, scores averaged over 7 "
+                                               "neighbours", orth("hadamard"), exit_pinned(128, 7)),
         "hadamard_mse_log8": entry("data-free: Hadamard + MSE grid with 8-bit log scale + 8-bit offset "
                                    "(16 bits/row)", orth("hadamard"), log8),
         "paper_mse": entry("(4) paper rotations + MSE-fitted grid, fp16", orth("paper"), mse),

@@ -377,6 +377,14 @@ class AttentionVariant:
     pin_tokens: int = 0
     pin_window: int = 32
     pin_pool: int = 1
+    # How pinned tokens are chosen. "prompt": from an exact prompt prefill, as above (passkey harness).
+    # "window_exit": causally, while the sequence grows (H2O-like, any workload): when a token leaves the
+    # recent window, it competes on the attention it received while it was in the window (exact
+    # softmax weights summed over the window's queries and the KV group's query heads, averaged over
+    # ``pin_pool`` neighbours); each query reads the ``pin_tokens`` best tokens that have left so far
+    # exactly (:func:`window_exit_pin_mask`). Scores are fixed once a token leaves, so a token that
+    # drops out of the best never returns and the set needs no stored history beyond its BF16 rows.
+    pin_rule: Literal["prompt", "window_exit"] = "prompt"
 
     def specs(self, layer: int) -> tuple[QuantSpec, QuantSpec]:
         k, v = self.k, self.v
@@ -390,7 +398,8 @@ class AttentionVariant:
         """What a results file records of this variant (JSON-ready)."""
         return {"k": self.k.__dict__, "v": self.v.__dict__, "sink": self.sink, "recent": self.recent,
                 "k_clips": self.k_clips, "v_clips": self.v_clips, "k_logit_var": self.k_logit_var,
-                "pin_tokens": self.pin_tokens, "pin_window": self.pin_window, "pin_pool": self.pin_pool}
+                "pin_tokens": self.pin_tokens, "pin_window": self.pin_window, "pin_pool": self.pin_pool,
+                "pin_rule": self.pin_rule}
 
     def bits(self, head_dim: int, context: int) -> float:
         pins = min(self.pin_tokens, max(0, context - self.sink - self.recent))
@@ -421,8 +430,8 @@ def variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: Laye
     """Attention of ``q [Tq, Hq, d]`` over ``k, v [Tkv, Hkv, d]`` (model space, fp32) with the cache
     transformed by ``t`` and quantized outside the windows; ``None`` spec = that side unquantized.
     ``k_logit_var``: see :attr:`AttentionVariant.k_logit_var`. ``pinned [Hkv, Tkv]`` (bool): keys every
-    query reads exactly besides its windows (:attr:`AttentionVariant.pin_tokens`). Returns ``[Tq, Hq, d]``
-    in the model space."""
+    query reads exactly besides its windows (:attr:`AttentionVariant.pin_tokens`), or ``[Hkv, Tq, Tkv]``:
+    per query. Returns ``[Tq, Hq, d]`` in the model space."""
     kt, vt = transformed_kv(k.float(), v.float(), t)
     kq = kt if kspec is None else fake_quantize_variant(kt, kspec, _weights(kspec, t.k_weight, "K"))
     vq = vt if vspec is None else fake_quantize_variant(vt, vspec, _weights(vspec, t.v_weight, "V"))
@@ -435,7 +444,7 @@ def variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: Laye
     exact_mask = None
     if pinned is not None:  # [Hkv, 1, Tq, Tkv]: broadcasts over the G query heads of each KV head
         _, window = ref.exact_window_mask(q_positions, k.shape[0], sink, recent)
-        exact_mask = (window[None] | pinned[:, None, :])[:, None]
+        exact_mask = (window[None] | (pinned[:, None, :] if pinned.dim() == 2 else pinned))[:, None]
     o = ref.mixed_window_attention(qt, kt, vt, kq, vq, q_positions, sink, recent, scale,
                                    exact_mask=exact_mask)[..., :q.shape[-1]]
     o = _per_group(o, t.v_out)
@@ -475,6 +484,38 @@ def pin_scores(q: torch.Tensor, k: torch.Tensor, scale: float, window: int, pool
     return weights
 
 
+def window_exit_pin_mask(q: torch.Tensor, k: torch.Tensor, scale: float, count: int, sink: int, recent: int,
+                         pool: int = 1) -> torch.Tensor:
+    """Which keys each query of a whole sequence reads exactly under ``pin_rule="window_exit"``, as a bool
+    ``[Hkv, T, T]`` (query, key), windows not included. ``q [T, Hq, d]``, ``k [T, Hkv, d]`` (model space).
+
+    Key ``j`` is in the recent window of queries ``j .. j + recent - 1``; its score is the exact
+    attention those queries give it (summed over the KV group's query heads, then averaged over
+    ``pool`` neighbouring keys). Query ``p`` reads exactly the ``count`` best-scoring keys among
+    ``[sink, p - recent - pool // 2]``: the ones that have left the window, with their neighbours'
+    scores complete (causal), ties to the earlier key."""
+    t, hq, _ = q.shape
+    hkv = k.shape[1]
+    s = torch.einsum("qhd,khd->hqk", q.float(), k.float().repeat_interleave(hq // hkv, 1)) * scale
+    pos = torch.arange(t)
+    s = s.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+    probs = torch.softmax(s, -1).view(hkv, hq // hkv, t, t).sum(1)  # [Hkv, query, key]
+    in_window = (pos[:, None] - pos[None, :] >= 0) & (pos[:, None] - pos[None, :] < recent)
+    score = (probs * in_window).sum(1)  # [Hkv, key]
+    if pool > 1:
+        if pool % 2 == 0:
+            raise ValueError(f"pin_pool must be odd (a window centred on each token), got {pool}")
+        score = torch.nn.functional.avg_pool1d(score[:, None], pool, 1, pool // 2, count_include_pad=False)[:, 0]
+    # better[h, j', j]: key j' outranks key j; ahead[h, m, j]: how many keys in [sink, m] outrank j
+    better = (score[:, :, None] > score[:, None, :]) | (
+        (score[:, :, None] == score[:, None, :]) & (pos[:, None] < pos[None, :]))
+    better[:, :sink] = False
+    ahead = better.to(torch.int32).cumsum(1)
+    left = pos - recent - pool // 2  # the last key query p can rank
+    rows = ahead[:, left.clamp(min=0)]  # [Hkv, query, key]
+    return (pos[None, None, :] >= sink) & (pos[None, None, :] <= left[None, :, None]) & (rows < count)
+
+
 def pin_mask(scores: torch.Tensor, count: int, sink: int, recent: int) -> torch.Tensor:
     """The ``count`` highest-scoring positions per KV head among ``[sink, T - recent)`` (those the next
     query reads from INT2), as a bool ``[Hkv, T]``."""
@@ -505,7 +546,13 @@ def make_variant_attention(transforms: list[LayerTransform], variant: AttentionV
         ks, vs = variant.specs(i)
         tq, tkv = q_.shape[0], k_.shape[0]  # with a KV cache the queries are the last positions
         pinned = None
-        if variant.pin_tokens:
+        if variant.pin_tokens and variant.pin_rule == "window_exit":
+            if tq != tkv:
+                raise ValueError("pin_rule='window_exit' is simulated over whole sequences (teacher-forced "
+                                 "perplexity): a cached decode step does not have the earlier queries it needs")
+            pinned = window_exit_pin_mask(q_, k_, module.scaling, variant.pin_tokens, variant.sink, variant.recent,
+                                          variant.pin_pool)
+        elif variant.pin_tokens:
             if tq == tkv or i not in pins:
                 raise ValueError("pin_tokens chooses its tokens from an exact prompt prefill: use the passkey "
                                  "harness's exact_prefill semantics (observe_prefill), not a whole-sequence pass")
@@ -516,7 +563,7 @@ def make_variant_attention(transforms: list[LayerTransform], variant: AttentionV
                               pinned=pinned)
         return o[None].to(q.dtype)
 
-    if variant.pin_tokens:
+    if variant.pin_tokens and variant.pin_rule == "prompt":
         def observe_prefill(module, q, k):
             """``q [1, Hq, T, d]``, ``k [1, Hkv, T, d]`` of one exact prompt prefill (model space)."""
             scores = pin_scores(q[0].transpose(0, 1).float(), k[0].transpose(0, 1).float(), module.scaling,

@@ -621,8 +621,9 @@ def test_variant_config_records_every_setting_that_changes_results():
     cfg = var.config()
     assert cfg["k"]["params"] == "log8_i8" and cfg["recent"] == 512 and cfg["k_clips"] == (0.9, 0.8)
     assert cfg["k_logit_var"] == 0.4 and cfg["v"] == V.QuantSpec(clip=0.92).__dict__
-    pinned = V.AttentionVariant(pin_tokens=32, pin_window=16, pin_pool=7).config()
+    pinned = V.AttentionVariant(pin_tokens=32, pin_window=16, pin_pool=7, pin_rule="window_exit").config()
     assert (pinned["pin_tokens"], pinned["pin_window"], pinned["pin_pool"]) == (32, 16, 7)
+    assert pinned["pin_rule"] == "window_exit"
 
 
 def test_pinned_keys_are_read_exactly_by_every_query():
@@ -704,6 +705,60 @@ def test_pinning_attention_fn_picks_tokens_from_the_observed_prefill(monkeypatch
     want = V.variant_attention(q[n:], k, v, tr[0], mse, mse, torch.arange(n, 40), sink=4, recent=8, scale=0.25,
                                pinned=pinned)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("pool", [1, 3])
+def test_window_exit_pin_mask_matches_a_per_query_brute_force(pool):
+    """``window_exit_pin_mask``: for every query, the ``count`` keys that have left its window (and whose
+    pooled neighbours have too) with the most exact attention received while in the window; earlier key on
+    ties. Brute force: explicit loops over queries, heads and keys."""
+    g = torch.Generator().manual_seed(11)
+    t, hq, hkv, d, sink, recent, count, scale = 30, 4, 2, 8, 3, 5, 4, 0.5
+    q, k = torch.randn(t, hq, d, generator=g), torch.randn(t, hkv, d, generator=g)
+    got = V.window_exit_pin_mask(q, k, scale, count, sink, recent, pool)
+
+    received = torch.zeros(hkv, t, dtype=torch.float64)
+    for p, h in itertools.product(range(t), range(hq)):
+        w = torch.softmax((k[: p + 1, h // 2].double() @ q[p, h].double()) * scale, 0)
+        for j in range(max(0, p - recent + 1), p + 1):  # keys in query p's recent window
+            received[h // 2, j] += w[j]
+    half = pool // 2
+    score = torch.stack([received[:, max(0, j - half): j + half + 1].mean(1) for j in range(t)], 1)
+    want = torch.zeros(hkv, t, t, dtype=torch.bool)
+    for h, p in itertools.product(range(hkv), range(t)):
+        ranked = sorted(range(sink, p - recent - half + 1), key=lambda j: (-score[h, j].item(), j))
+        want[h, p, ranked[:count]] = True
+    assert torch.equal(got, want)
+    assert want[:, -1].sum(1).tolist() == [count, count]  # the last query has a full set
+    assert not want[:, : sink + recent + half].any()  # nothing has left the window yet
+
+
+def test_window_exit_pinning_runs_over_whole_sequences_only(monkeypatch):
+    """The attention function with ``pin_rule="window_exit"`` equals ``variant_attention`` with the per-query
+    mask, needs no prefill observer, and refuses a cached decode step."""
+    from types import SimpleNamespace
+
+    from vllm_oscar.calibrate import capture
+
+    q, k, v = qkv(t=40)
+    had = ref.hadamard(16, torch.float32)
+    tr = [V.LayerTransform.orthogonal(had, had, 2)]
+    mse = V.QuantSpec("mse", 0.0)
+    var = V.AttentionVariant(k=mse, v=mse, sink=4, recent=8, pin_tokens=3, pin_rule="window_exit")
+    monkeypatch.setattr(capture, "layer_index", lambda m: 0)
+    fn = V.make_variant_attention(tr, var)
+    assert not hasattr(fn, "observe_prefill")
+    module = SimpleNamespace(scaling=0.25)
+    heads_first = lambda x: x.transpose(0, 1)[None]
+    got = fn(module, heads_first(q), heads_first(k), heads_first(v))[0]
+    pinned = V.window_exit_pin_mask(q, k, 0.25, 3, 4, 8)
+    want = V.variant_attention(q, k, v, tr[0], mse, mse, torch.arange(40), sink=4, recent=8, scale=0.25,
+                               pinned=pinned)
+    torch.testing.assert_close(got, want)
+    plain = V.variant_attention(q, k, v, tr[0], mse, mse, torch.arange(40), sink=4, recent=8, scale=0.25)
+    assert (got - plain).abs().max() > 1e-4  # pinning changed something here
+    with pytest.raises(ValueError, match="whole sequences"):
+        fn(module, heads_first(q[-1:]), heads_first(k), heads_first(v))
 
 
 def test_the_perplexity_sweep_refuses_and_skips_passkey_only_variants():
