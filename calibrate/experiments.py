@@ -436,6 +436,8 @@ def variant_registry() -> dict[str, dict]:
                                                "neighbours", orth("hadamard"), exit_pinned(128, 7)),
         "hadamard_mse_log8": entry("data-free: Hadamard + MSE grid with 8-bit log scale + 8-bit offset "
                                    "(16 bits/row)", orth("hadamard"), log8),
+        "hadamard_mse_log8_r512": entry("(5) data-free: hadamard_mse_log8 with the saved bits spent on a "
+                                        "512-token recent window", orth("hadamard"), log8_r512),
         "paper_mse": entry("(4) paper rotations + MSE-fitted grid, fp16", orth("paper"), mse),
         "hadamard_wc_mse": entry("(6) Hadamard, attention-weighted K/V means removed (calibrated), MSE grid, "
                                  "fp16", cent("hadamard"), mse),
