@@ -156,24 +156,46 @@ def score_recall(generated: Sequence[int], expected: Sequence[int]) -> int:
     return sum(g == e for g, e in zip(generated, expected))
 
 
+def _recall_stats(counts: list[int], n: int) -> dict:
+    return {"trials": len(counts), "token_accuracy": round(sum(counts) / (n * len(counts)), 4),
+            "exact_match": round(sum(c == n for c in counts) / len(counts), 4)}
+
+
+def _recall_block(settings: dict, cells: dict[str, dict[str, list[int]]]) -> dict:
+    n = settings["passage_tokens"] - settings["cue_tokens"]
+    return {
+        "settings": settings,
+        "cells": {h: {d: {**_recall_stats(cs, n), "correct": cs} for d, cs in per.items()} for h, per in cells.items()},
+        "by_haystack": {h: _recall_stats([c for cs in per.values() for c in cs], n) for h, per in cells.items()},
+        "all": _recall_stats([c for per in cells.values() for cs in per.values() for c in cs], n),
+    }
+
+
 def summarize_recall(examples: list[dict], correct: list[int], spec: RecallSpec) -> dict:
     """Token accuracy and exact-match rate per (haystack, depth) cell, per haystack (mean over depths) and
     overall; ``correct`` holds each trial's number of right tokens (out of ``spec.answer_tokens``)."""
-    n = spec.answer_tokens
-
-    def stats(counts: list[int]) -> dict:
-        return {"trials": len(counts), "token_accuracy": round(sum(counts) / (n * len(counts)), 4),
-                "exact_match": round(sum(c == n for c in counts) / len(counts), 4)}
-
     cells: dict = {}
     for ex, c in zip(examples, correct):
         cells.setdefault(str(ex["haystack"]), {}).setdefault(depth_key(ex["depth"]), []).append(c)
-    return {
-        "settings": spec.settings(),
-        "cells": {h: {d: {**stats(cs), "correct": cs} for d, cs in per.items()} for h, per in cells.items()},
-        "by_haystack": {h: stats([c for cs in per.values() for c in cs]) for h, per in cells.items()},
-        "all": stats(list(correct)),
-    }
+    return _recall_block(spec.settings(), cells)
+
+
+def merge_recall(old: dict, new: dict) -> dict | None:
+    """One recall block from two calls that measured different haystack sizes with otherwise the same
+    settings (the new call's sizes win where both have them), or ``None`` when the settings differ."""
+    same = {k: v for k, v in old["settings"].items() if k != "haystacks"} == {
+        k: v for k, v in new["settings"].items() if k != "haystacks"}
+    if not same:
+        return None
+    cells = {h: {d: c["correct"] for d, c in per.items()} for h, per in old["cells"].items()}
+    cells.update({h: {d: c["correct"] for d, c in per.items()} for h, per in new["cells"].items()})
+    cells = dict(sorted(cells.items(), key=lambda kv: int(kv[0])))
+    sizes = sorted({*old["settings"]["haystacks"], *new["settings"]["haystacks"]})
+    out = _recall_block({**new["settings"], "haystacks": sizes}, cells)
+    missing = [h for h in sizes if str(h) not in cells]
+    if missing:
+        out["incomplete"] = {"haystacks_done": [h for h in sizes if str(h) in cells], "haystacks_missing": missing}
+    return out
 
 
 # ------------------------------------------------------------------------------------------ passkey

@@ -431,11 +431,15 @@ def upgrade_accuracy(acc: dict) -> dict:
 
 def combine_accuracy(old: dict, new: dict) -> dict:
     """One format's accuracy entry after a new call: its tasks replace the old ones, perplexity per
-    context; the old error goes unless the new call has its own."""
+    context and recall per haystack size (when the two calls' other recall settings agree, so that
+    ``--recall-haystacks`` can split the task across calls); the old error goes unless the new call has
+    its own."""
     out = {**old, **new}
     for k in ("perplexity", "perplexity_settings", "elapsed_s"):
         if isinstance(old.get(k), dict) and isinstance(new.get(k), dict):
             out[k] = {**old[k], **new[k]}
+    if old.get("recall") and new.get("recall"):
+        out["recall"] = longctx.merge_recall(old["recall"], new["recall"]) or new["recall"]
     if "error" not in new:
         out.pop("error", None)
     return out

@@ -5,13 +5,14 @@ parsing and the tables. No GPU, no model weights."""
 import json
 import random
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
+from fake_tokenizers import CharTokenizer
 
 from benchmarks import longctx as lc
 from benchmarks import run
-from fake_tokenizers import CharTokenizer
 
 HAY = list(range(1000, 1000 + 9000))  # distinct ids: a passage can be found where it was put
 PASSAGES = list(range(50000, 50000 + 500))
@@ -351,6 +352,29 @@ def test_old_results_read_and_merge_into_the_new_shape(tmp_path):
     r = {r["format"]: r for r in merged["results"]}["oscar_int2"]
     assert r["perplexity"].keys() == {"2048", "8192"} and "error" not in r and "recall" in r
     assert "| `oscar_int2` | 37.400 | +10.0% |" in run.markdown(None, old)  # the old file reads as before
+
+
+def test_recall_split_across_calls_merges_per_haystack_size():
+    """Two calls with different ``--recall-haystacks`` (same other settings) give one block: cells of both,
+    the later call's where both measured a size, statistics recomputed; differing settings: the new block
+    replaces the old; a partial call's missing sizes stay marked unless the other call has them."""
+    spec = lc.RecallSpec(haystacks=(1024, 2048), depths=(0.1, 0.9), trials=2)
+    ex = [{"haystack": h, "depth": d} for h in (1024, 2048) for d in (0.1, 0.9) for _ in range(2)]
+    first = lc.summarize_recall(ex[:4], [32, 32, 0, 0], replace(spec, haystacks=(1024,)))
+    second = lc.summarize_recall(ex[4:], [16, 16, 16, 16], replace(spec, haystacks=(2048,)))
+    whole = lc.summarize_recall(ex, [32, 32, 0, 0, 16, 16, 16, 16], spec)
+    merged = run.combine_accuracy({"format": "f", "recall": first}, {"format": "f", "recall": second})["recall"]
+    assert json.loads(json.dumps(merged)) == json.loads(json.dumps(whole))  # as the results file holds them
+    redo = lc.summarize_recall(ex[:4], [32, 32, 32, 32], replace(spec, haystacks=(1024,)))
+    again = run.combine_accuracy({"format": "f", "recall": merged}, {"format": "f", "recall": redo})["recall"]
+    assert again["by_haystack"]["1024"]["token_accuracy"] == 1.0 and again["by_haystack"]["2048"]["trials"] == 4
+    other = lc.summarize_recall(ex[4:], [0] * 4, replace(spec, haystacks=(2048,), trials=3))
+    assert run.combine_accuracy({"format": "f", "recall": first}, {"format": "f", "recall": other})["recall"] == other
+    partial = {**second, "settings": {**second["settings"], "haystacks": [2048, 4096]},
+               "incomplete": {"haystacks_done": [2048], "haystacks_missing": [4096]}}
+    m = lc.merge_recall(first, partial)
+    assert m["incomplete"] == {"haystacks_done": [1024, 2048], "haystacks_missing": [4096]}
+    assert m["settings"]["haystacks"] == [1024, 2048, 4096] and m["all"]["trials"] == 8
 
 
 def test_plots_of_the_new_shape(tmp_path):
