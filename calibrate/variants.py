@@ -386,6 +386,10 @@ class AttentionVariant:
     # drops out of the best never returns and the set needs no stored history beyond its BF16 rows.
     pin_rule: Literal["prompt", "window_exit"] = "prompt"
 
+    def __post_init__(self):
+        if self.pin_rule not in ("prompt", "window_exit"):
+            raise ValueError(f"pin_rule={self.pin_rule!r} is not a pinning rule; choose 'prompt' or 'window_exit'")
+
     def specs(self, layer: int) -> tuple[QuantSpec, QuantSpec]:
         k, v = self.k, self.v
         if self.k_clips is not None:

@@ -624,6 +624,8 @@ def test_variant_config_records_every_setting_that_changes_results():
     pinned = V.AttentionVariant(pin_tokens=32, pin_window=16, pin_pool=7, pin_rule="window_exit").config()
     assert (pinned["pin_tokens"], pinned["pin_window"], pinned["pin_pool"]) == (32, 16, 7)
     assert pinned["pin_rule"] == "window_exit"
+    with pytest.raises(ValueError, match="'prompt' or 'window_exit'"):
+        V.AttentionVariant(pin_tokens=8, pin_rule="exit")
 
 
 def test_pinned_keys_are_read_exactly_by_every_query():
