@@ -470,6 +470,25 @@ def _with_logit_var(qt, kt, kq, vt, vq, lam: float, scale: float):
     return (pad(qt, qn), pad(kt), pad(kq, -0.5 * lam * scale * err), pad(vt), pad(vq))
 
 
+def _causal_probs(q: torch.Tensor, k: torch.Tensor, scale: float, q_start: int, dtype: torch.dtype) -> torch.Tensor:
+    """Exact causal softmax weights ``[Hq, Tq, T]`` of queries ``q [Tq, Hq, d]`` at positions
+    ``q_start ..`` over keys ``k [T, Hkv, d]`` (query head ``h`` reads KV head ``h // (Hq/Hkv)``)."""
+    tq, hq, _ = q.shape
+    t, hkv = k.shape[:2]
+    s = torch.einsum("qhd,khd->hqk", q.to(dtype), k.to(dtype).repeat_interleave(hq // hkv, 1)) * scale
+    s = s.masked_fill(torch.arange(t)[None, :] > torch.arange(q_start, q_start + tq)[:, None], float("-inf"))
+    return torch.softmax(s, -1)
+
+
+def _pool_neighbours(scores: torch.Tensor, pool: int) -> torch.Tensor:
+    """``scores [Hkv, T]`` averaged over ``pool`` (odd) neighbouring positions; the edges average what exists."""
+    if pool <= 1:
+        return scores
+    if pool % 2 == 0:
+        raise ValueError(f"pin_pool must be odd (a window centred on each token), got {pool}")
+    return torch.nn.functional.avg_pool1d(scores[:, None], pool, 1, pool // 2, count_include_pad=False)[:, 0]
+
+
 def pin_scores(q: torch.Tensor, k: torch.Tensor, scale: float, window: int, pool: int = 1) -> torch.Tensor:
     """How much the last ``window`` queries of an exact prefill attend to each key, ``[Hkv, T]``:
     exact softmax weights (model space, causal) summed over those queries and each KV head's query heads,
@@ -478,14 +497,8 @@ def pin_scores(q: torch.Tensor, k: torch.Tensor, scale: float, window: int, pool
     t, hq, _ = q.shape
     hkv = k.shape[1]
     w = min(window, t)
-    s = torch.einsum("qhd,khd->hqk", q[t - w:].double(), k.double().repeat_interleave(hq // hkv, 1)) * scale
-    s = s.masked_fill(torch.arange(t)[None, :] > torch.arange(t - w, t)[:, None], float("-inf"))
-    weights = torch.softmax(s, -1).sum(1).view(hkv, hq // hkv, t).sum(1)  # [Hkv, T]
-    if pool > 1:
-        if pool % 2 == 0:
-            raise ValueError(f"pin_pool must be odd (a window centred on each token), got {pool}")
-        weights = torch.nn.functional.avg_pool1d(weights[:, None], pool, 1, pool // 2, count_include_pad=False)[:, 0]
-    return weights
+    weights = _causal_probs(q[t - w:], k, scale, t - w, torch.float64).sum(1).view(hkv, hq // hkv, t).sum(1)
+    return _pool_neighbours(weights, pool)  # [Hkv, T]
 
 
 def window_exit_pin_mask(q: torch.Tensor, k: torch.Tensor, scale: float, count: int, sink: int, recent: int,
@@ -500,16 +513,10 @@ def window_exit_pin_mask(q: torch.Tensor, k: torch.Tensor, scale: float, count: 
     scores complete (causal), ties to the earlier key."""
     t, hq, _ = q.shape
     hkv = k.shape[1]
-    s = torch.einsum("qhd,khd->hqk", q.float(), k.float().repeat_interleave(hq // hkv, 1)) * scale
     pos = torch.arange(t)
-    s = s.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
-    probs = torch.softmax(s, -1).view(hkv, hq // hkv, t, t).sum(1)  # [Hkv, query, key]
+    probs = _causal_probs(q, k, scale, 0, torch.float32).view(hkv, hq // hkv, t, t).sum(1)  # [Hkv, query, key]
     in_window = (pos[:, None] - pos[None, :] >= 0) & (pos[:, None] - pos[None, :] < recent)
-    score = (probs * in_window).sum(1)  # [Hkv, key]
-    if pool > 1:
-        if pool % 2 == 0:
-            raise ValueError(f"pin_pool must be odd (a window centred on each token), got {pool}")
-        score = torch.nn.functional.avg_pool1d(score[:, None], pool, 1, pool // 2, count_include_pad=False)[:, 0]
+    score = _pool_neighbours((probs * in_window).sum(1), pool)  # [Hkv, key]
     # better[h, j', j]: key j' outranks key j; ahead[h, m, j]: how many keys in [sink, m] outrank j
     better = (score[:, :, None] > score[:, None, :]) | (
         (score[:, :, None] == score[:, None, :]) & (pos[:, None] < pos[None, :]))
