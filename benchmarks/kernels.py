@@ -26,12 +26,16 @@ import time
 import torch
 
 from vllm_oscar import ops
-from vllm_oscar.layout import Int2PageLayout
+from vllm_oscar.layout import INT2_BLOCK_MULTIPLIER, Int2PageLayout
 
 SHAPES = {"qwen3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}
 BATCHES = (1, 8, 64, 256)
 CONTEXTS = (4096, 16384, 32768, 65536, 131072)
 SINK, RECENT = 64, 256
+VLLM_BLOCK_SIZE = 16  # vLLM's default block size: FA3's pages and OSCAR's window pages
+# OSCAR's INT2 pages as the vLLM backend allocates them (attention/specs.py): 8 x 16 = 128 tokens.
+# --int2-block-size changes it (the kernel takes any multiple of 16).
+INT2_BLOCK_SIZE = INT2_BLOCK_MULTIPLIER * VLLM_BLOCK_SIZE
 L2_BYTES = 50 * 2**20
 INT2_LIMIT = 24 * 2**30  # cache bytes per config (80 GB card; FA3's BF16 cache is 7x larger)
 BF16_LIMIT = 36 * 2**30
@@ -170,7 +174,8 @@ def bf16_bytes(batch, hq, hkv, d, ctx):
 class OscarInputs:
     """``n_bufs`` independent caches (INT2 + window) for one (shape, batch, context)."""
 
-    def __init__(self, batch, hq, hkv, d, ctx, n_bufs, bs=16, wbs=16):
+    def __init__(self, batch, hq, hkv, d, ctx, n_bufs, bs=None, wbs=VLLM_BLOCK_SIZE):
+        bs = INT2_BLOCK_SIZE if bs is None else bs
         self.layout = Int2PageLayout(d, bs, hkv)
         bps = -(-ctx // bs)
         nb = batch * bps
@@ -272,7 +277,7 @@ def run_decode(fa3, quick: bool, budget: Budget, rows: list):
 def decode_config(fa3, shape, hq, hkv, d, batch, ctx):
     """One row of the decode table: OSCAR (full, and ablations at some sizes) next to FA3."""
     ob = oscar_bytes(batch, hq, hkv, d, ctx)
-    int2_cache = batch * -(-ctx // 16) * Int2PageLayout(d, 16, hkv).page_bytes
+    int2_cache = batch * -(-ctx // INT2_BLOCK_SIZE) * Int2PageLayout(d, INT2_BLOCK_SIZE, hkv).page_bytes
     if int2_cache > INT2_LIMIT:
         return None
     nb = n_buffers(ob)
@@ -398,14 +403,20 @@ def print_tables(res):
 
 
 def main():
+    global INT2_BLOCK_SIZE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "kernels-h100.json"))
     ap.add_argument("--quick", action="store_true", help="a few configurations only")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--time-budget", type=float, default=1e9, help="seconds; later measurements are skipped")
+    ap.add_argument("--int2-block-size", type=int, default=INT2_BLOCK_MULTIPLIER * VLLM_BLOCK_SIZE,
+                    help="tokens per INT2 page (default 128, what the vLLM backend allocates)")
     ap.add_argument("--parts", default="decode,store,gather,sweep",
                     help="comma list of decode, store, gather, sweep (default: all)")
     args = ap.parse_args()
+    if args.int2_block_size <= 0 or args.int2_block_size % 16:
+        ap.error(f"--int2-block-size must be a positive multiple of 16, got {args.int2_block_size}")
+    INT2_BLOCK_SIZE = args.int2_block_size
     parts = set(args.parts.split(","))
     unknown = parts - {"decode", "store", "gather", "sweep"}
     if unknown:
@@ -414,7 +425,8 @@ def main():
     props = torch.cuda.get_device_properties(0)
     fa3, fa3_source = load_fa3()
     res = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
-               fa3_source=fa3_source, sink=SINK, recent=RECENT, block_size=16)
+               fa3_source=fa3_source, sink=SINK, recent=RECENT,
+               int2_block_size=INT2_BLOCK_SIZE, window_block_size=VLLM_BLOCK_SIZE, fa3_block_size=VLLM_BLOCK_SIZE)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
     def save():

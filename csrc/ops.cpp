@@ -188,6 +188,11 @@ void decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv_
   TORCH_CHECK(block_table.size(0) >= B && block_table.stride(1) == 1, "oscar: block_table must have at least ",
               num(B), " rows and contiguous rows, got shape ", shape_str(block_table), " strides ",
               list_str(block_table.strides()));
+  // The kernel's address math is 32-bit below the page base (decode.cuh, issue_int2).
+  TORCH_CHECK(kv_cache.stride(0) < (int64_t{1} << 31), "oscar: kv_cache pages of ", num(kv_cache.stride(0)),
+              " bytes (stride(0)) exceed the decode kernel's 2^31-byte limit; use a smaller block size");
+  TORCH_CHECK(block_table.stride(0) * B < (int64_t{1} << 31), "oscar: block_table has ", num(B), " rows of stride ",
+              num(block_table.stride(0)), ", beyond the decode kernel's 2^31-entry limit");
   check_cuda(seq_lens, "seq_lens", dev);
   check_dtype(seq_lens, "seq_lens", at::kInt);
   TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) >= B && seq_lens.is_contiguous(),

@@ -33,6 +33,9 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 CODES_PER_BYTE = 4  # INT2
 PARAMS_PER_ROW = 2  # (scale, offset)
 PARAM_BYTES = 2  # fp16
+#: INT2 tokens per page = this x vLLM's BF16 block size (vllm_oscar/attention/specs.py says why 8): with
+#: vLLM's default block size of 16 the INT2 pages the decode kernel reads hold 128 tokens.
+INT2_BLOCK_MULTIPLIER = 8
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ struct DecodeTraits {
   static constexpr int kRBytes = kRInSmem ? D * D * 4 : 0;
   static constexpr int kGP = 8 * NT;  // query heads padded to the MMA n dimension
   static constexpr int kMergeBytes = kWarps * kGP * (D + 2) * 4;
-  static constexpr int kFinalScratch = 8192;  // split weights + replica sums of the final merge
+  static constexpr int kFinalScratch = 256 * (16 + 8);  // replica (sum, max, weight) of the final merge
   static constexpr int kRing =
       cmax(cmax(kStages * kStageBytes, kWinBytes), cmax(kRBytes + kFinalScratch, kMergeBytes));
   // after the ring: q_rot [kGP][D], sum(q) [kGP], K bias [kGP], 4 flag words
@@ -64,7 +64,8 @@ struct DecodeTraits {
   static constexpr int kBV = D / 32;  // V code bytes per token per thread
   static constexpr int kNX = kBV / 2; // interleaved V words per token pair
   static constexpr int kMinBlocks = (D <= 128 && NT == 1) ? 2 : 1;
-  // The final merge keeps one fp32 weight per (split, head) next to R_V.
+  // Split x head limit of the op (decode_num_splits stays far below it). It dates from a final merge
+  // that staged one fp32 weight per (split, head) next to R_V; the online merge stores none.
   static constexpr int kMaxSplitHeads = (kRing - kRBytes - 4096 - 16) / 4;
 };
 
@@ -72,6 +73,11 @@ struct DecodeTraits {
 // With it the K loads of a half warp (rows 0-3 or 4-7) and the V loads of a warp (rows tau(2t),
 // tau(2t+1)) each touch 32 distinct banks at d=128 (rows are 32 bytes).
 OSCAR_DEVICE int tau(int r) { return r ^ ((r >> 2) & 1); }
+
+// Lazy rescaling of the running softmax: the max a warp subtracts is raised (and the accumulators
+// rescaled) only when some head's max grows by more than this many log2 units, so p = exp2(s - m) stays
+// <= 2^8, far inside fp32 and bf16 range.
+constexpr float kRescaleSlack = 8.f;
 
 // ---------------------------------------------------------------------------------------------
 // q rotation
@@ -209,8 +215,21 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
   const int g = lane >> 2, t = lane & 3;
   // Passed to int2_pair_biased as a register operand: its LOP3 takes the code mask as the one immediate.
   constexpr uint32_t kMagic = 0x43004300u;
-  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int s_total = p.s_win + p.s_int;
+  // One linear grid: every INT2 CTA first, then every window CTA. The CTA scheduler hands out blocks
+  // in about this order, so the long INT2 CTAs start in the first wave and the short window CTAs fill
+  // the slots left over (at batch 64 the 512 INT2 CTAs of Qwen3-8B take 2 waves of 264 slots, leaving
+  // 16 idle in the second). A 3-D grid (split, head, batch) interleaved them per (b, h) instead.
+  int split, h, b;
+  {
+    const int n_int = p.s_int * p.num_kv_heads * p.batch;
+    const int bid = blockIdx.x;
+    const int per = bid < n_int ? p.s_int : p.s_win;
+    const int idx = bid < n_int ? bid : bid - n_int;
+    split = (bid < n_int ? p.s_win : 0) + idx % per;
+    h = (idx / per) % p.num_kv_heads;
+    b = idx / per / p.num_kv_heads;
+  }
   const int G = p.group;
   const int bh = b * p.num_kv_heads + h;
   const int n = max(p.seq_lens[b], 0);
@@ -236,9 +255,28 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
     }
   }
 
-  const int32_t* bt = p.block_table + static_cast<int64_t>(b) * p.bt_s0;
+  const int32_t* bt = p.block_table + b * static_cast<int>(p.bt_s0);  // the host checks 32-bit sizes
   const uint8_t* kv_h = p.kv + static_cast<int64_t>(h) * p.kv_s1;
   const int bs = p.block_size;
+  // Page addresses in 32-bit unsigned math plus one wide multiply-add (the host checks that a page's
+  // stride fits in 31 bits): with int64 strides and a page lookup per 16-byte chunk the producer was
+  // ~110 of the loop's ~750 instructions per warp and stage (sm_90a SASS, block size 16).
+  const uint32_t page_stride = static_cast<uint32_t>(p.kv_s0);
+  auto page_of = [&](int pos, uint32_t& row_in_page) {
+    int bi;
+    if (p.block_shift >= 0) {
+      bi = pos >> p.block_shift;
+      row_in_page = static_cast<uint32_t>(pos & (bs - 1));
+    } else {
+      bi = pos / bs;
+      row_in_page = static_cast<uint32_t>(pos - bi * bs);
+    }
+    return kv_h + static_cast<uint64_t>(static_cast<uint32_t>(__ldg(bt + bi))) * page_stride;
+  };
+  // A warp's RW rows of a stage start at a multiple of RW, so they share one page when the block size is
+  // a power of two and a multiple of RW (vLLM's INT2 pages are 8 x 16 = 128 tokens, attention/specs.py):
+  // one page lookup per warp and stage instead of one per chunk.
+  const bool warp_one_page = p.block_shift >= 0 && bs % RW == 0;
 
   // One stage = TILE tokens laid out as [K codes TILE x QB | V codes TILE x QB | K params | V params],
   // whatever the block size: pages are cut into 16-byte chunks that each lie inside one block.
@@ -246,8 +284,38 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
   // the ring needs no CTA barrier: a warp waits for its own copies and reuses its own rows.
   auto issue_int2 = [&](int tile, int buf) {
     uint8_t* st = ring + buf * Tr::kStageBytes + warp * RW * QB;  // this warp's K code rows
+    uint8_t* stp = ring + buf * Tr::kStageBytes + 2 * TILE * QB + warp * RW * 4;  // its K params
     const int pos0 = tile * TILE + warp * RW;
     constexpr int kCodeChunks = RW * QB / 16;
+    constexpr int kParChunks = RW * 4 / 16;  // per K or V; four tokens per chunk, inside one block
+    if (warp_one_page) {
+      if (pos0 >= hi || pos0 + RW <= lo) return;  // warp-uniform
+      const bool whole = pos0 >= lo && pos0 + RW <= hi;
+      // The warp's K code rows are contiguous in the page (V rows bs*QB later, then the params), so
+      // every address is the page's plus a 32-bit offset.
+      const uint8_t* page =
+          kv_h + static_cast<uint64_t>(static_cast<uint32_t>(__ldg(bt + (pos0 >> p.block_shift)))) * page_stride;
+      const uint32_t row0 = static_cast<uint32_t>(pos0 & (bs - 1)), v_off = bs * QB;
+#pragma unroll
+      for (int k0 = 0; k0 < kCodeChunks; k0 += 32) {
+        const int k = k0 + lane;
+        const int byte = k * 16;
+        const int pos = pos0 + byte / QB;
+        if ((kCodeChunks % 32 == 0 || k < kCodeChunks) && (whole || (pos >= lo && pos < hi))) {
+          const uint32_t off = row0 * QB + byte;
+          cp_async_16(st + byte, page + off);
+          cp_async_16(st + TILE * QB + byte, page + (off + v_off));
+        }
+      }
+      if (lane < 2 * kParChunks) {
+        const int c = lane % kParChunks, is_v = lane / kParChunks;
+        const int pos = pos0 + c * 4;
+        if (whole || (pos < hi && pos + 4 > lo)) {
+          cp_async_16(stp + is_v * TILE * 4 + c * 16, page + (2 * v_off + is_v * 4 * bs + (row0 + c * 4) * 4));
+        }
+      }
+      return;
+    }
 #pragma unroll
     for (int k0 = 0; k0 < kCodeChunks; k0 += 32) {
       const int k = k0 + lane;
@@ -255,23 +323,22 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
         const int byte = k * 16;
         const int pos = pos0 + byte / QB;
         if (pos >= lo && pos < hi) {
-          const int bi = p.block_shift >= 0 ? pos >> p.block_shift : pos / bs;
-          const uint8_t* page = kv_h + static_cast<int64_t>(bt[bi]) * p.kv_s0;
-          const int src = (pos - bi * bs) * QB + byte % QB;
-          cp_async_16(st + byte, page + src);
-          cp_async_16(st + TILE * QB + byte, page + bs * QB + src);
+          uint32_t r;
+          const uint8_t* page = page_of(pos, r);
+          const uint8_t* src = page + (r * QB + byte % QB);
+          cp_async_16(st + byte, src);
+          cp_async_16(st + TILE * QB + byte, src + bs * QB);
         }
       }
     }
-    constexpr int kParChunks = RW * 4 / 16;  // per K or V; four tokens per chunk, inside one block
     if (lane < 2 * kParChunks) {
       const int c = lane % kParChunks, is_v = lane / kParChunks;
       const int pos = pos0 + c * 4;
       if (pos < hi && pos + 4 > lo) {
-        const int bi = p.block_shift >= 0 ? pos >> p.block_shift : pos / bs;
-        const uint8_t* page = kv_h + static_cast<int64_t>(bt[bi]) * p.kv_s0 + 2 * bs * QB + is_v * 4 * bs;
-        cp_async_16(ring + buf * Tr::kStageBytes + 2 * TILE * QB + is_v * TILE * 4 + (warp * RW + c * 4) * 4,
-                    page + (pos - bi * bs) * 4);
+        uint32_t r;
+        const uint8_t* page = page_of(pos, r);
+        const uint8_t* src = page + (2 * bs * QB + is_v * 4 * bs + r * 4);
+        cp_async_16(stp + is_v * TILE * 4 + c * 16, src);
       }
     }
   };
@@ -442,6 +509,8 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
 
       // online softmax over this stage's 16*TM tokens (thread (g, t) owns heads 2t, 2t+1)
       float mu[NT][2];
+      float mnew[NT][2];
+      bool grow = false;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -450,20 +519,33 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
 #pragma unroll
           for (int mt = 0; mt < TM; ++mt) mx = fmaxf(mx, fmaxf(sc[mt][nt][j], sc[mt][nt][2 + j]));
           mx = warp_max_xor_g(mx);
-          const float mnew = fmaxf(m_run[nt][j], mx);
-          const float muse = mnew == kNegInf ? 0.f : mnew;
-          const float alpha = fast_exp2(m_run[nt][j] - muse);
-          m_run[nt][j] = mnew;
-          mu[nt][j] = muse;
-          l_run[nt][j] *= alpha;
-          ov_run[nt][j] *= alpha;
-          vb_run[nt][j] *= alpha;
+          mnew[nt][j] = fmaxf(m_run[nt][j], mx);
+          grow |= mnew[nt][j] > m_run[nt][j] + kRescaleSlack;
+        }
+      }
+      if (__any_sync(0xffffffffu, grow)) {  // warp-uniform: the o_acc rescale is 38 FMULs per thread
 #pragma unroll
-          for (int i = 0; i < KC; ++i) {
-            o_acc[nt][i][j] *= alpha;
-            o_acc[nt][i][2 + j] *= alpha;
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const float muse = mnew[nt][j] == kNegInf ? 0.f : mnew[nt][j];
+            const float alpha = fast_exp2(m_run[nt][j] - muse);
+            m_run[nt][j] = mnew[nt][j];
+            l_run[nt][j] *= alpha;
+            ov_run[nt][j] *= alpha;
+            vb_run[nt][j] *= alpha;
+#pragma unroll
+            for (int i = 0; i < KC; ++i) {
+              o_acc[nt][i][j] *= alpha;
+              o_acc[nt][i][2 + j] *= alpha;
+            }
           }
         }
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) mu[nt][j] = m_run[nt][j] == kNegInf ? 0.f : m_run[nt][j];
       }
 
 #pragma unroll
@@ -677,99 +759,134 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
     }
     cp_async_commit();
   }
-  float* sWt = reinterpret_cast<float*>(ring + Tr::kRBytes);  // [s_total][G]
-  float4* sRep = reinterpret_cast<float4*>(ring + Tr::kRBytes + ((s_total * G * 4 + 15) / 16) * 16);
+  // Online merge of the splits: thread (rep, e) owns float4 e of the G x D output and folds splits
+  // rep, rep + R, ... into a running (max, weight sum, weighted sum); the R replicas are combined after.
+  // The log-sum-exps and partial outputs are read in the same loop, so the merge costs one L2 round
+  // trip instead of three (weights staged, reduced per head, then applied).
   const float* lse = p.part_lse + static_cast<int64_t>(bh) * s_total * G;
-  for (int e = tid; e < s_total * G; e += 256) sWt[e] = __ldcg(lse + e);
-  __syncthreads();
-  if (tid < G) {
-    float M = kNegInf;
-    for (int s = 0; s < s_total; ++s) M = fmaxf(M, sWt[s * G + tid]);
-    float W = 0.f;
-    for (int s = 0; s < s_total; ++s) W += M == kNegInf ? 0.f : fast_exp2(sWt[s * G + tid] - M);
-    const float inv = W > 0.f ? 1.f / W : 0.f;
-    for (int s = 0; s < s_total; ++s)
-      sWt[s * G + tid] = M == kNegInf ? 0.f : fast_exp2(sWt[s * G + tid] - M) * inv;
-  }
-  __syncthreads();
+  const float* po = p.part_o + static_cast<int64_t>(bh) * s_total * G * D;
   float* sOf = sQ;  // [G][D] merged output, rotated space
   {
-    const float* po = p.part_o + static_cast<int64_t>(bh) * s_total * G * D;
-    const int E = G * D / 4;  // float4 elements
-    if (E >= 256) {
-      for (int e = tid; e < E; e += 256) {
-        const int head = e / (D / 4);
-        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+    constexpr int kPerHead = D / 4;  // float4 per head
+    const int E = G * kPerHead;
+    const int R = E >= 256 ? 1 : 256 / E;
+    float4* sRep = reinterpret_cast<float4*>(ring + Tr::kRBytes);      // [R][E] weighted sums
+    float2* sRepMW = reinterpret_cast<float2*>(sRep + 256);            // [R][E] (max, weight sum)
+    for (int base = 0; base < E * R; base += 256) {
+      const int idx = base + tid, rep = idx / E, e = idx % E, head = e / kPerHead;
+      if (rep >= R) continue;
+      float m = kNegInf, wsum = 0.f;
+      float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 4
-        for (int s = 0; s < s_total; ++s) {
-          const float w = sWt[s * G + head];
-          const float4 v = ld_cg_f4(po + static_cast<int64_t>(s) * G * D + 4 * e);
-          a.x = fmaf(w, v.x, a.x);
-          a.y = fmaf(w, v.y, a.y);
-          a.z = fmaf(w, v.z, a.z);
-          a.w = fmaf(w, v.w, a.w);
+      for (int sp = rep; sp < s_total; sp += R) {
+        const float l = __ldcg(lse + sp * G + head);
+        const float4 v = ld_cg_f4(po + static_cast<int64_t>(sp) * G * D + 4 * e);
+        if (l == kNegInf) continue;  // an empty split
+        if (l > m) {
+          const float f = fast_exp2(m - l);  // 0 while m is -inf
+          a.x *= f;
+          a.y *= f;
+          a.z *= f;
+          a.w *= f;
+          wsum *= f;
+          m = l;
         }
-        reinterpret_cast<float4*>(sOf)[e] = a;
+        const float w = fast_exp2(l - m);
+        a.x = fmaf(w, v.x, a.x);
+        a.y = fmaf(w, v.y, a.y);
+        a.z = fmaf(w, v.z, a.z);
+        a.w = fmaf(w, v.w, a.w);
+        wsum += w;
       }
-    } else {  // several threads per element, each over every R-th split, so loads overlap
-      const int R = 256 / E, rep = tid / E, e = tid % E, head = e / (D / 4);
-      if (rep < R) {
-        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-        for (int s = rep; s < s_total; s += R) {
-          const float w = sWt[s * G + head];
-          const float4 v = ld_cg_f4(po + static_cast<int64_t>(s) * G * D + 4 * e);
-          a.x = fmaf(w, v.x, a.x);
-          a.y = fmaf(w, v.y, a.y);
-          a.z = fmaf(w, v.z, a.z);
-          a.w = fmaf(w, v.w, a.w);
-        }
+      if (R == 1) {
+        const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+        reinterpret_cast<float4*>(sOf)[e] = make_float4(a.x * inv, a.y * inv, a.z * inv, a.w * inv);
+      } else {
         sRep[rep * E + e] = a;
+        sRepMW[rep * E + e] = make_float2(m, wsum);
       }
+    }
+    if (R > 1) {
       __syncthreads();
       if (tid < E) {
-        float4 a = sRep[tid];
-        for (int r = 1; r < R; ++r) {
-          const float4 v = sRep[r * E + tid];
-          a.x += v.x;
-          a.y += v.y;
-          a.z += v.z;
-          a.w += v.w;
+        float M = kNegInf;
+        for (int r = 0; r < R; ++r) M = fmaxf(M, sRepMW[r * E + tid].x);
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+        float wsum = 0.f;
+        if (M != kNegInf) {
+          for (int r = 0; r < R; ++r) {
+            const float2 mw = sRepMW[r * E + tid];
+            const float f = fast_exp2(mw.x - M);  // 0 for a replica that saw only empty splits
+            const float4 v = sRep[r * E + tid];
+            a.x = fmaf(f, v.x, a.x);
+            a.y = fmaf(f, v.y, a.y);
+            a.z = fmaf(f, v.z, a.z);
+            a.w = fmaf(f, v.w, a.w);
+            wsum = fmaf(f, mw.y, wsum);
+          }
         }
-        reinterpret_cast<float4*>(sOf)[tid] = a;
+        const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+        reinterpret_cast<float4*>(sOf)[tid] = make_float4(a.x * inv, a.y * inv, a.z * inv, a.w * inv);
       }
     }
   }
   cp_async_wait_all();
   __syncthreads();
 
-  // out[head, j] = sum_i O[head, i] * R_V[j, i]   (O @ R_V^T), or O itself
+  // out[head, j] = sum_i O[head, i] * R_V[j, i]   (O @ R_V^T), or O itself. Thread (hs, j) takes heads
+  // hs, hs + kHS, ... two at a time with four partial sums each: 8 independent FMA chains of D/4
+  // instead of one chain of D per head (this epilogue runs once per (b, kv head), on the critical path
+  // at small batch).
   __nv_bfloat16* outp = static_cast<__nv_bfloat16*>(p.out) + static_cast<int64_t>(b) * p.out_s0 + static_cast<int64_t>(h * G) * p.out_s1;
   constexpr int kHS = 256 / D > 1 ? 256 / D : 1;
   const int j = tid % D, hs = tid / D;
   if (hs < kHS) {
-    for (int head = hs; head < G; head += kHS) {
-      float a = 0.f;
+    for (int head = hs; head < G; head += 2 * kHS) {
+      const int h1 = head + kHS;
+      const int h1c = h1 < G ? h1 : head;  // a lone last head repeats itself (result not written)
+      float r0, r1;
       if (rotv) {
+        float a0[4] = {0.f, 0.f, 0.f, 0.f}, a1[4] = {0.f, 0.f, 0.f, 0.f};
         if constexpr (Tr::kRInSmem) {
 #pragma unroll 8
           for (int c = 0; c < D / 4; ++c) {
             const float4 r = *reinterpret_cast<const float4*>(ring + j * 4 * D + ((c ^ (j & 7)) * 16));
-            const float4 o = reinterpret_cast<const float4*>(sOf + head * D)[c];
-            a = fmaf(o.x, r.x, a);
-            a = fmaf(o.y, r.y, a);
-            a = fmaf(o.z, r.z, a);
-            a = fmaf(o.w, r.w, a);
+            const float4 o0 = reinterpret_cast<const float4*>(sOf + head * D)[c];
+            const float4 o1 = reinterpret_cast<const float4*>(sOf + h1c * D)[c];
+            a0[0] = fmaf(o0.x, r.x, a0[0]);
+            a0[1] = fmaf(o0.y, r.y, a0[1]);
+            a0[2] = fmaf(o0.z, r.z, a0[2]);
+            a0[3] = fmaf(o0.w, r.w, a0[3]);
+            a1[0] = fmaf(o1.x, r.x, a1[0]);
+            a1[1] = fmaf(o1.y, r.y, a1[1]);
+            a1[2] = fmaf(o1.z, r.z, a1[2]);
+            a1[3] = fmaf(o1.w, r.w, a1[3]);
           }
         } else {
-          const float* rrow = p.rot_v + static_cast<int64_t>(j) * D;
+          const float4* rrow = reinterpret_cast<const float4*>(p.rot_v + static_cast<int64_t>(j) * D);
 #pragma unroll 8
-          for (int i = 0; i < D; ++i) a = fmaf(sOf[head * D + i], __ldg(rrow + i), a);
+          for (int c = 0; c < D / 4; ++c) {
+            const float4 r = __ldg(rrow + c);
+            const float4 o0 = reinterpret_cast<const float4*>(sOf + head * D)[c];
+            const float4 o1 = reinterpret_cast<const float4*>(sOf + h1c * D)[c];
+            a0[0] = fmaf(o0.x, r.x, a0[0]);
+            a0[1] = fmaf(o0.y, r.y, a0[1]);
+            a0[2] = fmaf(o0.z, r.z, a0[2]);
+            a0[3] = fmaf(o0.w, r.w, a0[3]);
+            a1[0] = fmaf(o1.x, r.x, a1[0]);
+            a1[1] = fmaf(o1.y, r.y, a1[1]);
+            a1[2] = fmaf(o1.z, r.z, a1[2]);
+            a1[3] = fmaf(o1.w, r.w, a1[3]);
+          }
         }
+        r0 = (a0[0] + a0[1]) + (a0[2] + a0[3]);
+        r1 = (a1[0] + a1[1]) + (a1[2] + a1[3]);
       } else {
-        a = sOf[head * D + j];
+        r0 = sOf[head * D + j];
+        r1 = sOf[h1c * D + j];
       }
-      outp[static_cast<int64_t>(head) * p.out_s1 + j] = __float2bfloat16_rn(a);
+      outp[static_cast<int64_t>(head) * p.out_s1 + j] = __float2bfloat16_rn(r0);
+      if (h1 < G) outp[static_cast<int64_t>(h1) * p.out_s1 + j] = __float2bfloat16_rn(r1);
     }
   }
   if (tid == 0) p.sem[bh] = 0;

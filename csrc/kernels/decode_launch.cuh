@@ -20,6 +20,11 @@ void launch_rotate_q(const DecodeParams& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// One linear grid of (s_win + s_int) * num_kv_heads * batch CTAs, INT2 CTAs first (decode_kernel says why).
+inline dim3 decode_grid(const DecodeParams& p) {
+  return dim3(static_cast<unsigned>((p.s_win + p.s_int) * p.num_kv_heads * p.batch));
+}
+
 // pdl: launch with programmatic stream serialization (sm_90+), so that the CTAs start while
 // rotate_q_kernel, launched just before on the same stream, is still running.
 template <int D, int NT>
@@ -29,12 +34,12 @@ void launch_decode(const DecodeParams& p, cudaStream_t stream, bool pdl) {
   static std::atomic<uint64_t> smem_set{0};
   set_smem_once(kern, Tr::kSmem, smem_set);
   if (!pdl) {
-    kern<<<dim3(p.s_win + p.s_int, p.num_kv_heads, p.batch), Tr::kThreads, Tr::kSmem, stream>>>(p);
+    kern<<<decode_grid(p), Tr::kThreads, Tr::kSmem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(p.s_win + p.s_int, p.num_kv_heads, p.batch);
+  cfg.gridDim = decode_grid(p);
   cfg.blockDim = dim3(Tr::kThreads);
   cfg.dynamicSmemBytes = Tr::kSmem;
   cfg.stream = stream;

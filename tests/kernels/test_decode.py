@@ -31,8 +31,10 @@ def _random_lens(n, hi, seed, must=()):
 
 
 # (id, DecodeCase kwargs, num_splits or None for the heuristic). Together they cover head_dim 64/128
-# (and 256), block sizes 16/32/64/128, 1/3/4/8 (and 16) query heads per kv head, batch 1/7/64 and
-# context lengths 1, 63, 64, 65, 320, 4097, 33000, with and without the window and the rotations.
+# (and 256), block sizes 16/32/64/128 (and 48: the producer's per-chunk page lookup with a division;
+# power-of-two sizes >= 32 take its one-lookup-per-warp path, 16 at d <= 128 its shift path), 1/3/4/8
+# (and 16) query heads per kv head, batch 1/7/64 and context lengths 1, 63, 64, 65, 320, 4097, 33000,
+# with and without the window and the rotations.
 W = dict(sink=64, recent=256)
 CASES = [
     ("ctx1-g1", dict(batch=1, num_q_heads=8, num_kv_heads=8, head_dim=128, block_size=16, seq_lens=[1], **W), None),
@@ -45,6 +47,8 @@ CASES = [
                                  seq_lens=_lens(320, 321), **W), None),
     ("ctx4097-g4", dict(batch=7, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, window_block_size=32,
                         seq_lens=_lens(4097, 4000, 17, 4096, 1000, 2049, 3333), **W), None),
+    ("ctx4097-g4-bs48", dict(batch=3, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=48,
+                             seq_lens=_lens(4097, 1000, 65), **W), None),
     ("ctx4097-g4-1split", dict(batch=7, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
                                seq_lens=_lens(4097, 4000, 17, 4096, 1000, 2049, 3333), **W), 1),
     ("ctx4097-g4-many-splits", dict(batch=7, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=32,

@@ -25,10 +25,7 @@ from dataclasses import dataclass
 import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from vllm_oscar.layout import Int2PageLayout
-
-#: INT2 tokens per page = this x the BF16 block size (see the module docstring for why 8).
-INT2_BLOCK_MULTIPLIER = 8
+from vllm_oscar.layout import INT2_BLOCK_MULTIPLIER, Int2PageLayout
 
 
 def window_block_size(cache_block_size: int) -> int:
