@@ -269,7 +269,8 @@ def worker_accuracy(args) -> dict:
             n = longctx.ppl_tokens(ctx, limit)
             windows[ctx] = {s: longctx.ppl_windows(tok, s, n, args.num_seqs) for s in args.eval_sets.split(",")}
             ppl_settings[str(ctx)] = {"tokens": n, "num_seqs": {s: len(ws) for s, ws in windows[ctx].items()},
-                                      "chunk": args.chunk, "max_num_seqs": args.max_num_seqs}
+                                      "chunk": args.chunk, "max_num_seqs": args.max_num_seqs,
+                                      "enforce_eager": args.enforce_eager}
             short = {s: len(ws) for s, ws in windows[ctx].items() if len(ws) < args.num_seqs}
             if short:
                 print(f"[{args.format}] ppl {ctx}: fewer windows than --num-seqs {args.num_seqs}: {short}", flush=True)
@@ -292,7 +293,8 @@ def worker_accuracy(args) -> dict:
     t0 = time.time()
     engine = {"max_model_len": max_len, "max_num_seqs": args.max_num_seqs,
               "max_num_batched_tokens": args.max_num_seqs * args.chunk, "long_prefill_token_threshold": args.chunk,
-              "enable_chunked_prefill": True, "enable_prefix_caching": False, "gpu_memory_utilization": 0.5}
+              "enable_chunked_prefill": True, "enable_prefix_caching": False, "gpu_memory_utilization": 0.5,
+              "enforce_eager": args.enforce_eager}
     llm = _engine(args.format, model=args.model, seed=0, **engine,
                   **({"additional_config": {"oscar": {"rotations": args.rotations}}}
                      if args.rotations and args.format == "oscar_int2" else {}))
@@ -308,6 +310,7 @@ def worker_accuracy(args) -> dict:
         elif task == "recall":
             def recall_settings(block):
                 block["settings"].update(prefill_chunk=args.chunk, generation="greedy, EOS ignored",
+                                         enforce_eager=args.enforce_eager,
                                          semantics="every prompt token reads the cache beyond the BF16 windows")
                 return block
 
@@ -320,6 +323,7 @@ def worker_accuracy(args) -> dict:
         else:
             block = out["passkey"] = _run_passkey(llm, tok, passkey_ex, pspec)
             block["settings"].update(prefill_chunk=args.chunk, generation="greedy, stops at EOS",
+                                     enforce_eager=args.enforce_eager,
                                      semantics="int2_prefill (calibrate.passkey): every prompt token reads the "
                                                "cache beyond the BF16 windows; same keys and haystacks as the "
                                                "CPU reference at the same seed")
@@ -712,6 +716,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passkey-trials", type=int, default=20, help="trials per depth")
     p.add_argument("--passkey-depths", type=_floats, default=longctx.PASSKEY_DEPTHS)
     p.add_argument("--seed", type=int, default=0, help="recall and passkey example seed")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="accuracy engine without torch.compile and CUDA graphs: TurboQuant's engine then starts "
+                        "without its ~2.5 min of compiling and graph capture; recorded in every task's settings "
+                        "(the numerics upstream of the cache differ slightly from the compiled engine's)")
     p.add_argument("--tag", default="h100", help="file suffix: e2e-<tag>.json")
     p.add_argument("--acc-tag", default=None,
                    help="accuracy results go to accuracy-gpu-smollm2-<tag>.json (e.g. a run with another --chunk, "
@@ -743,6 +751,7 @@ def accuracy_worker_args(args) -> list[str]:
              "--recall-haystacks", _csv(args.recall_haystacks), "--recall-depths", _csv(args.recall_depths),
              "--passkey-trials", str(args.passkey_trials), "--passkey-depths", _csv(args.passkey_depths),
              "--seed", str(args.seed)]
+    extra += ["--enforce-eager"] if args.enforce_eager else []
     return extra + (["--rotations", args.rotations] if args.rotations else [])
 
 
@@ -750,6 +759,7 @@ def accuracy_settings(args) -> dict:
     return {"model": args.model, "tasks": list(args.tasks), "seq_lens": list(args.seq_lens),
             "num_seqs": args.num_seqs, "chunk": args.chunk, "max_num_seqs": args.max_num_seqs,
             "eval_sets": args.eval_sets, "rotations": args.rotations, "seed": args.seed,
+            "enforce_eager": args.enforce_eager,
             "recall": {"trials": args.recall_trials, "haystacks": list(args.recall_haystacks),
                        "depths": list(args.recall_depths)},
             "passkey": {"trials": args.passkey_trials, "depths": list(args.passkey_depths)},

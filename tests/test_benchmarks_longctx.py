@@ -194,6 +194,7 @@ def test_worker_runs_every_task_on_one_batched_engine(monkeypatch, tmp_path, cap
     assert kw["max_num_seqs"] == 64 and kw["max_num_batched_tokens"] == 64 * 32
     assert kw["long_prefill_token_threshold"] == 32 and kw["enable_prefix_caching"] is False
     assert kw["enable_chunked_prefill"] is True and kw["max_model_len"] <= 8192
+    assert kw["enforce_eager"] is False  # compiled with CUDA graphs unless --enforce-eager
     # one generate call per task (recall: per haystack size), short tasks first
     assert [n for n, _ in llm.calls] == [2 * 2 * 2, 2, 2 * 2, 2 * 2]
     assert out["perplexity"].keys() == {"256", "512"}
@@ -227,15 +228,18 @@ def test_a_worker_stopped_during_recall_keeps_the_sizes_it_finished(monkeypatch,
                         lambda *a, **k: SimpleNamespace(max_position_embeddings=8192))
     args = run.build_parser().parse_args([
         "--worker", "accuracy", "--format", "turboquant_3bit_nc", "--model", "fake", "--tasks", "recall,passkey",
+        "--enforce-eager",
         "--worker-out", str(tmp_path / "w.json"), "--recall-haystacks", "1024,512", "--recall-depths", "0.1,0.9",
         "--recall-trials", "2", "--passkey-trials", "2", "--passkey-depths", "0.5"])
     with pytest.raises(TimeoutError):
         run.worker_accuracy(args)
     saved = json.loads((tmp_path / "w.json").read_text())
     assert saved["passkey"]["all"]["success"] == 2  # ran before recall
+    assert saved["passkey"]["settings"]["enforce_eager"] is True and saved["engine"]["enforce_eager"] is True
     rec = saved["recall"]
     assert rec["incomplete"] == {"haystacks_done": [512], "haystacks_missing": [1024]}
     assert set(rec["by_haystack"]) == {"512"} and rec["all"]["trials"] == 4 and rec["settings"]["prefill_chunk"] == 32
+    assert rec["settings"]["enforce_eager"] is True
     table = run._recall_tables({"turboquant_3bit_nc": saved})[0]
     assert "| `turboquant_3bit_nc` | 1.000 | 1.000 (1.00) over 0.5K only |" in table
 
@@ -267,14 +271,15 @@ def test_accuracy_arguments_defaults_alias_and_round_trip():
     with pytest.raises(SystemExit):
         p.parse_args(["--tasks", "ppl,needle"])
     a = p.parse_args(["--model", "m", "--tasks", "recall", "--recall-trials", "25", "--recall-depths", "0.25,0.75",
-                      "--seq-lens", "2048,8192", "--rotations", "r", "--seed", "3"])
+                      "--seq-lens", "2048,8192", "--rotations", "r", "--seed", "3", "--enforce-eager"])
     back = p.parse_args(run.accuracy_worker_args(a) + ["--worker", "accuracy", "--format", "auto"])
     for k in ("model", "tasks", "seq_lens", "num_seqs", "chunk", "max_num_seqs", "recall_trials", "recall_haystacks",
-              "recall_depths", "passkey_trials", "passkey_depths", "seed", "rotations", "eval_sets"):
+              "recall_depths", "passkey_trials", "passkey_depths", "seed", "rotations", "eval_sets", "enforce_eager"):
         assert getattr(back, k) == getattr(a, k), k
     st = run.accuracy_settings(a)
     assert st["recall"] == {"trials": 25, "haystacks": [1024, 2048, 4096, 7680], "depths": [0.25, 0.75]}
-    assert st["tasks"] == ["recall"] and "32-token steps" in st["semantics"]
+    assert st["tasks"] == ["recall"] and "32-token steps" in st["semantics"] and st["enforce_eager"] is True
+    assert p.parse_args([]).enforce_eager is False and "--enforce-eager" not in run.accuracy_worker_args(p.parse_args([]))
 
 
 # ------------------------------------------------------------------------------------------ tables and merging
