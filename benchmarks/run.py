@@ -506,8 +506,11 @@ def _recall_tables(res: dict[str, dict]) -> list[str]:
                 dv, h, d = min(deltas, key=lambda x: x[0])
                 worst = f"{dv:+.3f} ({longctx.size_label(h)} @{d})"
         total = f"{b['all']['token_accuracy']:.3f} ({b['all']['exact_match']:.2f})"
-        if b.get("incomplete"):  # a worker stopped by its time limit after some haystack sizes
-            total += " over " + ", ".join(longctx.size_label(h) for h in b["incomplete"]["haystacks_done"]) + " only"
+        done = sorted(b["by_haystack"], key=int)
+        # a worker stopped by its time limit after some sizes, or a call that ran fewer sizes than the others:
+        # its overall number is not comparable with theirs
+        if b.get("incomplete") or len(done) < len(sizes):
+            total += " over " + ", ".join(longctx.size_label(h) for h in done) + " only"
         rows.append([f"`{f}`"] + [f"{b['by_haystack'][h]['token_accuracy']:.3f}" if h in b["by_haystack"] else ""
                                   for h in sizes] + [total, worst])
     rows += [r + [""] * (len(rows[0]) - len(r)) for r in _missing(res, "recall")]

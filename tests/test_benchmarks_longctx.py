@@ -291,6 +291,16 @@ def _recall_block(acc_by_size: dict[int, list[float]]) -> dict:
     return lc.summarize_recall(examples, [round(32 * a) for accs in acc_by_size.values() for a in accs], spec)
 
 
+def test_recall_table_marks_a_format_measured_on_fewer_haystack_sizes():
+    """Overall recall averages over the sizes a format ran; one that ran fewer (a call split by
+    --recall-haystacks, only part of it done) is labelled, so its overall number is not read against the others."""
+    res = {"auto": {"recall": _recall_block({1024: [0.5, 0.5], 2048: [0.25, 0.25]})},
+           "turboquant_3bit_nc": {"recall": _recall_block({1024: [0.125, 0.125]})}}
+    table = run._recall_tables(res)[0]
+    assert "| `auto` | 0.500 | 0.250 | 0.375 (0.00) |  |" in table
+    assert "| `turboquant_3bit_nc` | 0.125 |  | 0.125 (0.00) over 1K only | -0.375 (1K @10%) |" in table
+
+
 def _passkey_block(hits: dict[float, int], trials: int = 20) -> dict:
     spec = lc.PasskeySpec(depths=tuple(hits), trials=trials)
     examples, replies = [], []
