@@ -180,6 +180,15 @@ def summarize_recall(examples: list[dict], correct: list[int], spec: RecallSpec)
     return _recall_block(spec.settings(), cells)
 
 
+def mark_incomplete(block: dict, sizes) -> dict:
+    """Mark a recall block that covers only some of the haystack ``sizes`` it was asked for: the sizes it
+    has cells for are done, the rest missing. Unchanged when every size is there."""
+    done = [h for h in sizes if str(h) in block["cells"]]
+    if len(done) < len(sizes):
+        block["incomplete"] = {"haystacks_done": done, "haystacks_missing": [h for h in sizes if h not in done]}
+    return block
+
+
 def merge_recall(old: dict, new: dict) -> dict | None:
     """One recall block from two calls that measured different haystack sizes with otherwise the same
     settings (the new call's sizes win where both have them), or ``None`` when the settings differ."""
@@ -191,11 +200,7 @@ def merge_recall(old: dict, new: dict) -> dict | None:
     cells.update({h: {d: c["correct"] for d, c in per.items()} for h, per in new["cells"].items()})
     cells = dict(sorted(cells.items(), key=lambda kv: int(kv[0])))
     sizes = sorted({*old["settings"]["haystacks"], *new["settings"]["haystacks"]})
-    out = _recall_block({**new["settings"], "haystacks": sizes}, cells)
-    missing = [h for h in sizes if str(h) not in cells]
-    if missing:
-        out["incomplete"] = {"haystacks_done": [h for h in sizes if str(h) in cells], "haystacks_missing": missing}
-    return out
+    return mark_incomplete(_recall_block({**new["settings"], "haystacks": sizes}, cells), sizes)
 
 
 # ------------------------------------------------------------------------------------------ passkey

@@ -208,8 +208,7 @@ def _run_recall(llm, examples: list[dict], spec: longctx.RecallSpec, progress=No
         if progress is not None and n + 1 < len(sizes):
             done = sorted(correct)
             block = longctx.summarize_recall([examples[i] for i in done], [correct[i] for i in done], spec)
-            block["incomplete"] = {"haystacks_done": sizes[: n + 1], "haystacks_missing": sizes[n + 1:]}
-            progress(block)
+            progress(longctx.mark_incomplete(block, sizes))
     return longctx.summarize_recall(examples, [correct[i] for i in range(len(examples))], spec)
 
 
