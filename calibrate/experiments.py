@@ -360,6 +360,12 @@ def variant_registry() -> dict[str, dict]:
     def mse(s):
         return V.AttentionVariant(k=MSE, v=MSE)
 
+    def k_only(s):  # V kept at 16 bits: what quantizing K alone costs
+        return V.AttentionVariant(k=MSE, v=None)
+
+    def v_only(s):  # K kept at 16 bits
+        return V.AttentionVariant(k=None, v=MSE)
+
     def log8(s):
         return V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8)
 
@@ -413,6 +419,10 @@ def variant_registry() -> dict[str, dict]:
                                  "clipping", orth("paper"), lloyd_max),
         "hadamard_mse": entry("(4) Hadamard + MSE-fitted affine grid per row (no clipping), fp16 "
                               "scale+offset", orth("hadamard"), mse),
+        "hadamard_mse_k_only": entry("attribution: hadamard_mse with only K quantized (V at 16 bits)",
+                                     orth("hadamard"), k_only),
+        "hadamard_mse_v_only": entry("attribution: hadamard_mse with only V quantized (K at 16 bits)",
+                                     orth("hadamard"), v_only),
         "hadamard_mse_logitvar04": entry("(6) hadamard_mse + softmax logit-variance correction, lambda 0.4 "
                                          "(needs each row's mean squared K error: +16 bits/row if stored)",
                                          orth("hadamard"), logit_var(0.4)),

@@ -294,12 +294,14 @@ def fake_quantize_variant(x: torch.Tensor, spec: QuantSpec, weights: torch.Tenso
 
 def bits_per_element(head_dim: int, context: int, *, sink: int, recent: int,
                      param_bits: int | tuple[int, int],
-                     window_bits: int = 16, extra_window_tokens: int = 0) -> float:
+                     window_bits: int = 16, extra_window_tokens: int = 0,
+                     code_bits: tuple[int, int] = (2, 2)) -> float:
     """Average stored bits per K/V element of a ``context``-token request: INT2 codes + per-row
     parameters for the quantized tokens, ``window_bits`` for the BF16 sink/recent tokens.
-    ``param_bits`` may be a (K, V) pair."""
+    ``param_bits`` may be a (K, V) pair; ``code_bits`` is the (K, V) bits per element outside the
+    windows (16 for a side kept in BF16, with 0 parameter bits)."""
     kb, vb = (param_bits, param_bits) if isinstance(param_bits, int) else param_bits
-    int2 = 2 + (kb + vb) / 2 / head_dim
+    int2 = (code_bits[0] + code_bits[1]) / 2 + (kb + vb) / 2 / head_dim
     full = min(context, sink + recent + extra_window_tokens)
     return ((context - full) * int2 + full * window_bits) / context
 
@@ -357,8 +359,9 @@ def _per_group(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 class AttentionVariant:
     """One point of the sweep: quantizers, windows and whether the layer transforms are used."""
 
-    k: QuantSpec = QuantSpec(clip=0.96)
-    v: QuantSpec = QuantSpec(clip=0.92)
+    # None: that side is not quantized (kept at 16 bits everywhere), for attributing the error to K or V
+    k: QuantSpec | None = QuantSpec(clip=0.96)
+    v: QuantSpec | None = QuantSpec(clip=0.92)
     sink: int = 64
     recent: int = 256
     # per-layer clip ratios (override ``k.clip``/``v.clip``), e.g. from :func:`search_clip_ratios`
@@ -389,8 +392,13 @@ class AttentionVariant:
     def __post_init__(self):
         if self.pin_rule not in ("prompt", "window_exit"):
             raise ValueError(f"pin_rule={self.pin_rule!r} is not a pinning rule; choose 'prompt' or 'window_exit'")
+        for side, spec, clips in (("k", self.k, self.k_clips), ("v", self.v, self.v_clips)):
+            if spec is None and clips is not None:
+                raise ValueError(f"{side}_clips needs a quantized {side} side ({side}=None keeps it unquantized)")
+        if self.k is None and self.k_logit_var:
+            raise ValueError("k_logit_var needs a quantized K side")
 
-    def specs(self, layer: int) -> tuple[QuantSpec, QuantSpec]:
+    def specs(self, layer: int) -> tuple[QuantSpec | None, QuantSpec | None]:
         k, v = self.k, self.v
         if self.k_clips is not None:
             k = replace(k, clip=self.k_clips[layer])
@@ -400,16 +408,18 @@ class AttentionVariant:
 
     def config(self) -> dict:
         """What a results file records of this variant (JSON-ready)."""
-        return {"k": self.k.__dict__, "v": self.v.__dict__, "sink": self.sink, "recent": self.recent,
+        side = lambda spec: "exact" if spec is None else spec.__dict__  # noqa: E731
+        return {"k": side(self.k), "v": side(self.v), "sink": self.sink, "recent": self.recent,
                 "k_clips": self.k_clips, "v_clips": self.v_clips, "k_logit_var": self.k_logit_var,
                 "pin_tokens": self.pin_tokens, "pin_window": self.pin_window, "pin_pool": self.pin_pool,
                 "pin_rule": self.pin_rule}
 
     def bits(self, head_dim: int, context: int) -> float:
         pins = min(self.pin_tokens, max(0, context - self.sink - self.recent))
-        return bits_per_element(head_dim, context, sink=self.sink, recent=self.recent,
-                                param_bits=(self.k.bits_per_row_params(), self.v.bits_per_row_params()),
-                                extra_window_tokens=pins) + pins * 32 / (2 * head_dim) / context
+        params = tuple(0 if spec is None else spec.bits_per_row_params() for spec in (self.k, self.v))
+        codes = tuple(16 if spec is None else 2 for spec in (self.k, self.v))
+        return bits_per_element(head_dim, context, sink=self.sink, recent=self.recent, param_bits=params,
+                                extra_window_tokens=pins, code_bits=codes) + pins * 32 / (2 * head_dim) / context
 
 
 def transformed_kv(k: torch.Tensor, v: torch.Tensor, t: LayerTransform) -> tuple[torch.Tensor, torch.Tensor]:

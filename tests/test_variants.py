@@ -616,6 +616,34 @@ def test_logit_variance_correction_matches_explicit_logits():
         V.variant_attention(q, k, v, t, None, spec, pos, sink=sink, recent=recent, k_logit_var=lam)
 
 
+def test_one_side_unquantized_variant_attributes_the_error():
+    """k=None / v=None keep that side at 16 bits: attention equals quantizing only the other side, the
+    config says "exact", and the bits count 16 for that side outside the windows."""
+    q, k, v = qkv(d=16)
+    t = V.LayerTransform(torch.eye(16).expand(2, 16, 16), torch.eye(16).expand(2, 16, 16))
+    pos = torch.arange(q.shape[0])
+    mse = V.QuantSpec("mse")
+    for var, kspec, vspec in ((V.AttentionVariant(k=mse, v=None), mse, None),
+                              (V.AttentionVariant(k=None, v=mse), None, mse)):
+        ks, vs = var.specs(0)
+        assert (ks, vs) == (kspec, vspec)
+        got = V.variant_attention(q, k, v, t, ks, vs, pos, sink=4, recent=8)
+        both = V.variant_attention(q, k, v, t, mse, mse, pos, sink=4, recent=8)
+        exact = V.variant_attention(q, k, v, t, None, None, pos, sink=4, recent=8)
+        # one side's error: between exact and both sides quantized, and not either of them
+        assert not torch.allclose(got, both) and not torch.allclose(got, exact)
+        assert (got - exact).norm() < (both - exact).norm()
+    cfg = V.AttentionVariant(k=mse, v=None).config()
+    assert cfg["v"] == "exact" and cfg["k"]["levels"] == "mse"
+    # d=64, 32K: K 2 + 32/64 bits, V 16 bits outside the 320 window tokens
+    bits = V.AttentionVariant(k=mse, v=None).bits(64, 32768)
+    assert bits == pytest.approx((320 * 16 + (32768 - 320) * (2.5 + 16) / 2) / 32768)
+    with pytest.raises(ValueError, match="v_clips needs a quantized v side"):
+        V.AttentionVariant(v=None, v_clips=(0.9,))
+    with pytest.raises(ValueError, match="k_logit_var needs a quantized K side"):
+        V.AttentionVariant(k=None, k_logit_var=0.4)
+
+
 def test_variant_config_records_every_setting_that_changes_results():
     var = V.AttentionVariant(k=V.QuantSpec("mse", 0.0, "log8_i8"), recent=512, k_clips=(0.9, 0.8), k_logit_var=0.4)
     cfg = var.config()
