@@ -10,7 +10,8 @@ Effective bandwidth = the fewest bytes the call must move / time: for OSCAR the 
 middle ((seq_len - sink - recent) * 72 bytes per kv head at d=128, 40 at d=64), the BF16 window rows
 (sink + recent) and q/out; for FA3 the BF16 K/V rows. FA3 comes from vLLM 0.26
 (``vllm.vllm_flash_attn.flash_attn_varlen_func``, fa_version=3, paged, block size 16) or, without vLLM,
-from its ``_vllm_fa3_C`` library given by ``OSCAR_FA3_SO``.
+from its ``_vllm_fa3_C`` library given by ``OSCAR_FA3_SO``. OSCAR's INT2 pages hold 128 tokens, what the
+vLLM backend allocates (``--int2-block-size``); its BF16 window pages, like FA3's, hold 16.
 """
 
 from __future__ import annotations

@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
   const int bs = p.block_size;
   // Page addresses in 32-bit unsigned math plus one wide multiply-add (the host checks that a page's
   // stride fits in 31 bits): with int64 strides and a page lookup per 16-byte chunk the producer was
-  // ~110 of the loop's ~750 instructions per warp and stage (sm_90a SASS, block size 16).
+  // ~110-150 of the loop's ~720 instructions per warp and stage (sm_90a SASS, block size 16).
   const uint32_t page_stride = static_cast<uint32_t>(p.kv_s0);
   auto page_of = [&](int pos, uint32_t& row_in_page) {
     int bi;
