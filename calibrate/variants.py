@@ -408,7 +408,9 @@ class AttentionVariant:
 
     def config(self) -> dict:
         """What a results file records of this variant (JSON-ready)."""
-        side = lambda spec: "exact" if spec is None else spec.__dict__  # noqa: E731
+        def side(spec):
+            return "exact" if spec is None else spec.__dict__
+
         return {"k": side(self.k), "v": side(self.v), "sink": self.sink, "recent": self.recent,
                 "k_clips": self.k_clips, "v_clips": self.v_clips, "k_logit_var": self.k_logit_var,
                 "pin_tokens": self.pin_tokens, "pin_window": self.pin_window, "pin_pool": self.pin_pool,
