@@ -410,8 +410,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a few configurations only")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--time-budget", type=float, default=1e9, help="seconds; later measurements are skipped")
-    ap.add_argument("--int2-block-size", type=int, default=INT2_BLOCK_MULTIPLIER * VLLM_BLOCK_SIZE,
-                    help="tokens per INT2 page (default 128, what the vLLM backend allocates)")
+    ap.add_argument("--int2-block-size", type=int, default=INT2_BLOCK_SIZE,
+                    help=f"tokens per INT2 page (default {INT2_BLOCK_SIZE}, what the vLLM backend allocates)")
     ap.add_argument("--parts", default="decode,store,gather,sweep",
                     help="comma list of decode, store, gather, sweep (default: all)")
     args = ap.parse_args()
