@@ -82,28 +82,39 @@ constexpr float kRescaleSlack = 8.f;
 // ---------------------------------------------------------------------------------------------
 // q rotation
 // ---------------------------------------------------------------------------------------------
-template <int D>
+// A CTA of 256 threads rotates a block of kRows q rows x kCols columns of q_rot. Each output is summed by
+// kParts threads (lanes next to each other), each over every kParts-th of the D products; a thread
+// takes kCols4 = 4 or 1 adjacent columns. Two shapes (launch_rotate_q picks by row count):
+//   32 x 32, 1 part, 4 columns: large batches, where R_K is read once per 32 rows;
+//   8 x 8, 4 parts, 1 column: small batches. At batch 1 (Qwen3-8B: 32 rows) the 32 x 32 blocks made
+//   4 CTAs of 128-long FMA chains that took 5.9 us, and the decode CTAs wait for q_rot (globaltimer
+//   trace, docs/kernels.md); 8 x 8 blocks make 64 CTAs with chains of D/4.
+template <int D, int kRows_, int kCols_, int kParts_>
 struct RotateQTraits {
-  static constexpr int kRows = 32, kCols = 32, kThreads = 256;
+  static constexpr int kRows = kRows_, kCols = kCols_, kParts = kParts_, kThreads = 256;
+  static constexpr int kCols4 = kRows * kCols * kParts / kThreads;  // adjacent columns per thread
+  static_assert(kCols4 == 1 || kCols4 == 4, "a thread takes 1 or 4 columns");
+  static_assert(D % kParts == 0 && kCols % kCols4 == 0, "rotate_q block shape");
   static constexpr int kSmem = (D * kCols + kRows * (D + 1)) * 4;
 };
 
-// q_rot[r, c] = sum_i q[r, i] * R_K[i, c] for a 32-row x 32-column block. The softmax scale is applied
+// q_rot[r, c] = sum_i q[r, i] * R_K[i, c] for one kRows x kCols block. The softmax scale is applied
 // to the scores, not here: q_rot is rounded to bf16 for the MMA, and without a rotation a bf16 q is
 // then exact; folding scale * log2(e) in first made that rounding real, and with the large score
 // cancellations of unrotated INT2 rows (offset term ~ +-100 against the code term) it cost 10x the
 // error of a bf16 implementation (CPU emulation of the kernel arithmetic, d=64 unrotated case).
-template <int D>
+template <int D, int RB, int CB, int KS>
 __global__ void __launch_bounds__(256) rotate_q_kernel(const DecodeParams p) {
   pdl_launch_dependents();  // the decode kernel may start issuing its cache loads now
-  constexpr int R = RotateQTraits<D>::kRows, C = RotateQTraits<D>::kCols;
+  using Tr = RotateQTraits<D, RB, CB, KS>;
+  constexpr int NC = Tr::kCols4;
   extern __shared__ __align__(16) float rq_smem[];
-  float* sR = rq_smem;          // [D][C]
-  float* sq = rq_smem + D * C;  // [R][D + 1]
+  float* sR = rq_smem;           // [D][CB]
+  float* sq = rq_smem + D * CB;  // [RB][D + 1]
   const int tid = threadIdx.x;
   const int rows = p.batch * p.num_q_heads;
-  const int row0 = blockIdx.x * R, col0 = blockIdx.y * C;
-  for (int e = tid; e < R * D / 2; e += 256) {
+  const int row0 = blockIdx.x * RB, col0 = blockIdx.y * CB;
+  for (int e = tid; e < RB * D / 2; e += 256) {
     const int r = e / (D / 2), d2 = e % (D / 2);
     const int row = row0 + r;
     float2 v = make_float2(0.f, 0.f);
@@ -117,33 +128,51 @@ __global__ void __launch_bounds__(256) rotate_q_kernel(const DecodeParams p) {
     sq[r * (D + 1) + 2 * d2 + 1] = v.y;
   }
   if (p.rot_k != nullptr) {
-    for (int e = tid; e < D * C / 4; e += 256) {
-      const int i = e / (C / 4), c4 = e % (C / 4);
-      *reinterpret_cast<float4*>(sR + i * C + 4 * c4) =
+    for (int e = tid; e < D * CB / 4; e += 256) {
+      const int i = e / (CB / 4), c4 = e % (CB / 4);
+      *reinterpret_cast<float4*>(sR + i * CB + 4 * c4) =
           __ldg(reinterpret_cast<const float4*>(p.rot_k + i * D + col0) + c4);
     }
   }
   __syncthreads();
-  const int r = tid / 8, c = (tid % 8) * 4;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  // Thread (output group, part): part = tid % KS takes i = part, part + KS, ... (consecutive parts
+  // read consecutive words of sq and of sR: no bank conflicts).
+  const int part = tid % KS, grp = tid / KS;
+  const int r = grp / (CB / NC), c = (grp % (CB / NC)) * NC;
+  float acc[NC];
+#pragma unroll
+  for (int k = 0; k < NC; ++k) acc[k] = 0.f;
   if (p.rot_k != nullptr) {
 #pragma unroll 8
-    for (int i = 0; i < D; ++i) {
+    for (int i = part; i < D; i += KS) {
       const float x = sq[r * (D + 1) + i];
-      const float4 w = *reinterpret_cast<const float4*>(sR + i * C + c);
-      acc[0] = fmaf(x, w.x, acc[0]);
-      acc[1] = fmaf(x, w.y, acc[1]);
-      acc[2] = fmaf(x, w.z, acc[2]);
-      acc[3] = fmaf(x, w.w, acc[3]);
+      if constexpr (NC == 4) {
+        const float4 w = *reinterpret_cast<const float4*>(sR + i * CB + c);
+        acc[0] = fmaf(x, w.x, acc[0]);
+        acc[1] = fmaf(x, w.y, acc[1]);
+        acc[2] = fmaf(x, w.z, acc[2]);
+        acc[3] = fmaf(x, w.w, acc[3]);
+      } else {
+        acc[0] = fmaf(x, sR[i * CB + c], acc[0]);
+      }
+    }
+#pragma unroll
+    for (int off = 1; off < KS; off <<= 1) {
+#pragma unroll
+      for (int k = 0; k < NC; ++k) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], off);
     }
   } else {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) acc[k] = sq[r * (D + 1) + col0 + c + k];
+    for (int k = 0; k < NC; ++k) acc[k] = sq[r * (D + 1) + col0 + c + k];
   }
   const int row = row0 + r;
-  if (row < rows) {
-    *reinterpret_cast<float4*>(p.q_rot + static_cast<int64_t>(row) * D + col0 + c) =
-        make_float4(acc[0], acc[1], acc[2], acc[3]);
+  if (row < rows && part == 0) {
+    float* dst = p.q_rot + static_cast<int64_t>(row) * D + col0 + c;
+    if constexpr (NC == 4) {
+      *reinterpret_cast<float4*>(dst) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    } else {
+      *dst = acc[0];
+    }
   }
 }
 
@@ -220,10 +249,15 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
   // in about this order, so the long INT2 CTAs start in the first wave and the short window CTAs fill
   // the slots left over (at batch 64 the 512 INT2 CTAs of Qwen3-8B take 2 waves of 264 slots, leaving
   // 16 idle in the second). A 3-D grid (split, head, batch) interleaved them per (b, h) instead.
-  int split, h, b;
+  // When the whole grid is resident at once (win_first, set by the launcher), the order only decides
+  // which CTAs start first, and the window CTAs, the slowest of a one-tile split, go first.
+  int split, h, b, bid = blockIdx.x;  // bid: this CTA's index in the INT2-first numbering
   {
     const int n_int = p.s_int * p.num_kv_heads * p.batch;
-    const int bid = blockIdx.x;
+    if (p.win_first) {
+      const int n_win = p.s_win * p.num_kv_heads * p.batch;
+      bid = bid < n_win ? n_int + bid : bid - n_win;  // back to the INT2-first numbering
+    }
     const int per = bid < n_int ? p.s_int : p.s_win;
     const int idx = bid < n_int ? bid : bid - n_int;
     split = (bid < n_int ? p.s_win : 0) + idx % per;
@@ -347,20 +381,33 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
   // so that ldmatrix reads 8 rows without bank conflicts. Rows past the window are zero-filled:
   // freed window blocks may hold anything, and 0 * NaN would poison the PV product.
   auto issue_win = [&]() {
-    constexpr int CPR = D / 8;  // 16-byte chunks per row
-    const int32_t* wbt = p.wbt + static_cast<int64_t>(b) * p.wbt_s0;
+    constexpr int CPR = D / 8;                      // 16-byte chunks per row
+    static_assert(WT * 8 <= GP * D * 4 && WT <= 256, "window row bases fit in sQ");
+    // Each row's base address is computed once, by one thread, into sQ (free until q_rot arrives); the
+    // copies then add 32-bit offsets. Computing it per 16-byte chunk (a block-table load, two divisions
+    // and 64-bit products, 16 chunks per thread at d=128) took the window CTAs 4.5-7 us to issue at
+    // batch 1, against 0.8 us for an INT2 split's copies (globaltimer trace, docs/kernels.md).
+    const __nv_bfloat16** row_base = reinterpret_cast<const __nv_bfloat16**>(sQ);
+    if (tid < WT) {
+      const int slot = lo + tid;
+      const __nv_bfloat16* src = nullptr;
+      if (slot < hi) {
+        const int pos = slot < ws ? slot : rs + (slot - ws);
+        const int64_t blk = __ldg(p.wbt + static_cast<int64_t>(b) * p.wbt_s0 + pos / p.win_block_size);
+        src = static_cast<const __nv_bfloat16*>(p.win) + blk * p.w_s0 + (pos % p.win_block_size) * p.w_s2 +
+              h * p.w_s3;
+      }
+      row_base[tid] = src;
+    }
+    __syncthreads();
     for (int k = tid; k < WT * 2 * CPR; k += 256) {
       const int c = k % CPR, kvsel = (k / CPR) & 1, r = k / (2 * CPR);
-      const int slot = lo + r;
-      const bool valid = slot < hi;
-      const __nv_bfloat16* src = static_cast<const __nv_bfloat16*>(p.win);
-      if (valid) {
-        const int pos = slot < ws ? slot : rs + (slot - ws);
-        const int64_t blk = wbt[pos / p.win_block_size];
-        src += blk * p.w_s0 + kvsel * p.w_s1 + (pos % p.win_block_size) * p.w_s2 + h * p.w_s3 + c * 8;
-      }
-      cp_async_16(ring + kvsel * (WT * 2 * D) + r * 2 * D + ((c ^ (r & 7)) * 16), src, valid);
+      const __nv_bfloat16* src = row_base[r];
+      const bool valid = src != nullptr;
+      cp_async_16(ring + kvsel * (WT * 2 * D) + r * 2 * D + ((c ^ (r & 7)) * 16),
+                  valid ? src + (kvsel ? p.w_s1 : 0) + c * 8 : static_cast<const __nv_bfloat16*>(p.win), valid);
     }
+    __syncthreads();  // row_base lives in sQ, which q_rot overwrites next
   };
 
   if (is_win) {
@@ -761,8 +808,8 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
   }
   // Online merge of the splits: thread (rep, e) owns float4 e of the G x D output and folds splits
   // rep, rep + R, ... into a running (max, weight sum, weighted sum); the R replicas are combined after.
-  // The log-sum-exps and partial outputs are read in the same loop, so the merge costs one L2 round
-  // trip instead of three (weights staged, reduced per head, then applied).
+  // The log-sum-exps and partial outputs are read in the same loop (before, weights were staged, reduced
+  // per head, then applied: three dependent steps).
   const float* lse = p.part_lse + static_cast<int64_t>(bh) * s_total * G;
   const float* po = p.part_o + static_cast<int64_t>(bh) * s_total * G * D;
   float* sOf = sQ;  // [G][D] merged output, rotated space
@@ -777,26 +824,40 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
       if (rep >= R) continue;
       float m = kNegInf, wsum = 0.f;
       float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-      for (int sp = rep; sp < s_total; sp += R) {
-        const float l = __ldcg(lse + sp * G + head);
-        const float4 v = ld_cg_f4(po + static_cast<int64_t>(sp) * G * D + 4 * e);
-        if (l == kNegInf) continue;  // an empty split
-        if (l > m) {
-          const float f = fast_exp2(m - l);  // 0 while m is -inf
-          a.x *= f;
-          a.y *= f;
-          a.z *= f;
-          a.w *= f;
-          wsum *= f;
-          m = l;
+      // kMergeBatch splits' loads are issued before any is used: one L2 round trip per batch. With
+      // one split at a time this merge took 4.6 us of the 21 us call at batch 1 (Qwen3-8B, 4K, 18 splits)
+      // and 6.4 of 17 (SmolLM2, 16K, 66 splits): globaltimer trace, docs/kernels.md.
+      constexpr int kMergeBatch = 8;
+      for (int sp0 = rep; sp0 < s_total; sp0 += kMergeBatch * R) {
+        float lb[kMergeBatch];
+        float4 vb[kMergeBatch];
+#pragma unroll
+        for (int k = 0; k < kMergeBatch; ++k) {
+          const int sp = sp0 + k * R;
+          const bool in = sp < s_total;
+          lb[k] = in ? __ldcg(lse + sp * G + head) : kNegInf;
+          vb[k] = in ? ld_cg_f4(po + static_cast<int64_t>(sp) * G * D + 4 * e) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
-        const float w = fast_exp2(l - m);
-        a.x = fmaf(w, v.x, a.x);
-        a.y = fmaf(w, v.y, a.y);
-        a.z = fmaf(w, v.z, a.z);
-        a.w = fmaf(w, v.w, a.w);
-        wsum += w;
+        float mb = m;
+#pragma unroll
+        for (int k = 0; k < kMergeBatch; ++k) mb = fmaxf(mb, lb[k]);
+        if (mb == kNegInf) continue;  // only empty splits so far
+        const float f = fast_exp2(m - mb);  // 0 while m is -inf
+        a.x *= f;
+        a.y *= f;
+        a.z *= f;
+        a.w *= f;
+        wsum *= f;
+        m = mb;
+#pragma unroll
+        for (int k = 0; k < kMergeBatch; ++k) {
+          const float w = fast_exp2(lb[k] - m);  // 0 for an empty split (lse -inf, partial 0)
+          a.x = fmaf(w, vb[k].x, a.x);
+          a.y = fmaf(w, vb[k].y, a.y);
+          a.z = fmaf(w, vb[k].z, a.z);
+          a.w = fmaf(w, vb[k].w, a.w);
+          wsum += w;
+        }
       }
       if (R == 1) {
         const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
@@ -840,6 +901,15 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
   __nv_bfloat16* outp = static_cast<__nv_bfloat16*>(p.out) + static_cast<int64_t>(b) * p.out_s0 + static_cast<int64_t>(h * G) * p.out_s1;
   constexpr int kHS = 256 / D > 1 ? 256 / D : 1;
   const int j = tid % D, hs = tid / D;
+  // 16-byte chunk c of R_V row j: staged in shared memory (swizzled, see the cp.async above) up to
+  // d=128, read from global memory at d=256.
+  auto rv_chunk = [&](int c) -> float4 {
+    if constexpr (Tr::kRInSmem) {
+      return *reinterpret_cast<const float4*>(ring + j * 4 * D + ((c ^ (j & 7)) * 16));
+    } else {
+      return __ldg(reinterpret_cast<const float4*>(p.rot_v + static_cast<int64_t>(j) * D) + c);
+    }
+  };
   if (hs < kHS) {
     for (int head = hs; head < G; head += 2 * kHS) {
       const int h1 = head + kHS;
@@ -847,37 +917,19 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
       float r0, r1;
       if (rotv) {
         float a0[4] = {0.f, 0.f, 0.f, 0.f}, a1[4] = {0.f, 0.f, 0.f, 0.f};
-        if constexpr (Tr::kRInSmem) {
 #pragma unroll 8
-          for (int c = 0; c < D / 4; ++c) {
-            const float4 r = *reinterpret_cast<const float4*>(ring + j * 4 * D + ((c ^ (j & 7)) * 16));
-            const float4 o0 = reinterpret_cast<const float4*>(sOf + head * D)[c];
-            const float4 o1 = reinterpret_cast<const float4*>(sOf + h1c * D)[c];
-            a0[0] = fmaf(o0.x, r.x, a0[0]);
-            a0[1] = fmaf(o0.y, r.y, a0[1]);
-            a0[2] = fmaf(o0.z, r.z, a0[2]);
-            a0[3] = fmaf(o0.w, r.w, a0[3]);
-            a1[0] = fmaf(o1.x, r.x, a1[0]);
-            a1[1] = fmaf(o1.y, r.y, a1[1]);
-            a1[2] = fmaf(o1.z, r.z, a1[2]);
-            a1[3] = fmaf(o1.w, r.w, a1[3]);
-          }
-        } else {
-          const float4* rrow = reinterpret_cast<const float4*>(p.rot_v + static_cast<int64_t>(j) * D);
-#pragma unroll 8
-          for (int c = 0; c < D / 4; ++c) {
-            const float4 r = __ldg(rrow + c);
-            const float4 o0 = reinterpret_cast<const float4*>(sOf + head * D)[c];
-            const float4 o1 = reinterpret_cast<const float4*>(sOf + h1c * D)[c];
-            a0[0] = fmaf(o0.x, r.x, a0[0]);
-            a0[1] = fmaf(o0.y, r.y, a0[1]);
-            a0[2] = fmaf(o0.z, r.z, a0[2]);
-            a0[3] = fmaf(o0.w, r.w, a0[3]);
-            a1[0] = fmaf(o1.x, r.x, a1[0]);
-            a1[1] = fmaf(o1.y, r.y, a1[1]);
-            a1[2] = fmaf(o1.z, r.z, a1[2]);
-            a1[3] = fmaf(o1.w, r.w, a1[3]);
-          }
+        for (int c = 0; c < D / 4; ++c) {
+          const float4 r = rv_chunk(c);
+          const float4 o0 = reinterpret_cast<const float4*>(sOf + head * D)[c];
+          const float4 o1 = reinterpret_cast<const float4*>(sOf + h1c * D)[c];
+          a0[0] = fmaf(o0.x, r.x, a0[0]);
+          a0[1] = fmaf(o0.y, r.y, a0[1]);
+          a0[2] = fmaf(o0.z, r.z, a0[2]);
+          a0[3] = fmaf(o0.w, r.w, a0[3]);
+          a1[0] = fmaf(o1.x, r.x, a1[0]);
+          a1[1] = fmaf(o1.y, r.y, a1[1]);
+          a1[2] = fmaf(o1.z, r.z, a1[2]);
+          a1[3] = fmaf(o1.w, r.w, a1[3]);
         }
         r0 = (a0[0] + a0[1]) + (a0[2] + a0[3]);
         r1 = (a1[0] + a1[1]) + (a1[2] + a1[3]);

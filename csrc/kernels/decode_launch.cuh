@@ -9,15 +9,28 @@
 
 namespace oscar {
 
-template <int D>
-void launch_rotate_q(const DecodeParams& p, cudaStream_t stream) {
-  using Tr = RotateQTraits<D>;
-  auto kern = rotate_q_kernel<D>;
+template <int D, int RB, int CB, int KS>
+void launch_rotate_q_blocks(const DecodeParams& p, cudaStream_t stream) {
+  using Tr = RotateQTraits<D, RB, CB, KS>;
+  auto kern = rotate_q_kernel<D, RB, CB, KS>;
   static std::atomic<uint64_t> smem_set{0};
   set_smem_once(kern, Tr::kSmem, smem_set);
-  const dim3 grid((p.batch * p.num_q_heads + Tr::kRows - 1) / Tr::kRows, D / Tr::kCols);
+  const dim3 grid((p.batch * p.num_q_heads + RB - 1) / RB, D / CB);
   kern<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Up to kRotateQSmallRows q rows (batch 16 at 32 query heads) the 8 x 8 blocks: the decode CTAs wait
+// for q_rot, and at small batch nothing else hides its latency (rotate_q_kernel says more).
+constexpr int kRotateQSmallRows = 512;
+
+template <int D>
+void launch_rotate_q(const DecodeParams& p, cudaStream_t stream) {
+  if (p.batch * p.num_q_heads <= kRotateQSmallRows) {
+    launch_rotate_q_blocks<D, 8, 8, 4>(p, stream);
+  } else {
+    launch_rotate_q_blocks<D, 32, 32, 1>(p, stream);
+  }
 }
 
 // One linear grid of (s_win + s_int) * num_kv_heads * batch CTAs, INT2 CTAs first (decode_kernel says why).
@@ -33,13 +46,16 @@ void launch_decode(const DecodeParams& p, cudaStream_t stream, bool pdl) {
   auto kern = decode_kernel<D, NT>;
   static std::atomic<uint64_t> smem_set{0};
   set_smem_once(kern, Tr::kSmem, smem_set);
+  static std::atomic<int> resident[64];
+  DecodeParams pp = p;
+  pp.win_first = static_cast<int>(decode_grid(p).x) <= resident_ctas(kern, Tr::kThreads, Tr::kSmem, resident);
   if (!pdl) {
-    kern<<<decode_grid(p), Tr::kThreads, Tr::kSmem, stream>>>(p);
+    kern<<<decode_grid(pp), Tr::kThreads, Tr::kSmem, stream>>>(pp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = decode_grid(p);
+  cfg.gridDim = decode_grid(pp);
   cfg.blockDim = dim3(Tr::kThreads);
   cfg.dynamicSmemBytes = Tr::kSmem;
   cfg.stream = stream;
@@ -48,7 +64,7 @@ void launch_decode(const DecodeParams& p, cudaStream_t stream, bool pdl) {
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, p));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, pp));
 }
 
 }  // namespace oscar

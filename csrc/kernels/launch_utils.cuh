@@ -23,4 +23,20 @@ void set_smem_once(Kernel kern, int bytes, std::atomic<uint64_t>& done_mask) {
   }
 }
 
+// CTAs of `kern` resident on the current device at once (occupancy x SMs), cached per device.
+template <typename Kernel>
+int resident_ctas(Kernel kern, int threads, int smem_bytes, std::atomic<int> (&cache)[64]) {
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  int v = dev >= 0 && dev < 64 ? cache[dev].load() : 0;
+  if (v == 0) {
+    int per_sm = 0, sms = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, threads, smem_bytes));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    v = per_sm * sms;
+    if (dev >= 0 && dev < 64) cache[dev].store(v);
+  }
+  return v;
+}
+
 }  // namespace oscar

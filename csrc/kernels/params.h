@@ -54,6 +54,7 @@ struct DecodeParams {
   int block_shift;  // log2(block_size) when it is a power of two, else -1 (integer division is ~20
                     // instructions and runs 3x per stage per thread)
   float scale_log2;
+  int win_first;  // set by launch_decode: window CTAs first in the grid (the whole grid is resident)
 };
 
 struct GatherParams {

@@ -33,7 +33,7 @@ def _random_lens(n, hi, seed, must=()):
 # (id, DecodeCase kwargs, num_splits or None for the heuristic). Together they cover head_dim 64/128
 # (and 256), block sizes 16/32/64/128 (and 48: the producer's per-chunk page lookup with a division;
 # power-of-two sizes >= 32 take its one-lookup-per-warp path, 16 at d <= 128 its shift path), 1/3/4/8
-# (and 16) query heads per kv head, batch 1/7/64 and context lengths 1, 63, 64, 65, 320, 4097, 33000,
+# (and 16) query heads per kv head, batch 1/7/64 (and 48 at d=256) and context lengths 1, 63, 64, 65, 320, 4097, 33000,
 # with and without the window and the rotations.
 W = dict(sink=64, recent=256)
 CASES = [
@@ -72,6 +72,9 @@ CASES = [
                      seq_lens=_lens(4097, 100), **W), None),
     ("d256-g4", dict(batch=2, num_q_heads=8, num_kv_heads=2, head_dim=256, block_size=16,
                      seq_lens=_lens(4097, 321), **W), None),
+    # 768 q rows: rotate_q's 32 x 32 blocks at d=256 (up to 512 rows it takes 8 x 8 blocks)
+    ("b48-d256-g8", dict(batch=48, num_q_heads=16, num_kv_heads=2, head_dim=256, block_size=16,
+                         seq_lens=_random_lens(48, 700, 3, must=(1, 321)), **W), None),
 ]
 
 

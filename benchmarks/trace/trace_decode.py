@@ -1,0 +1,118 @@
+"""Where the time of one decode call goes: a %globaltimer trace of every CTA (GPU machine only).
+
+The timestamps come from instrumentation that is not in the shipped kernel. It lives in
+``decode-globaltimer.patch`` next to this file, and ``tests/kernels/test_trace_patch.py`` checks that the patch
+still applies:
+
+    git apply benchmarks/trace/decode-globaltimer.patch
+    bash benchmarks/gpu_kernels.sh --skip-tests --skip-bench      # rebuild with the trace points
+    python -m benchmarks.trace.trace_decode --out /tmp/trace.json
+    git apply -R benchmarks/trace/decode-globaltimer.patch         # and rebuild before timing anything
+
+With the patch, the op reads a device address from ``OSCAR_DECODE_TRACE_PTR`` and thread 0 of each CTA
+writes 12 timestamps: rotate_q CTAs in rows 1..1023, decode CTAs from row 1024 in the INT2-first
+numbering. Decode slots: 0 entry, 8 first copies issued, 1 after griddepcontrol.wait, 2 q_rot staged,
+9 first stage (INT2) or window rows landed, 3 loop done, 4 partial written and counted, and for the
+last CTA of a (b, kv head): 10 R_V copies issued, 11 merge loop done, 5 merge done, 6 R_V landed, 7 end.
+
+One call is captured in a CUDA graph and replayed 7 times. Per configuration the script prints the
+median over replays of summary times in microseconds after the first rotate_q CTA started, plus the
+plain graph-replay time per call (``graph_us``, the benchmark's method with the trace points inside).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+from benchmarks import kernels as kb  # shapes, inputs and timing of the kernel benchmark
+from vllm_oscar import ops
+
+CONFIGS = [("qwen3-8b", 1, 4096), ("qwen3-8b", 1, 32768), ("qwen3-8b", 1, 131072), ("qwen3-8b", 8, 32768),
+           ("qwen3-8b", 64, 32768), ("smollm2", 1, 16384), ("smollm2", 64, 32768)]
+SLOTS = 12
+FIRST_DECODE_ROW = 1024
+
+
+def summarize(t: torch.Tensor, n_int: int, n_dec: int) -> dict:
+    """Summary times (us) of one traced call; ``t`` is the [rows, SLOTS] int64 timestamp table (ns)."""
+    rq = t[1:FIRST_DECODE_ROW]
+    rq = rq[rq[:, 0] > 0]
+    dec = t[FIRST_DECODE_ROW:FIRST_DECODE_ROW + n_dec]
+    t0 = rq[:, 0].min().item()
+
+    def us(x):
+        return round(float((x - t0) / 1e3), 2)
+
+    int2, win = dec[:n_int], dec[n_int:]
+    last = dec[dec[:, 7] > 0]
+    r = {"rotate_q_end": us(rq[:, 1].max()), "entry_first": us(dec[:, 0].min()), "entry_last": us(dec[:, 0].max()),
+         "wait_done_max": us(dec[:, 1].max()), "partial_med": us(dec[:, 4].median()),
+         "partial_max": us(dec[:, 4].max())}
+    for name, rows in (("int2", int2), ("win", win)):
+        if len(rows):
+            r.update({f"{name}_issued_max": us(rows[:, 8].max()), f"{name}_landed_max": us(rows[:, 9].max()),
+                      f"{name}_loop_med": us(rows[:, 3].median()), f"{name}_loop_max": us(rows[:, 3].max())})
+    r.update(last_partial_max=us(last[:, 4].max()), last_rv_issued_max=us(last[:, 10].max()),
+             last_merge_loop_max=us(last[:, 11].max()), last_merge_max=us(last[:, 5].max()),
+             last_rv_landed_max=us(last[:, 6].max()), end_max=us(last[:, 7].max()))
+    return r
+
+
+def trace_config(shape: str, batch: int, ctx: int, rot_v: bool) -> dict:
+    hq, hkv, d = kb.SHAPES[shape]
+    nb = kb.n_buffers(kb.oscar_bytes(batch, hq, hkv, d, ctx))
+    inp = kb.OscarInputs(batch, hq, hkv, d, ctx, nb)
+    ws = ops.make_decode_workspace(batch, hq, hkv, d, ctx, sink=kb.SINK, recent=kb.RECENT)
+    s_int = ws.num_splits
+    s_win = ops._window_splits(d, kb.SINK, kb.RECENT, True)
+    n_int, n_dec = s_int * hkv * batch, (s_int + s_win) * hkv * batch
+    buf = torch.zeros((FIRST_DECODE_ROW + n_dec) * SLOTS, dtype=torch.int64, device="cuda")
+    for i in range(5):
+        inp.call(ws, i % nb, rot_v=rot_v)
+    torch.cuda.synchronize()
+    os.environ["OSCAR_DECODE_TRACE_PTR"] = str(buf.data_ptr())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        inp.call(ws, 0, rot_v=rot_v)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        inp.call(ws, 0, rot_v=rot_v)
+    del os.environ["OSCAR_DECODE_TRACE_PTR"]
+    reps = []
+    for _ in range(7):
+        buf.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        reps.append(summarize(buf.view(-1, SLOTS).cpu().double(), n_int, n_dec))
+    med = {k: round(statistics.median(r[k] for r in reps), 2) for k in reps[0]}
+    fn = lambda i: inp.call(ws, i % nb, rot_v=rot_v)
+    graph_us = kb.time_graph(fn, nb, kb.estimate_ms(fn)) * 1e3
+    return dict(shape=shape, batch=batch, ctx=ctx, rot_v=rot_v, s_int=s_int, s_win=s_win,
+                graph_us=round(graph_us, 2), **med)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="/tmp/decode-trace.json")
+    args = ap.parse_args()
+    rows = []
+    for shape, batch, ctx in CONFIGS:
+        for rot_v in (True, False):
+            rows.append(trace_config(shape, batch, ctx, rot_v))
+            print(json.dumps(rows[-1]), flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
