@@ -326,24 +326,59 @@ __global__ void __launch_bounds__(256) store_kernel(const StoreParams p) {
   const int rg = lane / L, li = lane % L;
   float y[RPW][E];
   if (rot != nullptr) {
-#pragma unroll
-    for (int rb = 0; rb < RPW; ++rb) {
-#pragma unroll
-      for (int e = 0; e < E; ++e) y[rb][e] = 0.f;
-    }
-#pragma unroll 2
-    for (int i = 0; i < D; ++i) {
-      float r[E];
-#pragma unroll
-      for (int e = 0; e < E; ++e) {
-        const int dim = li + (e / 4) * L + (e % 4) * QB;
-        r[e] = Tr::kRInSmem ? sR[i * D + dim] : __ldg(rot + i * D + dim);
-      }
+    // y = x R, each output summed as kRotBlocks block sums of D / kRotBlocks products (a chain from zero
+    // each), added in block order with rounded adds. Team mode gives block k to warp k (its warps hold
+    // the same row), so a warp runs 1/8 of the chain: in team mode all 8 warps ran the whole rotation,
+    // 3.3 of the 8 us a one-token store took on the Qwen3-8B shape (globaltimer trace, docs/kernels.md).
+    // The other modes run the blocks one after another: every mode yields the same bits
+    // (GPU test test_store_mse_team_mode_matches_plain_mode).
+    constexpr int kRotBlocks = Tr::kWarps, kRB = D / kRotBlocks;
+    auto rot_block = [&](int k, float (&acc)[RPW][E]) {
 #pragma unroll
       for (int rb = 0; rb < RPW; ++rb) {
-        const float xv = xs[(rb * P + rg) * XS + i];
 #pragma unroll
-        for (int e = 0; e < E; ++e) y[rb][e] = fmaf(xv, r[e], y[rb][e]);
+        for (int e = 0; e < E; ++e) acc[rb][e] = 0.f;
+      }
+#pragma unroll 2
+      for (int i = k * kRB; i < (k + 1) * kRB; ++i) {
+        float r[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const int dim = li + (e / 4) * L + (e % 4) * QB;
+          r[e] = Tr::kRInSmem ? sR[i * D + dim] : __ldg(rot + i * D + dim);
+        }
+#pragma unroll
+        for (int rb = 0; rb < RPW; ++rb) {
+          const float xv = xs[(rb * P + rg) * XS + i];
+#pragma unroll
+          for (int e = 0; e < E; ++e) acc[rb][e] = fmaf(xv, r[e], acc[rb][e]);
+        }
+      }
+    };
+    if constexpr (kTeam) {
+      static_assert(32 * E <= Tr::kRows * XS, "a warp's block sums fit in its staged rows");
+      float part[RPW][E];
+      rot_block(warp, part);
+      __syncwarp();  // every lane is done reading this warp's staged row
+#pragma unroll
+      for (int e = 0; e < E; ++e) xs[lane * E + e] = part[0][e];
+      __syncthreads();
+#pragma unroll
+      for (int e = 0; e < E; ++e) y[0][e] = xs_all[lane * E + e];
+      for (int k = 1; k < kRotBlocks; ++k) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) y[0][e] = __fadd_rn(y[0][e], xs_all[k * Tr::kRows * XS + lane * E + e]);
+      }
+    } else {
+      rot_block(0, y);
+      for (int k = 1; k < kRotBlocks; ++k) {
+        float part[RPW][E];
+        rot_block(k, part);
+#pragma unroll
+        for (int rb = 0; rb < RPW; ++rb) {
+#pragma unroll
+          for (int e = 0; e < E; ++e) y[rb][e] = __fadd_rn(y[rb][e], part[rb][e]);
+        }
       }
     }
   } else {
