@@ -105,6 +105,12 @@ class OscarUserConfig(BaseModel):
     require_calibrated: bool = Field(
         default=False, description="refuse to start without calibrated rotations instead of the data-free mode"
     )
+    fold_value_rotation: bool = Field(
+        default=True,
+        description="multiply each layer's o_proj input columns by the value rotation after loading, so that "
+                    "decode skips o @ R_V^T (only where exact: unquantized o_proj fed directly by attention, no "
+                    "LoRA; elsewhere the kernels keep applying it)",
+    )
 
     @model_validator(mode="after")
     def _mse_does_not_clip(self) -> "OscarUserConfig":
@@ -313,6 +319,7 @@ class ResolvedOscarConfig:
     recent_tokens: int
     skip_layers: tuple[str, ...]
     defaults_file: str | None
+    fold_value_rotation: bool = True  # attention/fold.py
 
     @property
     def mode(self) -> RotationMode:
@@ -427,6 +434,7 @@ def resolve(facts: ModelFacts, user: OscarUserConfig, *, defaults_dir: str | Non
                                  DEFAULT_RECENT_TOKENS)),
         skip_layers=tuple(_first(user.skip_layers, defaults.skip_layers, [])),
         defaults_file=defaults_file,
+        fold_value_rotation=user.fold_value_rotation,
     )
     if resolved.sink_tokens > 0 and resolved.recent_tokens == 0:
         raise OscarConfigError(

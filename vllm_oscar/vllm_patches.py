@@ -25,6 +25,9 @@ loudly in CI instead of silently at serve time.
                                                                     after vLLM's built-ins, lazily
  9     ``v1.core.kv_cache_utils._check_enough_kv_cache_memory``     refuse pools that cannot admit one
                                                                     request (window admission cap)
+10     ``model_executor.model_loader.utils`` and ``.base_loader``   fold R_V into ``o_proj`` after the
+       ``process_weights_after_loading``                            weights are processed
+                                                                    (``attention/fold.py``)
 =====  ==========================================================  ====================================
 
 :func:`apply` is idempotent (every wrapper is marked, so a second call is a no-op) and spawn-safe (it
@@ -88,6 +91,10 @@ PATCH_TARGETS: tuple[PatchTarget, ...] = (
                 "lazy spec/manager registration"),
     PatchTarget("vllm.v1.core.kv_cache_utils", "_check_enough_kv_cache_memory", "function",
                 "start-up pool check (called by name from get_kv_cache_configs)"),
+    PatchTarget("vllm.model_executor.model_loader.utils", "process_weights_after_loading", "function",
+                "folds R_V into o_proj once the weights are processed"),
+    PatchTarget("vllm.model_executor.model_loader.base_loader", "process_weights_after_loading", "function",
+                "the same function, imported by name: what BaseModelLoader.load_model calls"),
 )
 
 _applied = False
@@ -143,6 +150,7 @@ def apply() -> None:
     _wrap_create_engine_config()
     _wrap_spec_registry()
     _wrap_kv_memory_check()
+    _wrap_weight_processing()
     _applied = True
 
 
@@ -351,3 +359,25 @@ def _wrap_kv_memory_check() -> None:
 
     # get_kv_cache_configs looks the name up in the module at call time: replacing the attribute suffices.
     kv_cache_utils._check_enough_kv_cache_memory = _mark(_check_enough_kv_cache_memory)
+
+
+def _wrap_weight_processing() -> None:
+    from vllm.model_executor.model_loader import base_loader
+    from vllm.model_executor.model_loader import utils as loader_utils
+
+    original = loader_utils.process_weights_after_loading
+    if is_wrapped(original):
+        return
+
+    @functools.wraps(original)
+    def process_weights_after_loading(model, model_config, target_device):
+        original(model, model_config, target_device)
+        # After every layer's own processing: the attention layers have loaded their rotations by now.
+        from vllm_oscar.attention.fold import fold_after_loading
+
+        fold_after_loading(model)
+
+    wrapped = _mark(process_weights_after_loading)
+    loader_utils.process_weights_after_loading = wrapped
+    # BaseModelLoader.load_model calls the name it imported, so that module's binding is replaced as well.
+    base_loader.process_weights_after_loading = wrapped

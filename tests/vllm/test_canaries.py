@@ -7,12 +7,15 @@ docs/vllm-integration.md).
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import re
 import typing
 
 import pytest
 
 from vllm_oscar import vllm_patches
+from vllm_oscar.attention.fold import FOLDABLE_ATTENTION_CLASSES
 
 
 def _params(fn) -> list[str]:
@@ -153,3 +156,30 @@ def test_runtime_objects_the_impl_reads():
     assert AttentionLayerBase.__abstractmethods__ == {"get_attn_backend", "get_kv_cache_spec"}
     # Padded window pages are viewed with the block stride.
     assert "page_size_padded" in inspect.getsource(_reshape_attention_kv_cache)
+
+
+def test_weight_processing_hook_is_what_the_loader_calls():
+    from vllm.model_executor.model_loader import base_loader
+    from vllm.model_executor.model_loader import utils as loader_utils
+
+    assert _params(loader_utils.process_weights_after_loading) == ["model", "model_config", "target_device"]
+    # BaseModelLoader.load_model calls the name base_loader imported; the fold wrapper replaces both bindings.
+    assert "process_weights_after_loading(model, model_config, target_device)" in inspect.getsource(
+        base_loader.BaseModelLoader.load_model)
+    # The attention layers load their rotations in this function, before the fold runs after it.
+    assert "module.process_weights_after_loading(model_config.dtype)" in inspect.getsource(
+        inspect.unwrap(loader_utils.process_weights_after_loading))
+
+
+@pytest.mark.parametrize("cls_name", sorted(FOLDABLE_ATTENTION_CLASSES))
+def test_foldable_attention_feeds_o_proj_directly(cls_name):
+    """R_V folds into o_proj only if the attention output reaches o_proj unchanged (attention/fold.py)."""
+    cls = getattr(importlib.import_module(FOLDABLE_ATTENTION_CLASSES[cls_name]), cls_name)
+    src = inspect.getsource(cls.forward)
+    body = [ln.strip() for ln in src.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    i = next((k for k, ln in enumerate(body) if re.fullmatch(r"attn_output = self\.attn\(.*\)", ln)), None)
+    assert i is not None, f"{cls_name}.forward no longer computes `attn_output = self.attn(...)`"
+    assert re.fullmatch(r"output, _ = self\.o_proj\(attn_output\)", body[i + 1]), (
+        f"{cls_name}.forward does something between attention and o_proj ({body[i + 1]!r}): folding R_V into "
+        "o_proj would be wrong; drop it from FOLDABLE_ATTENTION_CLASSES"
+    )

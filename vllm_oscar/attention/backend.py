@@ -305,6 +305,9 @@ class OscarAttentionImpl(AttentionImpl[OscarMetadata]):
         self._layer_name: str | None = None
         self._window_name: str | None = None
         self._args: OscarLayerArgsCache | None = None  # set by process_weights_after_loading
+        # True once attention/fold.py has multiplied o_proj's input columns by R_V: the kernels then leave
+        # the output in the rotated space.
+        self._value_rotation_folded = False
 
     # -------------------------------------------------------------------------------- setup
 
@@ -339,10 +342,21 @@ class OscarAttentionImpl(AttentionImpl[OscarMetadata]):
         self._window_name = getattr(layer, "oscar_window_name", None)
         self._args = OscarLayerArgsCache(resolved, self.head_size, self.num_kv_heads, self.scale)
 
+    @property
+    def vllm_config(self):
+        return self._vllm_config
+
+    @property
+    def value_rotation_folded(self) -> bool:
+        return self._value_rotation_folded
+
+    def set_value_rotation_folded(self, folded: bool) -> None:
+        self._value_rotation_folded = bool(folded)
+
     def _layer_args(self, layer, kv_cache: torch.Tensor) -> kernels.OscarLayerArgs:
         if self._args is None:
             raise RuntimeError("OSCAR layer used before process_weights_after_loading loaded its rotations")
-        return self._args.get(layer, kv_cache)
+        return self._args.get(layer, kv_cache, rotate_output=not self._value_rotation_folded)
 
     def _window(self, num_tokens: int | None = None):
         """The companion's (cache, block table, slot mapping) for this step; Nones without windows."""
@@ -417,6 +431,10 @@ class OscarAttentionImpl(AttentionImpl[OscarMetadata]):
             # First chunks attend their own exact K/V: identical to BF16 attention.
             kernels.varlen_attention(qs, ks, vs, b.cu_seqlens_q, b.cu_seqlens_q, b.max_seqlen_q, b.max_seqlen_q,
                                      self.scale, outs)
+            if args.output_rotation_v is None:  # o_proj absorbed R_V (attention/fold.py): hand it o R_V
+                (obuf,) = self._workspace([(tuple(outs.shape), outs.dtype)])
+                torch.matmul(outs, layer.oscar_rotation_v_act, out=obuf)
+                outs.copy_(obuf)
             return
         n, d, hkv = t1 - t0, self.head_size, self.num_kv_heads
         qbuf, kbuf, vbuf = self._workspace([
@@ -433,8 +451,9 @@ class OscarAttentionImpl(AttentionImpl[OscarMetadata]):
         torch.matmul(qs, layer.oscar_rotation_k_act, out=qbuf)
         kernels.varlen_attention(qbuf, kbuf, vbuf, b.cu_seqlens_q, b.cu_seqlens_k, b.max_seqlen_q, b.max_seqlen_k,
                                  self.scale, outs)
-        torch.matmul(outs, layer.oscar_rotation_v_t_act, out=qbuf)  # back to the model space: o = o_rot R_V^T
-        outs.copy_(qbuf)
+        if args.output_rotation_v is not None:  # else o_proj absorbed R_V (attention/fold.py)
+            torch.matmul(outs, layer.oscar_rotation_v_t_act, out=qbuf)  # back to the model space: o = o_rot R_V^T
+            outs.copy_(qbuf)
 
 
 class OscarLayerArgsCache:
@@ -451,10 +470,11 @@ class OscarLayerArgsCache:
         self.scale = scale
         self._cached: tuple | None = None
 
-    def get(self, layer, kv_cache: torch.Tensor) -> kernels.OscarLayerArgs:
+    def get(self, layer, kv_cache: torch.Tensor, *, rotate_output: bool = True) -> kernels.OscarLayerArgs:
         rk, rv = layer.oscar_rotation_k, layer.oscar_rotation_v
         page = kv_cache.shape[-1]
-        if self._cached is None or self._cached[:3] != (id(rk), id(rv), page):
+        key = (id(rk), id(rv), page, rotate_output)
+        if self._cached is None or self._cached[:4] != key:
             token_bytes = Int2PageLayout(head_dim=self.head_dim, block_size=16).token_bytes_per_head
             layout = Int2PageLayout(head_dim=self.head_dim, block_size=page // token_bytes,
                                     num_kv_heads=self.num_kv_heads)
@@ -462,6 +482,6 @@ class OscarLayerArgsCache:
             args = kernels.OscarLayerArgs(
                 layout=layout, rotation_k=rk, rotation_v=rv, k_clip_ratio=r.k_clip_ratio,
                 v_clip_ratio=r.v_clip_ratio, sink_tokens=r.sink_tokens, recent_tokens=r.recent_tokens,
-                scale=self.scale, levels=r.levels)
-            self._cached = (id(rk), id(rv), page, args)
-        return self._cached[3]
+                scale=self.scale, levels=r.levels, rotate_output=rotate_output)
+            self._cached = (*key, args)
+        return self._cached[4]

@@ -46,6 +46,13 @@ class OscarLayerArgs:
     recent_tokens: int
     scale: float
     levels: str = "minmax"  # reference.LEVELS: how the store kernel fits (scale, offset)
+    # False when o_proj absorbed R_V (attention/fold.py): the attention output stays in the rotated space.
+    rotate_output: bool = True
+
+    @property
+    def output_rotation_v(self) -> torch.Tensor | None:
+        """What decode and the prefill path apply to the output (``o_rot @ R_V^T``); None: nothing."""
+        return self.rotation_v if self.rotate_output else None
 
 
 def require_kernels(device: torch.device | str) -> None:
@@ -132,11 +139,12 @@ def decode(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, block_tab
            seq_lens: torch.Tensor, window_cache: torch.Tensor | None, window_block_table: torch.Tensor | None,
            args: OscarLayerArgs, workspace) -> None:
     """One query token per request: ``q [B, H, d]`` (model space) at position ``seq_lens[b] - 1``;
-    writes ``out [B, H, d]`` (model space). Spec: ``reference.paged_decode``. CUDA-graph safe."""
+    writes ``out [B, H, d]``: model space, or ``o R_V`` when ``args.output_rotation_v`` is None (o_proj
+    absorbed R_V). Spec: ``reference.paged_decode``. CUDA-graph safe."""
     from vllm_oscar import ops
 
     ops.decode(q, kv_cache, block_table, seq_lens, workspace, window_cache=window_cache,
-               window_block_table=window_block_table, rotation_k=args.rotation_k, rotation_v=args.rotation_v,
+               window_block_table=window_block_table, rotation_k=args.rotation_k, rotation_v=args.output_rotation_v,
                sink=args.sink_tokens, recent=args.recent_tokens, scale=args.scale, out=out)
 
 
