@@ -18,6 +18,11 @@ last CTA of a (b, kv head): 10 R_V copies issued, 11 merge loop done, 5 merge do
 One call is captured in a CUDA graph and replayed 7 times. Per configuration the script prints the
 median over replays of summary times in microseconds after the first rotate_q CTA started, plus the
 plain graph-replay time per call (``graph_us``, the benchmark's method with the trace points inside).
+
+The traces in docs/kernels.md and benchmarks/results/kernels-h100.json were taken on 2026-11-24 with
+an earlier form of this script and of trace_store.py (same slots, more summary fields). The committed
+forms share ``benchmarks.trace.replay_traced``; their table readers are tested on CPU, but they have not
+run on the GPU as committed.
 """
 
 from __future__ import annotations
@@ -25,12 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 from benchmarks import kernels as kb  # shapes, inputs and timing of the kernel benchmark
+from benchmarks.trace import replay_traced
 from vllm_oscar import ops
 
 CONFIGS = [("qwen3-8b", 1, 4096), ("qwen3-8b", 1, 32768), ("qwen3-8b", 1, 131072), ("qwen3-8b", 8, 32768),
@@ -76,23 +81,8 @@ def trace_config(shape: str, batch: int, ctx: int, rot_v: bool) -> dict:
     for i in range(5):
         inp.call(ws, i % nb, rot_v=rot_v)
     torch.cuda.synchronize()
-    os.environ["OSCAR_DECODE_TRACE_PTR"] = str(buf.data_ptr())
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        inp.call(ws, 0, rot_v=rot_v)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        inp.call(ws, 0, rot_v=rot_v)
-    del os.environ["OSCAR_DECODE_TRACE_PTR"]
-    reps = []
-    for _ in range(7):
-        buf.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        reps.append(summarize(buf.view(-1, SLOTS).cpu().double(), n_int, n_dec))
-    med = {k: round(statistics.median(r[k] for r in reps), 2) for k in reps[0]}
+    med = replay_traced(lambda: inp.call(ws, 0, rot_v=rot_v), "OSCAR_DECODE_TRACE_PTR", buf, SLOTS,
+                        lambda t: summarize(t, n_int, n_dec))
     fn = lambda i: inp.call(ws, i % nb, rot_v=rot_v)
     graph_us = kb.time_graph(fn, nb, kb.estimate_ms(fn)) * 1e3
     return dict(shape=shape, batch=batch, ctx=ctx, rot_v=rot_v, s_int=s_int, s_win=s_win,

@@ -18,17 +18,24 @@ ticks in 0.256 us steps on the H100, and the compiler may move a timer read past
 from __future__ import annotations
 
 import json
-import os
-import statistics
 
 import torch
 
 from benchmarks import kernels as kb
+from benchmarks.trace import replay_traced
 from vllm_oscar import ops
 from vllm_oscar.layout import Int2PageLayout
 
 SLOTS = 8
 STEPS = {"staged": 1, "r_landed": 2, "rotated": 3, "params": 5, "end": 6}
+
+
+def summarize(t: torch.Tensor) -> dict:
+    """CTA count and the latest CTA's time (us) of each step after the first CTA entered; ``t`` is the
+    [rows, SLOTS] timestamp table (ns), unused rows zero."""
+    t = t[t[:, 0] > 0]
+    t0 = t[:, 0].min()
+    return {"ctas": len(t), **{k: round(float((t[:, s].max() - t0) / 1e3), 2) for k, s in STEPS.items()}}
 
 
 def trace_store(shape: str, tokens: int, levels: str, clip: tuple[float, float]) -> dict:
@@ -47,28 +54,7 @@ def trace_store(shape: str, tokens: int, levels: str, clip: tuple[float, float])
                      window_cache=win, window_slot_mapping=slots, levels=levels)
 
     buf = torch.zeros(4096 * SLOTS, dtype=torch.int64, device="cuda")
-    call()
-    torch.cuda.synchronize()
-    os.environ["OSCAR_STORE_TRACE_PTR"] = str(buf.data_ptr())
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    del os.environ["OSCAR_STORE_TRACE_PTR"]
-    reps = []
-    for _ in range(7):
-        buf.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        t = buf.view(-1, SLOTS).cpu().double()
-        t = t[t[:, 0] > 0]
-        t0 = t[:, 0].min()
-        reps.append({"ctas": len(t), **{k: round(float((t[:, s].max() - t0) / 1e3), 2) for k, s in STEPS.items()}})
-    med = {k: statistics.median(r[k] for r in reps) for k in reps[0]}
+    med = replay_traced(call, "OSCAR_STORE_TRACE_PTR", buf, SLOTS, summarize)
     graph_us = kb.time_graph(lambda i: call(), 1, kb.estimate_ms(lambda i: call())) * 1e3
     return {"shape": shape, "tokens": tokens, "levels": levels, "graph_us": round(graph_us, 2), **med}
 
