@@ -40,7 +40,7 @@ def store(key, value, kv_cache, slot_mapping, window_cache, window_slot_mapping,
 
 def decode(out, q, kv_cache, block_table, seq_lens, window_cache, window_block_table, args, workspace) -> None:
     o = ref.paged_decode(q, kv_cache, block_table, seq_lens, args.layout, window_cache, window_block_table,
-                         args.sink_tokens, args.recent_tokens, args.rotation_k, args.rotation_v, args.scale)
+                         args.sink_tokens, args.recent_tokens, args.rotation_k, args.output_rotation_v, args.scale)
     out.copy_(o.to(out.dtype))
 
 

@@ -31,7 +31,7 @@ VOCAB = 97
 class Stack:
     """One engine's worth of OSCAR state on CPU, driven step by step like vLLM's scheduler + runner."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, *, folded: bool = False):
         from vllm.config import set_current_vllm_config
         from vllm.utils.hashing import sha256
         from vllm.v1.core.kv_cache_utils import get_kv_cache_configs, get_request_block_hasher
@@ -48,6 +48,10 @@ class Stack:
         with set_current_vllm_config(cfg):
             for layer in self.layers:
                 layer.process_weights_after_loading(torch.bfloat16)  # loads the rotations
+        # folded: o_proj absorbed R_V (attention/fold.py), so every output stays in the rotated space
+        self.folded = folded
+        for layer in self.layers:
+            layer.impl.set_value_rotation_folded(folded)
         self.kv = get_kv_cache_configs(cfg, [collect_specs(cfg)], [4 << 20])[0]
         with set_current_vllm_config(cfg):
             self.attn_groups, _, kernel_block_sizes = init_attn_backend(self.kv, cfg, torch.device("cpu"))
@@ -174,8 +178,8 @@ class Stack:
             out = torch.stack([o for _, o in items]).float()
             top = int(ps.max()) + 1
             exact = self._attend(c["q"][ps].float(), c["k"][:top].float(), c["v"][:top].float(), ps)
-            if s == 0:  # first chunk: exact attention in the model space
-                want = exact
+            if s == 0:  # first chunk: exact attention in the model space (times R_V in bf16 when folded)
+                want = torch.matmul(exact.to(bf), layer.oscar_rotation_v_act).float() if self.folded else exact
             else:
                 j = torch.arange(s)[:, None, None]
                 window = (j < SINK) | (j >= s + 1 - RECENT)
@@ -183,17 +187,20 @@ class Stack:
                 if len(items) == 1 and int(ps[0]) == s:  # decode: reference.paged_decode (fp32 throughout)
                     qr = c["q"][ps].float() @ layer.oscar_rotation_k
                     kk, vv = torch.cat([pk, c["kw"][s:top]]), torch.cat([pv, c["vw"][s:top]])
-                    want = self._attend(qr, kk, vv, ps) @ layer.oscar_rotation_v.T
+                    want = self._attend(qr, kk, vv, ps)
+                    if not self.folded:
+                        want = want @ layer.oscar_rotation_v.T
                 else:  # continuation chunk: bf16 prefix buffer + bf16 chunk rows, bf16 rotations
                     qr = torch.matmul(c["q"][ps], layer.oscar_rotation_k_act).float()
                     kk = torch.cat([pk.to(bf).float(), c["kc"][s:top]])
                     vv = torch.cat([pv.to(bf).float(), c["vc"][s:top]])
                     o_rot = self._attend(qr, kk, vv, ps).to(bf)
-                    want = torch.matmul(o_rot, layer.oscar_rotation_v_t_act).float()
+                    want = o_rot.float() if self.folded else torch.matmul(o_rot, layer.oscar_rotation_v_t_act).float()
                 reads_int2 = ps >= SINK + RECENT
                 n_int2 += int(reads_int2.sum())
                 if reads_int2.any():
-                    int2_effect = max(int2_effect, float((want - exact)[reads_int2].abs().max()))
+                    model_space = want @ layer.oscar_rotation_v.T if self.folded else want
+                    int2_effect = max(int2_effect, float((model_space - exact)[reads_int2].abs().max()))
             worst = max(worst, float((out - want).abs().max()))
         assert worst <= atol, f"backend output deviates from the spec by {worst:.4f} (> {atol})"
         return {"max_err": worst, "int2_effect": int2_effect, "tokens_with_int2": n_int2}
@@ -227,6 +234,21 @@ def test_chunked_prefill_decode_mixed_batches_and_prefix_hit(stack):
     stats = stack.check()
     assert stats["tokens_with_int2"] > 100
     assert stats["int2_effect"] > 5 * stats["max_err"]  # the check can tell INT2 history from exact history
+
+
+def test_folded_value_rotation_leaves_every_output_rotated(model_factory, monkeypatch):
+    """With R_V folded into o_proj, decode, continuation chunks and first chunks all return o R_V."""
+    reference_kernels.install(monkeypatch)
+    stack = Stack(model_factory("backend", num_layers=NUM_LAYERS, num_heads=HQ, num_kv_heads=HKV, head_dim=D),
+                  folded=True)
+    a = stack.request("a", _tokens(5, 400))
+    b = stack.request("b", _tokens(6, 200))
+    stack.step([(a, 200, None)])  # first chunk: exact attention, then times R_V
+    stack.step([(a, 200, None), (b, 100, None)])  # continuation + a first chunk in one batch
+    for _ in range(4):
+        stack.step([(a, 1, None), (b, 1, None)])  # decode without the R_V epilogue
+    stats = stack.check()
+    assert stats["tokens_with_int2"] > 100
 
 
 def test_preempted_request_resumes_with_identical_decodes(stack, model_factory, monkeypatch):
