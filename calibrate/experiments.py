@@ -369,6 +369,9 @@ def variant_registry() -> dict[str, dict]:
     def log8(s):
         return V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8)
 
+    def log8_bits(kb, vb):  # a different split of the code bits between K and V
+        return lambda s: V.AttentionVariant(k=replace(MSE_LOG8, bits=kb), v=replace(MSE_LOG8, bits=vb))
+
     def log8_r512(s):
         return V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8, recent=512)
 
@@ -446,6 +449,11 @@ def variant_registry() -> dict[str, dict]:
                                                "neighbours", orth("hadamard"), exit_pinned(128, 7)),
         "hadamard_mse_log8": entry("data-free: Hadamard + MSE grid with 8-bit log scale + 8-bit offset "
                                    "(16 bits/row)", orth("hadamard"), log8),
+        "hadamard_mse_log8_k3v1": entry("(5) hadamard_mse_log8 with 3-bit K and 1-bit V codes: the same 2 code "
+                                        "bits per element on average, moved to the keys (the 4096 gap is K's)",
+                                        orth("hadamard"), log8_bits(3, 1)),
+        "hadamard_mse_log8_k3v2": entry("reference point over budget: hadamard_mse_log8 with 3-bit K, 2-bit V "
+                                        "(2.5 code bits per element)", orth("hadamard"), log8_bits(3, 2)),
         "hadamard_mse_log8_r512": entry("(5) data-free: hadamard_mse_log8 with the saved bits spent on a "
                                         "512-token recent window", orth("hadamard"), log8_r512),
         "paper_mse": entry("(4) paper rotations + MSE-fitted grid, fp16", orth("paper"), mse),

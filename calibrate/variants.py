@@ -91,6 +91,21 @@ class QuantSpec:
     # the weights are a matrix ``M [..., d, d]`` and fit and choice minimize ``e^T M e`` (``e`` = the
     # row's error; codes still nearest-level, unweighted starts).
     weighting: Literal["none", "fit", "fit_select", "full"] = "none"
+    # Code bits per element (2 = INT2, what the kernels store). Other widths are accuracy experiments on
+    # how a fixed budget is best split between K and V (levels "minmax" and "mse" only, asymmetric rows).
+    bits: int = 2
+
+    def __post_init__(self):
+        if self.bits not in (1, 2, 3, 4):
+            raise ValueError(f"bits={self.bits} is not a code width this sweep supports; choose 1, 2, 3 or 4")
+        if self.bits != 2 and (self.levels == "lm" or self.params == "log8_sym"):
+            raise ValueError(f"bits={self.bits} needs levels 'minmax' or 'mse' with an offset (the Lloyd-Max "
+                             f"thresholds and log8_sym's fixed offset are 2-bit rules); got levels "
+                             f"{self.levels!r}, params {self.params!r}")
+
+    @property
+    def num_levels(self) -> int:
+        return 1 << self.bits
 
     def bits_per_row_params(self) -> int:
         return PARAM_BITS[self.params]
@@ -125,8 +140,8 @@ def round_params(scale: torch.Tensor, offset: torch.Tensor, fmt: str) -> tuple[t
     return s, o
 
 
-def _codes(x: torch.Tensor, s: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.floor((x - o[..., None]) / s[..., None] + 0.5), 0, ref.INT2_LEVELS - 1)
+def _codes(x: torch.Tensor, s: torch.Tensor, o: torch.Tensor, levels: int = ref.INT2_LEVELS) -> torch.Tensor:
+    return torch.clamp(torch.floor((x - o[..., None]) / s[..., None] + 0.5), 0, levels - 1)
 
 
 def _rowmat(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -160,9 +175,9 @@ def _ls_fit_full(x, c, s, o, m, m1, m11):
     return torch.where(ok, s_new, s), torch.where(ok, o_new, o)
 
 
-def _minmax_params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _minmax_params(x: torch.Tensor, levels: int = ref.INT2_LEVELS) -> tuple[torch.Tensor, torch.Tensor]:
     lo, hi = x.amin(-1), x.amax(-1)
-    return (hi - lo) / 3.0, lo
+    return (hi - lo) / (levels - 1), lo
 
 
 def _lm_params(x: torch.Tensor, lm_ratio: float, w: torch.Tensor | None = None
@@ -238,13 +253,14 @@ def quantize_rows_variant(x: torch.Tensor, spec: QuantSpec, weights: torch.Tenso
         m11 = m1.sum(-1)
     w_sel = w if spec.weighting in ("fit_select", "full") else None
     symmetric = spec.params == "log8_sym"
+    nl = spec.num_levels
     if spec.levels == "minmax":
-        s, o = _minmax_params(x)
+        s, o = _minmax_params(x, nl)
         if symmetric:  # levels +-s/2, +-3s/2 reaching the row's largest magnitude
             s = torch.maximum(x.amax(-1).abs(), x.amin(-1).abs()) / 1.5
             o = -1.5 * s
         s, o = round_params(s, o, spec.params)
-        c = _codes(x, s, o)
+        c = _codes(x, s, o, nl)
     elif spec.levels == "lm":
         c, s, o = _lm_params(x, spec.lm_ratio)
         s, o = round_params(s, o, spec.params)
@@ -252,22 +268,23 @@ def quantize_rows_variant(x: torch.Tensor, spec: QuantSpec, weights: torch.Tenso
         best = None
         lo, hi = x.amin(-1), x.amax(-1)
         mid, rng = (lo + hi) / 2, hi - lo
-        inits = [_lm_params(x, 1.0, None if full else w_sel)[1:]]
+        # The Lloyd-Max start is a 4-level rule; other widths start from the shrunk min-max grids only.
+        inits = [_lm_params(x, 1.0, None if full else w_sel)[1:]] if nl == ref.INT2_LEVELS else []
         for a in MSE_INIT_RANGE_FRACTIONS:  # min-max grid shrunk around the mid-range
-            inits.append((a * rng / 3.0, mid - 0.5 * a * rng))
+            inits.append((a * rng / (nl - 1), mid - 0.5 * a * rng))
         for s, o in inits:
             s = torch.clamp(s, min=1e-30)
             if symmetric:
                 o = -1.5 * s
-            c = _codes(x, s, o)
+            c = _codes(x, s, o, nl)
             for _ in range(spec.iters):
                 if full:
                     s, o = _ls_fit_full(x, c, s, o, w, m1, m11)
                 else:
                     s, o = _ls_fit(x, c, s, o, symmetric, w)
-                c = _codes(x, s, o)
+                c = _codes(x, s, o, nl)
             sr, orr = round_params(s, o, spec.params)
-            cr = _codes(x, sr, orr)
+            cr = _codes(x, sr, orr, nl)
             err = _sse(x, cr, sr, orr, w_sel, full)
             if best is None:
                 best = (err, cr, sr, orr)
@@ -419,7 +436,7 @@ class AttentionVariant:
     def bits(self, head_dim: int, context: int) -> float:
         pins = min(self.pin_tokens, max(0, context - self.sink - self.recent))
         params = tuple(0 if spec is None else spec.bits_per_row_params() for spec in (self.k, self.v))
-        codes = tuple(16 if spec is None else 2 for spec in (self.k, self.v))
+        codes = tuple(16 if spec is None else spec.bits for spec in (self.k, self.v))
         return bits_per_element(head_dim, context, sink=self.sink, recent=self.recent, param_bits=params,
                                 extra_window_tokens=pins, code_bits=codes) + pins * 32 / (2 * head_dim) / context
 

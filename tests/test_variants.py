@@ -813,3 +813,32 @@ def test_screens_update_their_own_entry_of_the_results_file(tmp_path):
     E._write_screen(out, "channel_centering_screen", lambda old: {"seen": old})
     assert json.loads(out.read_text()) == {"variants": {"a": 1}, "weighted_fit_screen": {"variants": {"x": 1, "y": 2}},
                                            "channel_centering_screen": {"seen": {}}}
+
+
+def test_code_widths_other_than_two_bits():
+    """QuantSpec.bits: codes span 2^bits levels, the MSE fit improves with each bit, the bit count reaches the
+    storage cost, and the 2-bit-only rules refuse other widths."""
+    x = torch.randn(400, 64, generator=torch.Generator().manual_seed(3))
+    errs = []
+    for b in (1, 2, 3, 4):
+        spec = V.QuantSpec("mse", params="log8_i8", bits=b)
+        codes, s, o = V.quantize_rows_variant(x, spec)
+        assert int(codes.max()) <= (1 << b) - 1 and int(codes.min()) >= 0
+        assert int(codes.max()) == (1 << b) - 1  # the grid uses its top level
+        errs.append(float(((codes.float() * s[:, None] + o[:, None] - x) ** 2).mean()))
+    assert errs[0] > 2.5 * errs[1] > 2.5 * 2.5 * errs[2] > 2.5 ** 3 * errs[3]
+    # 2 bits is the default and unchanged: identical to the spec without the field
+    two = V.quantize_rows_variant(x, V.QuantSpec("mse", params="log8_i8", bits=2))
+    default = V.quantize_rows_variant(x, V.QuantSpec("mse", params="log8_i8"))
+    assert all(torch.equal(a, b) for a, b in zip(two, default))
+    minmax3 = V.quantize_rows_variant(x, V.QuantSpec("minmax", bits=3))[0]
+    assert int(minmax3.max()) == 7
+    k3v1 = V.AttentionVariant(k=V.QuantSpec("mse", params="log8_i8", bits=3),
+                              v=V.QuantSpec("mse", params="log8_i8", bits=1))
+    k2v2 = V.AttentionVariant(k=V.QuantSpec("mse", params="log8_i8"), v=V.QuantSpec("mse", params="log8_i8"))
+    assert k3v1.bits(64, 32768) == k2v2.bits(64, 32768)
+    assert V.AttentionVariant(k=V.QuantSpec("mse", params="log8_i8", bits=3), v=k2v2.v).bits(64, 32768) > \
+        k2v2.bits(64, 32768) + 0.45
+    for bad in ({"bits": 5}, {"levels": "lm", "bits": 3}, {"levels": "mse", "params": "log8_sym", "bits": 1}):
+        with pytest.raises(ValueError):
+            V.QuantSpec(**bad)
