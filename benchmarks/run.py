@@ -17,8 +17,11 @@ formats it runs (the accuracy suite: the tasks and perplexity contexts it runs) 
 Semantics worth knowing:
 - capacity is vLLM's own ``get_kv_cache_capacity`` (what it logs as "Maximum concurrency for N tokens
   per request") evaluated for each request length on the engine's real KV-cache config;
-- batch-1 TPOT = (time of 1 prompt + 129 tokens - time of the same prompt + 1 token) / 128, prefix
-  caching off so both runs prefill;
+- batch-1 TPOT = (time of the 129th output token - time of the 1st) / 128, from engine-step timestamps
+  (``benchmarks/steps.py``), so the prefill is not in it; the lowest of ``--latency-reps`` runs;
+- full-KV decode (``--sat-context``): as many requests of that many tokens as the format's KV cache
+  holds, all submitted at once; decode throughput while every one of them decodes (after the last
+  prefill, before the first finishes) and end-to-end output throughput, from the same timestamps;
 - accuracy: one engine per format for all its tasks; every prompt is prefilled in ``--chunk``-token
   (32) steps, up to ``--max-num-seqs`` (64) requests side by side, so every prompt token reads the
   quantized history beyond the BF16 windows as decode does (a one-chunk prefill would attend to exact
@@ -51,7 +54,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import longctx
+from benchmarks import longctx, steps
 from benchmarks.serving import stop_on_sigterm, wait_or_stop
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +74,9 @@ FORMATS: dict[str, dict] = {
     "int2_hadamard": {"kv_cache_dtype": "oscar_int2",
                       "additional_config": {"oscar": {"rotation": "hadamard", **_NO_WINDOWS}}},
     "oscar_int2": {"kv_cache_dtype": "oscar_int2"},
+    # oscar_int2 with R_V applied in the decode kernel's epilogue instead of folded into o_proj (A/B)
+    "oscar_int2_nofold": {"kv_cache_dtype": "oscar_int2",
+                          "additional_config": {"oscar": {"fold_value_rotation": False}}},
 }
 DEFAULT_PERF_FORMATS = "auto,fp8,turboquant_3bit_nc,oscar_int2"
 DEFAULT_ACC_FORMATS = "auto,fp8,turboquant_4bit_nc,turboquant_3bit_nc,int2_naive,int2_hadamard,oscar_int2"
@@ -112,6 +118,14 @@ def _engine(fmt: str, **kwargs):
     return LLM(**kwargs, **FORMATS[fmt])
 
 
+def _oscar_layer_state(model) -> dict:
+    """How many attention layers the OSCAR backend serves, and in how many R_V is folded into o_proj."""
+    from vllm_oscar.attention.backend import OscarAttentionImpl
+
+    impls = [m.impl for m in model.modules() if isinstance(getattr(m, "impl", None), OscarAttentionImpl)]
+    return {"layers": len(impls), "r_v_folded_into_o_proj": sum(i.value_rotation_folded for i in impls)}
+
+
 def worker_perf(args) -> dict:
     """Capacity, batch-1 TPOT and offline throughput for one format on the Qwen3-8B shape."""
     import random
@@ -120,25 +134,38 @@ def worker_perf(args) -> dict:
     from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity
 
     contexts = [int(c) for c in args.contexts.split(",")]
-    max_len = max(contexts + [args.tp_in]) + 256
+    max_len = max(contexts + [args.tp_in + args.tp_out, args.sat_context]) + 256
     t0 = time.time()
     llm = _engine(args.format, model=str(args.model_dir), load_format="dummy", skip_tokenizer_init=True,
                   max_model_len=max_len, gpu_memory_utilization=args.gpu_mem, enable_prefix_caching=False,
-                  max_num_seqs=256, seed=0)
-    out: dict = {"format": args.format, "startup_s": round(time.time() - t0, 1), "max_model_len": max_len}
+                  max_num_seqs=256, seed=0,
+                  **({"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}))
+    out: dict = {"format": args.format, "startup_s": round(time.time() - t0, 1), "max_model_len": max_len,
+                 "max_num_batched_tokens": llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens}
     vcfg = llm.llm_engine.vllm_config
     kvc = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_config
-    cap = {}
-    for n in (8192, 32768, 131072):
+
+    def capacity(n: int) -> tuple[int, float]:
+        """(KV tokens, maximum concurrency) vLLM computes for n-token requests on this engine's cache."""
         saved = vcfg.model_config.max_model_len
         vcfg.model_config.max_model_len = n
         try:
-            tokens, conc = get_kv_cache_capacity(vcfg, kvc)
+            return get_kv_cache_capacity(vcfg, kvc)
         finally:
             vcfg.model_config.max_model_len = saved
+
+    cap = {}
+    for n in (8192, 32768, 131072):
+        tokens, conc = capacity(n)
         cap[str(n)] = {"max_concurrency": round(conc, 3), "kv_tokens": int(tokens)}
     out["capacity"] = cap
     out["num_blocks"] = kvc.num_blocks
+    if FORMATS[args.format]["kv_cache_dtype"] == "oscar_int2":
+        try:
+            out["oscar_layers"] = llm.apply_model(_oscar_layer_state)[0]
+        except Exception as exc:  # noqa: BLE001 - a report, not the measurement: record why and go on
+            out["oscar_layers"] = {"error": repr(exc)}
+        print(f"[{args.format}] {out['oscar_layers']}", flush=True)
     _save_partial(args, out)
     rng = random.Random(0)
 
@@ -150,17 +177,32 @@ def worker_perf(args) -> dict:
         llm.generate(prompts, sp, use_tqdm=False)
         return time.perf_counter() - t
 
-    one = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0)
-    many = SamplingParams(max_tokens=129, ignore_eos=True, temperature=0)
-    timed([prompt(512)], many)  # warm-up: compile, graphs, allocator
+    timed([prompt(512)], SamplingParams(max_tokens=129, ignore_eos=True, temperature=0))  # warm-up
     lat = {}
     for c in contexts:
-        p = prompt(c)
-        t1 = min(timed([p], one) for _ in range(2))
-        t2 = min(timed([p], many) for _ in range(2))
-        lat[str(c)] = {"tpot_ms": round(1000 * (t2 - t1) / 128, 3), "prefill_s": round(t1, 3)}
-        print(f"[{args.format}] ctx {c}: TPOT {lat[str(c)]['tpot_ms']} ms", flush=True)
+        p = prompt(c)["prompt_token_ids"]
+        reps = [steps.single_stream_tpot(steps.drive(llm, [p], 129, prefix=f"lat{c}-{i}"), f"lat{c}-{i}-0")
+                for i in range(args.latency_reps)]
+        best = min(reps, key=lambda r: r["tpot_ms"])
+        lat[str(c)] = {"tpot_ms": best["tpot_ms"], "itl_median_ms": best["itl_median_ms"],
+                       "prefill_s": best["first_token_s"], "reps": reps,
+                       "method": "decode-step timestamps (benchmarks/steps.py): (last - first token) / 128, "
+                                 f"prefill excluded; lowest of {args.latency_reps} runs"}
+        print(f"[{args.format}] ctx {c}: TPOT " + ", ".join(f"{r['tpot_ms']} (median gap {r['itl_median_ms']})"
+                                                          for r in reps) + " ms", flush=True)
         out["latency_bs1"] = lat
+        _save_partial(args, out)
+    if args.sat_context:
+        conc = capacity(args.sat_context)[1]
+        n = min(int(conc), 256)  # max_num_seqs
+        plen = args.sat_context - args.sat_out
+        t = time.perf_counter()
+        sat = steps.full_batch_decode(steps.drive(llm, [prompt(plen)["prompt_token_ids"] for _ in range(n)],
+                                                  args.sat_out, prefix="sat"), [f"sat-{i}" for i in range(n)])
+        sat.update({"context": args.sat_context, "prompt_len": plen, "output_len": args.sat_out,
+                    "max_concurrency": round(conc, 3), "seconds_total": round(time.perf_counter() - t, 1)})
+        out["full_kv_decode"] = sat
+        print(f"[{args.format}] full KV at {args.sat_context}: {json.dumps(sat)}", flush=True)
         _save_partial(args, out)
     if args.tp_requests:
         prompts = [prompt(args.tp_in) for _ in range(args.tp_requests)]
@@ -577,6 +619,21 @@ def markdown(e2e: dict | None, acc: dict | None, serve: dict | None = None) -> s
             rows.append([f"`{f}`"] + [f"{lat[c]['tpot_ms']:.2f}" if c in lat else "" for c in ctxs]
                         + [f"{tp['output_tok_s']:.0f}" if tp else ""])
         parts.append("Batch-1 decode latency and offline throughput\n\n" + _table(rows))
+        sat = {f: r["full_kv_decode"] for f, r in res.items() if "full_kv_decode" in r}
+        if sat:
+            base_tok = sat.get("auto", {}).get("decode_tok_s")
+            rows = [["format", "requests × (in + out)", "decode tok/s", "x BF16", "step (ms)", "prefill phase (s)",
+                     "end-to-end out tok/s"]]
+            for f, d in sat.items():
+                tok = d.get("decode_tok_s")
+                rows.append([f"`{f}`", f"{d['requests']} × ({d['prompt_len']} + {d['output_len']})",
+                             f"{tok:.0f}" if tok else d.get("error", ""),
+                             f"{tok / base_tok:.2f}x" if tok and base_tok else "",
+                             f"{d['step_ms_median']:.1f}" if tok else "", f"{d['prefill_phase_s']:.1f}",
+                             f"{d['output_tok_s_end_to_end']:.0f}"])
+            ctx = next(iter(sat.values()))["context"]
+            parts.append(f"Decode throughput with a full KV cache ({ctx // 1024}K-token requests, as many as "
+                         "each format holds)\n\n" + _table(rows))
     if acc:
         res = {r["format"]: r for r in upgrade_accuracy(acc)["results"]}
         parts += _perplexity_tables(res) + _recall_tables(res) + _passkey_tables(res)
@@ -697,6 +754,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", default=str(DUMMY_QWEN3_8B), help="config folder for dummy-weight perf runs")
     p.add_argument("--contexts", default="8192,32768,65536,131072", help="batch-1 latency contexts")
     p.add_argument("--gpu-mem", type=float, default=0.9)
+    p.add_argument("--latency-reps", type=int, default=2, help="batch-1 runs per context (the lowest TPOT is kept)")
+    p.add_argument("--sat-context", type=int, default=32768,
+                   help="full-KV decode: as many requests of this many tokens as the format's KV cache holds "
+                        "(vLLM's maximum concurrency, at most 256), decode throughput while all of them decode; "
+                        "0 skips it")
+    p.add_argument("--sat-out", type=int, default=512, help="full-KV decode: output tokens per request")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="perf engine: vLLM's prefill chunk budget per step (default: vLLM's, 16384 on an H100)")
     p.add_argument("--tp-requests", type=int, default=256)
     p.add_argument("--tp-in", type=int, default=4096)
     p.add_argument("--tp-out", type=int, default=512)
@@ -796,13 +861,18 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown --formats {unknown}; valid: {list(FORMATS)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     shared = ["--model-dir", args.model_dir, "--contexts", args.contexts, "--gpu-mem", str(args.gpu_mem),
+              "--latency-reps", str(args.latency_reps), "--sat-context", str(args.sat_context),
+              "--sat-out", str(args.sat_out),
+              *(["--max-num-batched-tokens", str(args.max_num_batched_tokens)] if args.max_num_batched_tokens else []),
               "--tp-requests", str(args.tp_requests), "--tp-in", str(args.tp_in), "--tp-out", str(args.tp_out)]
     e2e = acc = None
     if args.suite in ("all", "perf"):
         fmts = (args.formats or DEFAULT_PERF_FORMATS).split(",")
         e2e = {"environment": _environment(), "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
                "settings": {"model": "Qwen3-8B shape, dummy weights", "gpu_memory_utilization": args.gpu_mem,
-                            "contexts": args.contexts, "throughput": [args.tp_requests, args.tp_in, args.tp_out]},
+                            "contexts": args.contexts, "latency_reps": args.latency_reps,
+                            "full_kv_decode": [args.sat_context, args.sat_out],
+                            "throughput": [args.tp_requests, args.tp_in, args.tp_out]},
                "results": [_run_worker("perf", f, args, shared) for f in fmts]}
         e2e = _merge(e2e_path, e2e, not args.fresh)
     if args.suite == "serve":

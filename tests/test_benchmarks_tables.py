@@ -23,6 +23,22 @@ def test_markdown_tables_from_results():
     assert "| `oscar_int2` | 37.400 | +10.0% |" in text
 
 
+def test_full_kv_decode_table_compares_with_bf16():
+    def sat(n, tok, step, err=None):
+        d = {"context": 32768, "requests": n, "prompt_len": 28672, "output_len": 4096, "prefill_phase_s": 20.25,
+             "output_tok_s_end_to_end": 300.0}
+        return {**d, "error": err} if err else {**d, "decode_tok_s": tok, "step_ms_median": step}
+    e2e = {"results": [
+        {"format": "auto", "full_kv_decode": sat(12, 480.0, 25.0)},
+        {"format": "oscar_int2", "full_kv_decode": sat(78, 2600.0, 30.0)},
+        {"format": "fp8", "full_kv_decode": sat(24, None, None, err="no step in which every request decodes")},
+    ]}
+    text = markdown(e2e, None)
+    assert "Decode throughput with a full KV cache (32K-token requests" in text
+    assert "| `oscar_int2` | 78 × (28672 + 4096) | 2600 | 5.42x | 30.0 | 20.2 | 300 |" in text
+    assert "| `fp8` | 24 × (28672 + 4096) | no step in which every request decodes |" in text
+
+
 def test_serve_table_compares_each_rate_with_bf16():
     def rate(tput):
         return {"output_throughput": tput, "p50_ttft_ms": 700.4, "p99_ttft_ms": 12445.5, "p50_tpot_ms": 38.04,
@@ -40,6 +56,7 @@ def test_serve_table_compares_each_rate_with_bf16():
 
 
 def test_every_format_goes_through_the_same_engine_kwargs():
+    assert FORMATS["oscar_int2_nofold"]["additional_config"]["oscar"]["fold_value_rotation"] is False
     assert {f["kv_cache_dtype"] for f in FORMATS.values()} == {
         "auto", "fp8", "turboquant_4bit_nc", "turboquant_3bit_nc", "oscar_int2"}
     assert FORMATS["int2_naive"]["additional_config"]["oscar"]["rotation"] == "none"
