@@ -196,6 +196,9 @@ def worker_perf(args) -> dict:
         conc = capacity(args.sat_context)[1]
         n = min(int(conc), 256)  # max_num_seqs
         plen = args.sat_context - args.sat_out
+        if n < 1 or plen < 1:
+            raise SystemExit(f"--sat-context {args.sat_context} --sat-out {args.sat_out}: {conc:.2f} requests fit and "
+                             f"prompts would be {plen} tokens; need at least one request and a positive prompt")
         t = time.perf_counter()
         sat = steps.full_batch_decode(steps.drive(llm, [prompt(plen)["prompt_token_ids"] for _ in range(n)],
                                                   args.sat_out, prefix="sat"), [f"sat-{i}" for i in range(n)])
@@ -759,7 +762,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full-KV decode: as many requests of this many tokens as the format's KV cache holds "
                         "(vLLM's maximum concurrency, at most 256), decode throughput while all of them decode; "
                         "0 skips it")
-    p.add_argument("--sat-out", type=int, default=512, help="full-KV decode: output tokens per request")
+    p.add_argument("--sat-out", type=int, default=4096,
+                   help="full-KV decode: output tokens per request. With 512 or 1536, oscar_int2 at 32K never had "
+                        "every request decoding at once on the H100: the last prompt was admitted only after the "
+                        "first request finished (README, 'Admission at a full cache')")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="perf engine: vLLM's prefill chunk budget per step (default: vLLM's, 16384 on an H100)")
     p.add_argument("--tp-requests", type=int, default=256)

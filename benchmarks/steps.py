@@ -17,6 +17,7 @@ The functions below the driver are pure (lists of ``Step`` in, numbers out) and 
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ def single_stream_tpot(steps: list[Step], rid: str) -> dict:
     times = _token_times(steps, rid)
     if len(times) < 3:
         raise ValueError(f"request {rid!r} has {len(times)} tokens; TPOT needs at least 3")
-    gaps = sorted(b - a for a, b in zip(times, times[1:]))
+    gaps = sorted(b - a for a, b in itertools.pairwise(times))
     return {"tpot_ms": round(1000 * (times[-1] - times[0]) / (len(times) - 1), 3),
             "itl_median_ms": round(1000 * statistics.median(gaps), 3),
             "itl_p90_ms": round(1000 * gaps[min(len(gaps) - 1, int(0.9 * len(gaps)))], 3),

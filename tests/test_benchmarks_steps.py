@@ -126,7 +126,7 @@ def test_drive_records_every_token():
 
 def test_drive_refuses_a_short_run_and_a_busy_engine():
     llm = SimpleNamespace(llm_engine=_ScriptedEngine(deliver=lambda left: 0 if left == 2 else 1))
-    llm.llm_engine.step = lambda: []  # delivers nothing: requests never finish
+    llm.llm_engine.step = list  # delivers nothing: requests never finish
     llm.llm_engine.has_unfinished_requests = iter([False, True, False]).__next__
     with pytest.raises(RuntimeError, match="expected 1 requests x 4 tokens"):
         steps.drive(llm, [[1]], 4)

@@ -353,11 +353,6 @@ class OscarAttentionImpl(AttentionImpl[OscarMetadata]):
     def set_value_rotation_folded(self, folded: bool) -> None:
         self._value_rotation_folded = bool(folded)
 
-    @property
-    def value_rotation_folded(self) -> bool:
-        """True when ``R_V`` is in ``o_proj``'s weight, so decode and prefill skip the output rotation."""
-        return self._value_rotation_folded
-
     def _layer_args(self, layer, kv_cache: torch.Tensor) -> kernels.OscarLayerArgs:
         if self._args is None:
             raise RuntimeError("OSCAR layer used before process_weights_after_loading loaded its rotations")

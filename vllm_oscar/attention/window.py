@@ -33,6 +33,7 @@ sliding-window cap (:meth:`OscarWindowSpec.max_admission_blocks_per_request`).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -54,6 +55,8 @@ from vllm.v1.kv_cache_interface import SlidingWindowSpec
 from vllm_oscar.attention.specs import int2_layout, window_block_size
 
 WINDOW_SUFFIX = ".oscar_window"
+
+logger = logging.getLogger("vllm.oscar")  # under vLLM's handler, like the rest of the plugin
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,6 +242,36 @@ def check_pool_admits_one_request(available_memory: int, get_needed_memory, max_
             f"in flight). This engine would start and never schedule a request. Lower max_num_batched_tokens "
             f"or max_model_len, or give the cache more memory (gpu_memory_utilization, num_gpu_blocks_override)."
         )
+    report_admission_reserve(vllm_config, groups, need, max_model_len, in_flight)
+
+
+def report_admission_reserve(vllm_config, groups, need: dict[str, int], max_model_len: int,
+                             in_flight: int) -> float:
+    """Log how far below vLLM's logged maximum concurrency a cache full of long prompts runs, and return it
+    in requests of ``max_model_len`` tokens.
+
+    vLLM's concurrency figure charges each request the window's steady state (what it keeps while it
+    decodes), but a waiting request is admitted only when its whole prompt fits, i.e. with the window's
+    admission cap free (recent + ``in_flight`` tokens of BF16 pages). The difference is a reserve that a
+    full cache must keep. Measured on the H100 (Qwen3-8B shape, 32K prompts, 16K chunks, README
+    'Admission at a full cache'): 78 requests of 32,256 + 512 tokens never all ran at once, where
+    28,672 + 4,096 did; ``tests/vllm/test_scheduler_preemption.py`` reproduces it with vLLM's scheduler.
+    """
+    window = [g.kv_cache_spec for g in groups if isinstance(g.kv_cache_spec, OscarWindowSpec)]
+    steady = sum(spec.max_memory_usage_bytes(vllm_config) // spec.page_size_bytes for spec in window)
+    cap = need.get(OscarWindowSpec.__name__, 0)
+    extra = cap - steady
+    per_request = sum(need.values()) - cap + steady  # pages a running max_model_len request keeps
+    if extra <= 0 or per_request <= 0:
+        return 0.0
+    requests = extra / per_request
+    logger.info(
+        "vllm-oscar: a waiting request is admitted only when its whole prompt fits; for a %d-token prompt "
+        "that is %d BF16 window pages (%d tokens in flight + the recent window + the sink), %d more than a "
+        "running request keeps: the pages of %.1f running %d-token requests. A cache full of such prompts "
+        "runs about that many fewer at once than vLLM's logged maximum concurrency; a smaller "
+        "max_num_batched_tokens lowers the reserve.", max_model_len, cap, in_flight, extra, requests, max_model_len)
+    return requests
 
 
 # ------------------------------------------------------------------------------------------------
