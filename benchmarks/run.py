@@ -120,9 +120,9 @@ def _engine(fmt: str, **kwargs):
 
 def _oscar_layer_state(model) -> dict:
     """How many attention layers the OSCAR backend serves, and in how many R_V is folded into o_proj."""
-    from vllm_oscar.attention.backend import OscarAttentionImpl
+    from vllm_oscar.attention.fold import oscar_impls
 
-    impls = [m.impl for m in model.modules() if isinstance(getattr(m, "impl", None), OscarAttentionImpl)]
+    impls = oscar_impls(model)
     return {"layers": len(impls), "r_v_folded_into_o_proj": sum(i.value_rotation_folded for i in impls)}
 
 

@@ -83,6 +83,13 @@ def fold_value_rotation(o_proj: torch.nn.Module, rotation_v: torch.Tensor, head_
     return True
 
 
+def oscar_impls(model: torch.nn.Module) -> list:
+    """The ``OscarAttentionImpl`` of every attention layer in ``model`` the OSCAR backend serves."""
+    from vllm_oscar.attention.backend import OscarAttentionImpl
+
+    return [m.impl for m in model.modules() if isinstance(getattr(m, "impl", None), OscarAttentionImpl)]
+
+
 def fold_model(model: torch.nn.Module, *, lora_enabled: bool) -> FoldReport:
     """Fold ``R_V`` into ``o_proj`` for every attention module served by the OSCAR backend."""
     from vllm_oscar.attention.backend import OscarAttentionImpl
@@ -112,13 +119,12 @@ def fold_model(model: torch.nn.Module, *, lora_enabled: bool) -> FoldReport:
 def fold_after_loading(model: torch.nn.Module) -> FoldReport | None:
     """The loader hook (vllm_patches): fold when this model is served by the OSCAR backend with folding on
     (the settings are read off the first OSCAR layer's engine config)."""
-    from vllm_oscar.attention.backend import OscarAttentionImpl
     from vllm_oscar.runtime_config import get_resolved
 
-    impl = next((m.impl for m in model.modules() if isinstance(getattr(m, "impl", None), OscarAttentionImpl)), None)
-    if impl is None:
+    impls = oscar_impls(model)
+    if not impls:
         return None
-    cfg = impl.vllm_config
+    cfg = impls[0].vllm_config
     if not get_resolved(cfg).fold_value_rotation:
         return None
     report = fold_model(model, lora_enabled=cfg.lora_config is not None)
