@@ -148,10 +148,17 @@ def perplexity(model, sequences: torch.Tensor, attention_fn, *, desc: str = "", 
     return math.exp(nll / count)
 
 
+def needs_rotations(methods: list[str]) -> bool:
+    """Whether any of ``methods`` reads calibrated rotations (the others are data-free)."""
+    return any(METHODS[m].rotation == "calibrated" for m in methods)
+
+
 def evaluate(model, eval_sets: dict[str, torch.Tensor], artifact: RotationArtifact | None,
-             methods: list[str], *, progress: bool = True) -> dict:
+             methods: list[str], *, progress: bool = True, clips: tuple[float, float] = (0.96, 0.92),
+             windows: tuple[int, int] = (64, 256)) -> dict:
     """Perplexity per method and eval set; windows and the min-max methods' clip ratios come from the
-    artifact (the paper's 0.96/0.92 when it has none, or records levels "mse")."""
+    artifact, else from ``windows`` (sink, recent) and ``clips`` (K, V; also used when the artifact
+    records levels "mse", which has none)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; valid: {list(METHODS)}")
@@ -159,10 +166,10 @@ def evaluate(model, eval_sets: dict[str, torch.Tensor], artifact: RotationArtifa
     head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else (
         model.config.hidden_size // model.config.num_attention_heads)
     minmax_cfg = cfg is not None and cfg.quantization.levels == "minmax"
-    k_clip = cfg.quantization.k_clip_ratio if minmax_cfg else 0.96
-    v_clip = cfg.quantization.v_clip_ratio if minmax_cfg else 0.92
-    sink = cfg.windows.sink_tokens if cfg else 64
-    recent = cfg.windows.recent_tokens if cfg else 256
+    k_clip = cfg.quantization.k_clip_ratio if minmax_cfg else clips[0]
+    v_clip = cfg.quantization.v_clip_ratio if minmax_cfg else clips[1]
+    sink = cfg.windows.sink_tokens if cfg else windows[0]
+    recent = cfg.windows.recent_tokens if cfg else windows[1]
     results: dict = {"methods": {}, "settings": {"k_clip_ratio": k_clip, "v_clip_ratio": v_clip,
                                                  "sink_tokens": sink, "recent_tokens": recent}}
     for name in methods:

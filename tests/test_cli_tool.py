@@ -69,6 +69,25 @@ def test_eval_ppl_command_writes_results(tiny, tmp_path, capsys):
     assert "| `oscar` |" in capsys.readouterr().out
 
 
+def test_eval_ppl_with_data_free_methods_skips_calibration(tiny, tmp_path, capsys, monkeypatch):
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("data-free methods must not calibrate")
+
+    monkeypatch.setattr(cli, "_calibrate_loaded", no_calibration)
+    out = tmp_path / "res.json"
+    rc = cli.main(["eval-ppl", "--model", "tiny", "--seq-len", "64", "--num-seqs", "1",
+                   "--methods", "exact,hadamard_mse,hadamard_int2_windows", "--sink", "4", "--recent", "8",
+                   "--k-clip", "0.9", "--output-json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())
+    settings = res["settings"]
+    assert settings["rotations"] == "none: every method is data-free" and settings["calibration"] is None
+    assert (settings["sink_tokens"], settings["recent_tokens"], settings["k_clip_ratio"]) == (4, 8, 0.9)
+    assert res["methods"]["hadamard_mse"]["perplexity"] != res["methods"]["exact"]["perplexity"]
+    with pytest.raises(AssertionError, match="must not calibrate"):  # calibrated rotations: it calibrates
+        cli.main(["eval-ppl", "--model", "tiny", "--seq-len", "64", "--num-seqs", "1", "--methods", "exact,oscar"])
+
+
 def test_eval_ppl_rejects_unknown_methods_and_overlapping_sets(capsys):
     assert cli.main(["eval-ppl", "--methods", "exact,int3"]) == 2
     assert "unknown method(s) ['int3']" in capsys.readouterr().err

@@ -347,3 +347,19 @@ def test_mse_attention_is_closer_to_exact_than_minmax():
         o = ref.oscar_attention(q, k, v, r, r, pos, **args, **kw)
         err[name] = float(((o - exact) ** 2).sum() / (exact**2).sum())
     assert err["mse"] < 0.8 * err["paper"], err
+
+
+def test_mse_starts_experiment_helpers():
+    """`python -m vllm_oscar.calibrate.mse_starts` (the start set's evidence): rows, errors, winner shares."""
+    from vllm_oscar.calibrate import mse_starts
+
+    g = torch.Generator().manual_seed(0)
+    captures = [tuple(torch.randn(40, h, 64, generator=g) for h in (6, 2, 2)) for _ in range(4)]
+    rows = mse_starts.rotated_rows(captures, 128, layer_stride=3, row_stride=4)
+    assert rows.shape == (2 * 2 * (40 * 2 // 4) * 64 // 128, 128)  # layers 0 and 3, K and V
+    before = mse_starts.squared_error(rows, start_fractions=mse_starts.FIVE_STARTS, lloyd_max_start=True)
+    now = mse_starts.squared_error(rows)
+    lm_only = mse_starts.squared_error(rows, start_fractions=(), lloyd_max_start=True)
+    assert 0 < before <= now <= lm_only  # the five starts include the current two, which include LM alone
+    shares = mse_starts.winner_shares(rows, mse_starts.FIVE_STARTS)
+    assert len(shares) == 2 + len(mse_starts.FIVE_STARTS) and abs(sum(shares) - 1) < 1e-3

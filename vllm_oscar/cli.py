@@ -90,7 +90,7 @@ def cmd_eval_ppl(args) -> int:
 
     from vllm_oscar import __version__  # noqa: PLC0415
     from vllm_oscar.calibrate.data import token_sequences  # noqa: PLC0415
-    from vllm_oscar.calibrate.evaluate import METHODS, evaluate  # noqa: PLC0415
+    from vllm_oscar.calibrate.evaluate import METHODS, evaluate, needs_rotations  # noqa: PLC0415
     from vllm_oscar.calibrate.models import load_model  # noqa: PLC0415
     from vllm_oscar.calibrate.pipeline import model_card  # noqa: PLC0415
     from vllm_oscar.hub import load_rotations  # noqa: PLC0415
@@ -110,20 +110,24 @@ def cmd_eval_ppl(args) -> int:
     if args.rotations:
         art = load_rotations(args.rotations)
         art.check_compatible(lm.info.id, lm.info.revision, lm.info.num_layers, lm.info.head_dim)
-    else:
+    elif needs_rotations(methods) or args.artifact_dir:
         art = _calibrate_loaded(lm, args)
         if args.artifact_dir:
             art.save(args.artifact_dir, card=model_card(art))
+    else:  # only data-free methods: no calibration (--sink/--recent/--k-clip/--v-clip still apply)
+        art = None
     t_cal = time.time() - t0
     from vllm_oscar.calibrate.experiments import resolve_set  # noqa: PLC0415  ("modern:lee" -> its text file)
 
     eval_sets = {s: token_sequences(lm.tokenizer, resolve_set(s), args.seq_len, args.num_seqs) for s in args.eval_data}
-    results = evaluate(lm.model, eval_sets, art, methods)
+    results = evaluate(lm.model, eval_sets, art, methods, clips=(args.k_clip, args.v_clip),
+                       windows=(args.sink, args.recent))
     results["settings"].update({
         "model": lm.info.id, "model_source": lm.source, "sequence_length": args.seq_len,
         "sequences_per_set": args.num_seqs, "eval_sets": list(args.eval_data),
-        "calibration": art.config.calibration.model_dump() if art.config.calibration else None,
-        "rotations": args.rotations or "calibrated in this run",
+        "calibration": art.config.calibration.model_dump() if art is not None and art.config.calibration else None,
+        "rotations": args.rotations or ("calibrated in this run" if art is not None
+                                        else "none: every method is data-free"),
         "semantics": "teacher-forced; each token reads K/V outside the BF16 windows from INT2 (decode-like)",
     })
     results["environment"] = {"vllm_oscar": __version__, "torch": torch.__version__,

@@ -79,19 +79,15 @@ OSCAR_DEVICE float grid_sq_error(const float (&x)[E], float s, float o) {
 // Starts: Lloyd-Max (when kMseLloydMax), then the min-max grid shrunk to a fraction `a` of the range
 // around the mid-range (mse_start_fraction). Hex literals: the exact fp32 values of the reference's.
 constexpr bool kMseLloydMax = true;
-constexpr int kMseFracs = 4;
+constexpr int kMseFracs = 1;  // 4 (1.0, 0.8, 0.6, 0.45) until 2026-11-24: see reference.MSE_START_FRACTIONS
 constexpr int kMsePasses = 6;
 constexpr float kMseLmStep = 0x1.01a176p+0f;  // 1.00637: Lloyd-Max step of 4 Gaussian levels, in std
 constexpr float kMseMinScale = 0x1p-100f;     // a start's scale floor (constant rows: zero range)
 
-// (a, a / 2) of fraction start i < kMseFracs: reference.MSE_START_FRACTIONS.
+// (a, a / 2) of fraction start i < kMseFracs: reference.MSE_START_FRACTIONS (one start, 0.6).
 OSCAR_DEVICE void mse_start_fraction(int i, float& a, float& half_a) {
-  switch (i) {
-    case 0: a = 0x1p+0f; half_a = 0x1p-1f; break;               // 1.0
-    case 1: a = 0x1.99999ap-1f; half_a = 0x1.99999ap-2f; break;  // 0.8
-    case 2: a = 0x1.333334p-1f; half_a = 0x1.333334p-2f; break;  // 0.6
-    default: a = 0x1.ccccccp-2f; half_a = 0x1.ccccccp-3f; break; // 0.45
-  }
+  (void)i;
+  a = 0x1.333334p-1f; half_a = 0x1.333334p-2f;  // 0.6
 }
 
 // Candidate grids of the MSE fit, in the order the reference tries them: 0 is the min-max grid, then
