@@ -27,7 +27,7 @@ from vllm_oscar.ops import reference as ref
 
 #: The start set used before 2026-11-24 (Lloyd-Max plus these fractions of the min-max range).
 FIVE_STARTS = (1.0, 0.8, 0.6, 0.45)
-#: (label, fractions, Lloyd-Max start, passes) of the sets compared.
+#: (label, fractions, Lloyd-Max start, passes) of the sets compared; the first is the baseline.
 START_SETS = (
     ("lm + 1.0/0.8/0.6/0.45 (before)", FIVE_STARTS, True, ref.MSE_PASSES),
     ("lm + 0.6 (now)", (0.6,), True, ref.MSE_PASSES),
@@ -84,20 +84,20 @@ def main(argv=None) -> int:  # pragma: no cover - CPU minutes with the real mode
     lm = load_model("smollm2")
     seq = token_sequences(lm.tokenizer, args.data, args.seq_len, 1)[0]
     captures = capture(lm.model, seq)
+    candidates = ["minmax", "lloyd_max", *map(str, FIVE_STARTS)]  # winner_shares' order
     results = {}
     for d in (lm.info.head_dim, 2 * lm.info.head_dim):
         rows = rotated_rows(captures, d)
-        base = squared_error(rows, start_fractions=FIVE_STARTS, lloyd_max_start=True)
-        sets = {}
-        for label, fractions, lm_start, passes in START_SETS:
-            err = squared_error(rows, start_fractions=fractions, lloyd_max_start=lm_start, passes=passes)
-            sets[label] = round(err / base, 5)
+        errs = {label: squared_error(rows, start_fractions=fractions, lloyd_max_start=lm_start, passes=passes)
+                for label, fractions, lm_start, passes in START_SETS}
+        base = errs[START_SETS[0][0]]  # the five starts: every ratio is relative to them
+        for label, err in errs.items():
             print(f"d={d} rows={rows.shape[0]} {label:32s} squared error x{err / base:.4f}", flush=True)
-        shares = winner_shares(rows, FIVE_STARTS)
-        print(f"d={d} winner shares (min-max, lm, 1.0, 0.8, 0.6, 0.45): {shares}", flush=True)
-        results[str(d)] = {"rows": rows.shape[0], "relative_squared_error": sets,
-                           "winner_shares_five_starts": dict(zip(
-                               ["minmax", "lloyd_max", *map(str, FIVE_STARTS)], shares))}
+        shares = dict(zip(candidates, winner_shares(rows, FIVE_STARTS)))
+        print(f"d={d} winner shares of the five starts: {shares}", flush=True)
+        results[str(d)] = {"rows": rows.shape[0],
+                           "relative_squared_error": {label: round(err / base, 5) for label, err in errs.items()},
+                           "winner_shares_five_starts": shares}
     out = {"command": "python -m vllm_oscar.calibrate.mse_starts", "model": lm.source, "data": args.data,
            "seq_len": args.seq_len, "rows": "K and V, layers 0, 3, 6, ..., every 4th row, Hadamard-rotated",
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "python": platform.python_version(),
