@@ -51,9 +51,15 @@ OSCAR_DEVICE void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// The two bf16 halves of a bf16x2 word as fp32 (exact).
-OSCAR_DEVICE float bf16x2_lo(uint32_t v) { return __uint_as_float(v << 16); }
-OSCAR_DEVICE float bf16x2_hi(uint32_t v) { return __uint_as_float(v & 0xFFFF0000u); }
+// D = A * B + C with a separate C (the first MMA of a chain starts from a given accumulator).
+OSCAR_DEVICE void mma_bf16_c(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                             uint32_t b1, const float (&c)[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
 
 // Transpose of an 8x8 b16 matrix held as a fragment (thread (g,t) holds row g, cols 2t, 2t+1).
 OSCAR_DEVICE uint32_t movmatrix_trans(uint32_t a) {
@@ -118,16 +124,22 @@ OSCAR_DEVICE void pdl_launch_dependents() {
 // A 32-bit word x holds four bytes b0..b3 of a quartered-packed row; byte j holds codes
 // (c0, c1, c2, c3) of elements (j, Q+j, 2Q+j, 3Q+j) in bits [1:0], [3:2], [5:4], [7:6].
 // int2_pair_biased(x, p, q, magic = 0x43004300) returns a bf16x2 whose low half is 128 + w*c for code
-// c = code q of byte p and whose high half is the same for byte p+2 (p in {0,1}), w = int2_weight(q)
-// in {1, 4, 16, 1}: (x & mask) | 0x4300 puts the code bits in the bf16 mantissa of 128.0 (ulp 1 at
-// 128), so the value is exact.
-// Codes 1 and 2 are taken in place (masks 0xC, 0x30) instead of being shifted down: 3 shifts and 8
-// LOP3 per word instead of 7 and 8. The weight is undone for free: K codes meet a query
+// c = code q of byte p and whose high half is the same for byte p+2 (p in {0,1}), w = int2_weight(p, q)
+// in {1, 4, 16}: (x' & mask) | 0x4300 puts two code bits in the bf16 mantissa of 128.0 (ulp 1 at 128,
+// 7 mantissa bits), so the value is exact. Each 16-bit half of x holds 8 codes at bits [15:0]; three
+// views of x cover them with two shifts per word:
+//   x       bits [5:0]  -> (p0,q0) w=1, (p0,q1) w=4, (p0,q2) w=16
+//   x >> 6  bits [5:0]  -> (p0,q3) w=1, (p1,q0) w=4, (p1,q1) w=16
+//   x >> 12 bits [3:0]  -> (p1,q2) w=1, (p1,q3) w=4
+// (bits 6-7 of a half cannot be used in place: bit 7 is the exponent's lowest bit). The previous views
+// x, x >> 8, x >> 6, x >> 14 took three shifts per word: 48 of the ~500 instructions per warp and
+// stage at d=128 (sm_90a SASS), now 32. The weight is undone for free: K codes meet a query
 // pre-divided by w (exact, w is a power of two), V accumulators are divided by w in the epilogue.
 // The 128 is not subtracted per pair (an fma.bf16x2 each, 128 of the 777 instructions per warp and
 // stage at d=128): the decode kernel removes it afterwards, once per (token, head) from the scores
-// (128 * sum(q/w)) and once per (split, head) from the outputs (128 * sum over tokens of P'). The
-// products stay exact in the MMA; the bias only adds fp32 accumulation error, ~1e-6 relative.
+// (128 * sum(q/w), the initial value of the score accumulator) and once per (split, head) from the
+// outputs (128 * sum over tokens of P'). The products stay exact in the MMA; the bias only adds fp32
+// accumulation error, ~1e-6 relative.
 // ---------------------------------------------------------------------------------------------
 // (x & mask) | magic as one LOP3: with both constants as immediates the compiler emits two LOP3s
 // (an instruction takes one immediate), measured in the SASS: 265 LOP3 per stage instead of ~130.
@@ -138,15 +150,23 @@ OSCAR_DEVICE uint32_t and_or(uint32_t x, uint32_t magic) {
   return d;
 }
 
+// Which view of the word (right shift) and which 2-bit field of it (weight 4^k) hold code q of byte p.
+__host__ __device__ constexpr int int2_shift(int p, int q) { return p == 0 ? (q < 3 ? 0 : 6) : (q < 2 ? 6 : 12); }
+__host__ __device__ constexpr int int2_weight_log4(int p, int q) {
+  return p == 0 ? (q < 3 ? q : 0) : (q < 2 ? q + 1 : q - 2);
+}
+
 OSCAR_DEVICE uint32_t int2_pair_biased(uint32_t x, int p, int q, uint32_t magic) {
-  const uint32_t b = p ? (x >> 8) : x;
-  if (q == 0) return and_or<0x00030003u>(b, magic);
-  if (q == 1) return and_or<0x000C000Cu>(b, magic);
-  if (q == 2) return and_or<0x00300030u>(b, magic);
-  return and_or<0x00030003u>(b >> 6, magic);
+  const int sh = int2_shift(p, q), k = int2_weight_log4(p, q);
+  const uint32_t b = sh == 0 ? x : (sh == 6 ? (x >> 6) : (x >> 12));
+  if (k == 0) return and_or<0x00030003u>(b, magic);
+  if (k == 1) return and_or<0x000C000Cu>(b, magic);
+  return and_or<0x00300030u>(b, magic);
 }
 constexpr float kInt2PairBias = 128.f;
-__host__ __device__ constexpr float int2_weight(int q) { return q == 1 ? 4.f : (q == 2 ? 16.f : 1.f); }
-__host__ __device__ constexpr float int2_inv_weight(int q) { return q == 1 ? 0.25f : (q == 2 ? 0.0625f : 1.f); }
+__host__ __device__ constexpr float int2_weight(int p, int q) {
+  return int2_weight_log4(p, q) == 1 ? 4.f : (int2_weight_log4(p, q) == 2 ? 16.f : 1.f);
+}
+__host__ __device__ constexpr float int2_inv_weight(int p, int q) { return 1.f / int2_weight(p, q); }
 
 }  // namespace oscar

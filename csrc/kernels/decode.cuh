@@ -330,12 +330,28 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
       const uint8_t* page =
           kv_h + static_cast<uint64_t>(static_cast<uint32_t>(__ldg(bt + (pos0 >> p.block_shift)))) * page_stride;
       const uint32_t row0 = static_cast<uint32_t>(pos0 & (bs - 1)), v_off = bs * QB;
+      if (whole) {  // every stage but a split's first and last: no per-chunk range checks
+#pragma unroll
+        for (int k0 = 0; k0 < kCodeChunks; k0 += 32) {
+          const int k = k0 + lane;
+          if (kCodeChunks % 32 == 0 || k < kCodeChunks) {
+            const uint32_t off = row0 * QB + k * 16;
+            cp_async_16(st + k * 16, page + off);
+            cp_async_16(st + TILE * QB + k * 16, page + (off + v_off));
+          }
+        }
+        if (lane < 2 * kParChunks) {
+          const int c = lane % kParChunks, is_v = lane / kParChunks;
+          cp_async_16(stp + is_v * TILE * 4 + c * 16, page + (2 * v_off + is_v * 4 * bs + (row0 + c * 4) * 4));
+        }
+        return;
+      }
 #pragma unroll
       for (int k0 = 0; k0 < kCodeChunks; k0 += 32) {
         const int k = k0 + lane;
         const int byte = k * 16;
         const int pos = pos0 + byte / QB;
-        if ((kCodeChunks % 32 == 0 || k < kCodeChunks) && (whole || (pos >= lo && pos < hi))) {
+        if ((kCodeChunks % 32 == 0 || k < kCodeChunks) && pos >= lo && pos < hi) {
           const uint32_t off = row0 * QB + byte;
           cp_async_16(st + byte, page + off);
           cp_async_16(st + TILE * QB + byte, page + (off + v_off));
@@ -344,7 +360,7 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
       if (lane < 2 * kParChunks) {
         const int c = lane % kParChunks, is_v = lane / kParChunks;
         const int pos = pos0 + c * 4;
-        if (whole || (pos < hi && pos + 4 > lo)) {
+        if (pos < hi && pos + 4 > lo) {
           cp_async_16(stp + is_v * TILE * 4 + c * 16, page + (2 * v_off + is_v * 4 * bs + (row0 + c * 4) * 4));
         }
       }
@@ -439,7 +455,7 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
     float s = 0.f, sb = 0.f;
     for (int d = lane; d < D; d += 32) {
       s += __bfloat162float(__float2bfloat16_rn(sQ[head * D + d]));
-      sb += __bfloat162float(__float2bfloat16_rn(sQ[head * D + d] * int2_inv_weight(d / QB)));
+      sb += __bfloat162float(__float2bfloat16_rn(sQ[head * D + d] * int2_inv_weight((d % QB) & 1, d / QB)));
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
@@ -476,9 +492,16 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
     // Q fragments in the permuted dim order of the K code fragments: k-step c takes, for thread t,
     // code q0 (slots 2t, 2t+1) and q0+1 (slots 2t+8, 2t+9) of bytes p, p+2 of word w of its bytes.
     uint32_t qf[NT][KC][2];
-    // vb_run: sum over tokens of the bf16 P' = p * scale_v the PV MMA sees; the V codes enter as
-    // 128 + w*c (int2_pair_biased), so 128 * vb_run comes off every output element at the end.
-    float qs[NT][2], kb[NT][2], ov_run[NT][2], vb_run[NT][2];
+    // vb_acc: sum over tokens of the bf16 P' = p * scale_v the PV MMA sees, per head (every row of the
+    // accumulator holds it: an MMA with an all-ones A operand, one per 16 tokens). The V codes enter as
+    // 128 + w*c (int2_pair_biased), so 128 * vb_acc comes off every output element at the end. Summing
+    // the bf16 halves of P' on the ALUs instead cost 16 instructions per warp and stage.
+    // kb_init: -128 * sum(q/w) per head, in the accumulator layout: the K MMAs start from it instead
+    // of zero, so the bias needs no subtraction per score (16 FADDs per warp and stage).
+    // Scores are kept relative to mu = m_run (0 while m_run is -inf): the K epilogue subtracts it in the
+    // FMA that adds the offset term, so exp2 takes the score as is (16 FADDs per warp and stage less),
+    // and only a rescale (rare, lazy) shifts a stage's scores. qs_sl: sum(q) * softmax scale * log2(e).
+    float qs_sl[NT][2], kb_init[NT][4], ov_run[NT][2], vb_acc[NT][4], mu[NT][2];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const float* qrow = sQ + (g + 8 * nt) * D;
@@ -487,19 +510,21 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
 #pragma unroll
         for (int bi = 0; bi < 2; ++bi) {
           const int w = c >> 2, pb = (c >> 1) & 1, q = 2 * (c & 1) + bi;
-          const int dlo = t * (D / 16) + 4 * w + pb + q * QB;
-          const float inv = int2_inv_weight(q);
+          const int dlo = t * (D / 16) + 4 * w + pb + q * QB;  // bytes dlo % QB and +2: parity pb
+          const float inv = int2_inv_weight(pb, q);
           qf[nt][c][bi] = pack_bf16x2(qrow[dlo] * inv, qrow[dlo + 2] * inv);
         }
       }
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        qs[nt][j] = sQsum[2 * t + j + 8 * nt];
-        kb[nt][j] = sKBias[2 * t + j + 8 * nt];
+        qs_sl[nt][j] = sQsum[2 * t + j + 8 * nt] * p.scale_log2;
+        mu[nt][j] = 0.f;
+        kb_init[nt][j] = kb_init[nt][2 + j] = -sKBias[2 * t + j + 8 * nt];
         ov_run[nt][j] = 0.f;
-        vb_run[nt][j] = 0.f;
+        vb_acc[nt][j] = vb_acc[nt][2 + j] = 0.f;
       }
     }
+    constexpr uint32_t kOnesBf16x2 = 0x3F803F80u;  // bf16 1.0 in both halves
 
     for (int it = 0, tile = tile_lo; tile < tile_hi; ++it, ++tile) {
       cp_async_wait<STAGES - 2>();
@@ -515,6 +540,9 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
       const uint8_t* sKP = st + 2 * TILE * QB;
       const uint8_t* sVP = sKP + TILE * 4;
       const int pos_base = tile * TILE;
+      // Every row of the stage is a valid INT2 position (all but a split's first and last stage): the
+      // masking below is skipped. CTA-uniform.
+      const bool full = pos_base >= lo && pos_base + TILE <= hi;
 
       float sc[TM][NT][4];
 #pragma unroll
@@ -525,8 +553,6 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
         load_k_words<D>(sK + r1 * QB + t * (D / 16), k1);
         float acc[NT][4];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
-#pragma unroll
         for (int c = 0; c < KC; ++c) {
           const int w = c >> 2, pb = (c >> 1) & 1, q0 = 2 * (c & 1);
           const uint32_t a0 = int2_pair_biased(k0[w], pb, q0, kMagic);
@@ -534,38 +560,52 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
           const uint32_t a1 = int2_pair_biased(k1[w], pb, q0, kMagic);
           const uint32_t a3 = int2_pair_biased(k1[w], pb, q0 + 1, kMagic);
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt) mma_bf16(acc[nt], a0, a1, a2, a3, qf[nt][c][0], qf[nt][c][1]);
+          for (int nt = 0; nt < NT; ++nt) {
+            if (c == 0) {
+              mma_bf16_c(acc[nt], a0, a1, a2, a3, qf[nt][c][0], qf[nt][c][1], kb_init[nt]);
+            } else {
+              mma_bf16(acc[nt], a0, a1, a2, a3, qf[nt][c][0], qf[nt][c][1]);
+            }
+          }
         }
-        // (scale, offset) of the two K rows, times softmax scale * log2(e): scores in the log2 domain
-        float2 f0 = __half22float2(*reinterpret_cast<const __half2*>(sKP + r0 * 4));
-        float2 f1 = __half22float2(*reinterpret_cast<const __half2*>(sKP + r1 * 4));
-        f0.x *= p.scale_log2;
-        f0.y *= p.scale_log2;
-        f1.x *= p.scale_log2;
-        f1.y *= p.scale_log2;
-        const int p0 = pos_base + r0, p1 = pos_base + r1;
-        const bool v0 = p0 >= lo && p0 < hi, v1 = p1 >= lo && p1 < hi;
+        // (scale, offset) of the two K rows; scores in the log2 domain (softmax scale * log2(e)),
+        // relative to mu: (scale * S' + offset * sum(q)) * sl - mu, with S' already unbiased (kb_init).
+        const float2 f0 = __half22float2(*reinterpret_cast<const __half2*>(sKP + r0 * 4));
+        const float2 f1 = __half22float2(*reinterpret_cast<const __half2*>(sKP + r1 * 4));
+        const float s0 = f0.x * p.scale_log2, s1 = f1.x * p.scale_log2;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          sc[mt][nt][0] = v0 ? fmaf(acc[nt][0] - kb[nt][0], f0.x, f0.y * qs[nt][0]) : kNegInf;
-          sc[mt][nt][1] = v0 ? fmaf(acc[nt][1] - kb[nt][1], f0.x, f0.y * qs[nt][1]) : kNegInf;
-          sc[mt][nt][2] = v1 ? fmaf(acc[nt][2] - kb[nt][0], f1.x, f1.y * qs[nt][0]) : kNegInf;
-          sc[mt][nt][3] = v1 ? fmaf(acc[nt][3] - kb[nt][1], f1.x, f1.y * qs[nt][1]) : kNegInf;
+          sc[mt][nt][0] = fmaf(acc[nt][0], s0, fmaf(f0.y, qs_sl[nt][0], -mu[nt][0]));
+          sc[mt][nt][1] = fmaf(acc[nt][1], s0, fmaf(f0.y, qs_sl[nt][1], -mu[nt][1]));
+          sc[mt][nt][2] = fmaf(acc[nt][2], s1, fmaf(f1.y, qs_sl[nt][0], -mu[nt][0]));
+          sc[mt][nt][3] = fmaf(acc[nt][3], s1, fmaf(f1.y, qs_sl[nt][1], -mu[nt][1]));
+        }
+      }
+      if (!full) {  // rows outside [lo, hi) were not loaded: their scores are garbage
+#pragma unroll
+        for (int mt = 0; mt < TM; ++mt) {
+          const int r0 = (warp * TM + mt) * 16 + tau(g), r1 = r0 + 8;
+          const int p0 = pos_base + r0, p1 = pos_base + r1;
+          const bool v0 = p0 >= lo && p0 < hi, v1 = p1 >= lo && p1 < hi;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            if (!v0) sc[mt][nt][0] = sc[mt][nt][1] = kNegInf;
+            if (!v1) sc[mt][nt][2] = sc[mt][nt][3] = kNegInf;
+          }
         }
       }
 
       // online softmax over this stage's 16*TM tokens (thread (g, t) owns heads 2t, 2t+1)
-      float mu[NT][2];
       float mnew[NT][2];
       bool grow = false;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          float mx = kNegInf;
+          float mx = fmaxf(sc[0][nt][j], sc[0][nt][2 + j]);
 #pragma unroll
-          for (int mt = 0; mt < TM; ++mt) mx = fmaxf(mx, fmaxf(sc[mt][nt][j], sc[mt][nt][2 + j]));
-          mx = warp_max_xor_g(mx);
+          for (int mt = 1; mt < TM; ++mt) mx = fmaxf(mx, fmaxf(sc[mt][nt][j], sc[mt][nt][2 + j]));
+          mx = warp_max_xor_g(mx) + mu[nt][j];  // absolute (-inf stays -inf)
           mnew[nt][j] = fmaxf(m_run[nt][j], mx);
           grow |= mnew[nt][j] > m_run[nt][j] + kRescaleSlack;
         }
@@ -577,10 +617,18 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
           for (int j = 0; j < 2; ++j) {
             const float muse = mnew[nt][j] == kNegInf ? 0.f : mnew[nt][j];
             const float alpha = fast_exp2(m_run[nt][j] - muse);
+            const float shift = mu[nt][j] - muse;  // re-base this stage's scores on the new max
+#pragma unroll
+            for (int mt = 0; mt < TM; ++mt) {
+              sc[mt][nt][j] += shift;
+              sc[mt][nt][2 + j] += shift;
+            }
             m_run[nt][j] = mnew[nt][j];
+            mu[nt][j] = muse;
             l_run[nt][j] *= alpha;
             ov_run[nt][j] *= alpha;
-            vb_run[nt][j] *= alpha;
+            vb_acc[nt][j] *= alpha;
+            vb_acc[nt][2 + j] *= alpha;
 #pragma unroll
             for (int i = 0; i < KC; ++i) {
               o_acc[nt][i][j] *= alpha;
@@ -589,39 +637,35 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
           }
         }
       }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) mu[nt][j] = m_run[nt][j] == kNegInf ? 0.f : m_run[nt][j];
-      }
 
 #pragma unroll
       for (int mt = 0; mt < TM; ++mt) {
         const int rbase = (warp * TM + mt) * 16;
         const int r0 = rbase + tau(g), r1 = r0 + 8;
-        const int p0 = pos_base + r0, p1 = pos_base + r1;
-        const bool v0 = p0 >= lo && p0 < hi, v1 = p1 >= lo && p1 < hi;
         const float2 e0 = __half22float2(*reinterpret_cast<const __half2*>(sVP + r0 * 4));
         const float2 e1 = __half22float2(*reinterpret_cast<const __half2*>(sVP + r1 * 4));
-        const float sv0 = v0 ? e0.x : 0.f, ofs0 = v0 ? e0.y : 0.f;
-        const float sv1 = v1 ? e1.x : 0.f, ofs1 = v1 ? e1.y : 0.f;
+        float sv0 = e0.x, ofs0 = e0.y, sv1 = e1.x, ofs1 = e1.y;
+        if (!full) {  // p is 0 there, but the unloaded (scale, offset) may be inf or NaN: 0 * NaN
+          const int p0 = pos_base + r0, p1 = pos_base + r1;
+          if (!(p0 >= lo && p0 < hi)) sv0 = ofs0 = 0.f;
+          if (!(p1 >= lo && p1 < hi)) sv1 = ofs1 = 0.f;
+        }
         uint32_t pb[NT][2];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          const float x0 = fast_exp2(sc[mt][nt][0] - mu[nt][0]);
-          const float x1 = fast_exp2(sc[mt][nt][1] - mu[nt][1]);
-          const float x2 = fast_exp2(sc[mt][nt][2] - mu[nt][0]);
-          const float x3 = fast_exp2(sc[mt][nt][3] - mu[nt][1]);
+          const float x0 = fast_exp2(sc[mt][nt][0]);
+          const float x1 = fast_exp2(sc[mt][nt][1]);
+          const float x2 = fast_exp2(sc[mt][nt][2]);
+          const float x3 = fast_exp2(sc[mt][nt][3]);
           l_run[nt][0] += x0 + x2;
           l_run[nt][1] += x1 + x3;
           ov_run[nt][0] = fmaf(x0, ofs0, fmaf(x2, ofs1, ov_run[nt][0]));
           ov_run[nt][1] = fmaf(x1, ofs0, fmaf(x3, ofs1, ov_run[nt][1]));
           // P'^T rows (tokens) x cols (heads) -> B operand (k = tokens, n = heads) of the PV MMA
           const uint32_t p01 = pack_bf16x2(x0 * sv0, x1 * sv0), p23 = pack_bf16x2(x2 * sv1, x3 * sv1);
-          vb_run[nt][0] += bf16x2_lo(p01) + bf16x2_lo(p23);
-          vb_run[nt][1] += bf16x2_hi(p01) + bf16x2_hi(p23);
           pb[nt][0] = movmatrix_trans(p01);
           pb[nt][1] = movmatrix_trans(p23);
+          mma_bf16(vb_acc[nt], kOnesBf16x2, kOnesBf16x2, kOnesBf16x2, kOnesBf16x2, pb[nt][0], pb[nt][1]);
         }
         // V^T A operand: m = 16 dims, k = tokens (tau(2t), tau(2t+1)) and the same + 8.
         const int ra = rbase + tau(2 * t), rb2 = rbase + tau(2 * t + 1);
@@ -649,19 +693,19 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
       for (int j = 0; j < 2; ++j) {
         l_run[nt][j] = warp_sum_xor_g(l_run[nt][j]);
         ov_run[nt][j] = warp_sum_xor_g(ov_run[nt][j]);
-        vb_run[nt][j] = kInt2PairBias * warp_sum_xor_g(vb_run[nt][j]);
+        vb_acc[nt][j] *= kInt2PairBias;  // already summed over the warp's tokens by the MMA
       }
 #pragma unroll
       for (int i = 0; i < KC; ++i) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int q = 2 * (i & 1) + half;
-          const int dim = g * BV + (i >> 1) + q * QB;
-          const float inv = int2_inv_weight(q);
+          const int dim = g * BV + (i >> 1) + q * QB;  // byte g*BV + (i>>1): parity (i>>1)&1 (BV is even)
+          const float inv = int2_inv_weight((i >> 1) & 1, q);
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             const int head = 2 * t + j + 8 * nt;
-            sMO[(warp * GP + head) * D + dim] = fmaf(o_acc[nt][i][2 * half + j] - vb_run[nt][j], inv, ov_run[nt][j]);
+            sMO[(warp * GP + head) * D + dim] = fmaf(o_acc[nt][i][2 * half + j] - vb_acc[nt][j], inv, ov_run[nt][j]);
           }
         }
       }
