@@ -303,18 +303,34 @@ def decode_config(fa3, shape, hq, hkv, d, batch, ctx):
     return row
 
 
+# (shape, batch, context, split counts): batch 1 (many splits), and the medium batches where the
+# split heuristic decides between one and two waves of CTAs (decode_num_splits).
+SPLIT_SWEEP = (
+    ("qwen3-8b", 1, 32768, (4, 8, 11, 16, 24, 33, 48, 64, 96)),
+    ("qwen3-8b", 1, 131072, (4, 8, 11, 16, 24, 33, 48, 64, 96)),
+    ("qwen3-8b", 8, 32768, (2, 3, 4, 5, 6, 8, 11)),
+    ("qwen3-8b", 8, 131072, (2, 3, 4, 5, 6, 8)),
+    ("qwen3-8b", 16, 32768, (1, 2, 3, 4)),
+    ("qwen3-8b", 32, 32768, (1, 2, 3)),
+    ("smollm2", 1, 32768, (4, 8, 11, 16, 24, 33, 48, 64, 96)),
+    ("smollm2", 8, 32768, (4, 6, 8, 11, 16)),
+    ("smollm2", 64, 32768, (1, 2, 3, 4)),
+)
+
+
 def run_split_sweep(quick: bool, budget: Budget):
+    """Decode time per split count (no R_V, as the vLLM plugin runs it), next to the default's choice."""
     rows = []
-    for shape, batch, ctx in (("qwen3-8b", 1, 32768), ("qwen3-8b", 1, 131072), ("qwen3-8b", 8, 32768),
-                              ("smollm2", 1, 32768)):
+    for shape, batch, ctx, splits in SPLIT_SWEEP:
         if (quick and ctx > 32768) or not budget.left():
             continue
         hq, hkv, d = SHAPES[shape]
         nb = n_buffers(oscar_bytes(batch, hq, hkv, d, ctx))
         inp = OscarInputs(batch, hq, hkv, d, ctx, nb)
-        for s in (4, 8, 11, 16, 24, 33, 48, 64, 96):
+        default = ops.decode_num_splits(batch, hq, hkv, d, ctx, sink=SINK, recent=RECENT)
+        for s in sorted(set(splits) | {default}):
             ms, _ = bench_oscar(inp, nb, rot_v=False, num_splits=s)
-            rows.append(dict(shape=shape, batch=batch, ctx=ctx, splits=s, oscar_ms=ms,
+            rows.append(dict(shape=shape, batch=batch, ctx=ctx, splits=s, default=s == default, oscar_ms=ms,
                              tbps=oscar_bytes(batch, hq, hkv, d, ctx) / (ms * 1e-3) / 1e12))
             print(json.dumps(rows[-1]), flush=True)
         del inp
@@ -391,7 +407,7 @@ def print_tables(res):
         print("\n== INT2 split sweep (no R_V) ==")
         for r in res["split_sweep"]:
             print(f"{r['shape']:9} B={r['batch']:<3d} ctx={r['ctx']:<7d} splits={r['splits']:<3d} "
-                  f"{r['oscar_ms']:.4f} ms {r['tbps']:.2f} TB/s")
+                  f"{r['oscar_ms']:.4f} ms {r['tbps']:.2f} TB/s{'  (default)' if r.get('default') else ''}")
     print("\n== store_kv ==")
     for r in res["store"]:
         print(f"{r['shape']:9} T={r['tokens']:<5d} {r.get('levels', 'minmax'):6} window={int(r['window'])} "

@@ -19,10 +19,10 @@ One call is captured in a CUDA graph and replayed 7 times. Per configuration the
 median over replays of summary times in microseconds after the first rotate_q CTA started, plus the
 plain graph-replay time per call (``graph_us``, the benchmark's method with the trace points inside).
 
-The traces in docs/kernels.md and benchmarks/results/kernels-h100.json were taken on 2026-11-24 with
-an earlier form of this script and of trace_store.py (same slots, more summary fields). The committed
-forms share ``benchmarks.trace.replay_traced``; their table readers are tested on CPU, but they have not
-run on the GPU as committed.
+The first traces in docs/kernels.md and benchmarks/results/kernels-h100.json were taken on 2026-11-24
+with an earlier form of this script and of trace_store.py (same slots, more summary fields). This form
+ran on the H100 on 2026-11-24 (``decode_steps.trace_after_cuts_rows``); trace_store.py as committed has
+not run on the GPU.
 """
 
 from __future__ import annotations

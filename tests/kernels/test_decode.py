@@ -171,6 +171,11 @@ def test_decode_workspace_helpers():
     s = ops.decode_num_splits(1, 32, 8, 128, 32768, sink=64, recent=256, num_sms=132)
     assert 1 <= s <= 128
     assert ops.decode_num_splits(256, 32, 8, 128, 32768, sink=64, recent=256, num_sms=132) == 1
+    # Medium batches: the INT2 splits fill one wave of 2 x 132 slots (the split sweep's best counts).
+    splits = {b: ops.decode_num_splits(b, 32, 8, 128, 32768, sink=64, recent=256, num_sms=132) for b in (1, 8, 16, 32)}
+    assert splits == {1: 30, 8: 4, 16: 2, 32: 1}, splits
+    assert ops.decode_num_splits(64, 9, 3, 64, 32768, sink=64, recent=256, num_sms=132) == 2  # 192 items
+    assert ops.decode_num_splits(8, 9, 3, 64, 32768, sink=64, recent=256, num_sms=132) == 8  # whole grid, one wave
 
 
 def test_decode_errors():

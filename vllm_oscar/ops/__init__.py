@@ -188,9 +188,18 @@ def decode_num_splits(
     CUDA graph captured with it stays valid for every shorter sequence.
 
     Two CTAs fit on an SM (d <= 128: 78 KB of shared memory, <= 128 registers per thread), so there
-    are ``2 * num_sms`` slots. When the whole grid (INT2 and window splits) fits in them, every split
-    starts at once and nothing waits for a second wave; otherwise (medium batch) the INT2 splits
-    alone fill the slots and the short window splits interleave. At least one 256-token tile per split.
+    are ``2 * num_sms`` slots. When the whole grid (INT2 and window splits) fits in them with at least
+    one INT2 CTA per SM, every split starts at once and nothing waits for a second wave (small batch).
+    Otherwise (medium batch) the INT2 splits alone fill one wave, ``slots // items`` of them per
+    (sequence, KV head), and the short window splits run after them; a second, mostly empty wave of
+    long INT2 CTAs costs a whole CTA length. Only when one wave cannot be nearly filled that way (items
+    between half and all of the slots) does it take two splits per item. At least one 256-token tile
+    per split.
+
+    Measured on one H100 (``python benchmarks/kernels.py --parts sweep``, no R_V, 2026-11-24): Qwen3-8B
+    shape, batch 8, 32K: 4 splits 73.7 us against 88.3 us for the 5 (= ceil(264 / 64)) chosen before;
+    batch 8, 128K: 240 against 293 us; batch 16, 32K: 2 splits 131 against 139 us (3 before); SmolLM2
+    batch 64 (192 items): 2 splits 142 us, 1 split 168 us.
     """
     if num_sms is None:
         num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
@@ -199,8 +208,10 @@ def decode_num_splits(
     slots = 2 * num_sms
     s_win = _window_splits(head_dim, sink, recent, window)
     s = slots // items - s_win
-    if s * items < num_sms:  # too few INT2 CTAs to keep every SM streaming
-        s = -(-slots // items)
+    if s * items < num_sms:  # too few INT2 CTAs to keep every SM streaming: INT2 fills one wave
+        s = slots // items
+        if s * items < slots * 9 // 10:  # more than a tenth of the wave idle (or items > slots)
+            s = -(-slots // items)
     group = num_q_heads // num_kv_heads
     cap = int(_ops().decode_max_split_heads(head_dim, group)) // group - s_win
     return max(1, min(s, tiles, cap))
