@@ -136,10 +136,10 @@ OSCAR_DEVICE void pdl_launch_dependents() {
 // stage at d=128 (sm_90a SASS), now 32. The weight is undone for free: K codes meet a query
 // pre-divided by w (exact, w is a power of two), V accumulators are divided by w in the epilogue.
 // The 128 is not subtracted per pair (an fma.bf16x2 each, 128 of the 777 instructions per warp and
-// stage at d=128): the decode kernel removes it afterwards, once per (token, head) from the scores
-// (128 * sum(q/w), the initial value of the score accumulator) and once per (split, head) from the
-// outputs (128 * sum over tokens of P'). The products stay exact in the MMA; the bias only adds fp32
-// accumulation error, ~1e-6 relative.
+// stage at d=128): the decode kernel removes it per head instead, from the scores by starting the
+// score accumulator at -128 * sum(q/w), and once per (split, head) from the outputs (128 * sum over
+// tokens of P', which an all-ones MMA adds up). The products stay exact in the MMA; the bias only adds
+// fp32 accumulation error, ~1e-6 relative.
 // ---------------------------------------------------------------------------------------------
 // (x & mask) | magic as one LOP3: with both constants as immediates the compiler emits two LOP3s
 // (an instruction takes one immediate), measured in the SASS: 265 LOP3 per stage instead of ~130.
