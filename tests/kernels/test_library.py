@@ -137,3 +137,37 @@ def test_compile_traces_through_decode():
         ]
     )
     assert "oscar.decode" in str(gm.graph)
+
+
+@pytest.mark.skipif(not _NVCC, reason="needs nvcc to compile the header's host-side constexpr table")
+def test_int2_code_extraction_table_is_exact(tmp_path):
+    """decode's code extraction (common.cuh: int2_shift, int2_weight_log4, int2_weight) takes every 2-bit
+    code of a quartered-packed word exactly once, as the exact bf16 value 128 + w*c (no GPU needed: the
+    table is compiled for the host and the LOP3 ``(x >> shift) & mask | 0x43004300`` is emulated here)."""
+    import struct
+    import subprocess
+    from pathlib import Path
+
+    nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    csrc = Path(__file__).resolve().parents[2] / "csrc"
+    src = tmp_path / "table.cu"
+    src.write_text('#include <cstdio>\n#include "kernels/common.cuh"\nint main() {\n'
+                   "  for (int p = 0; p < 2; ++p) for (int q = 0; q < 4; ++q)\n"
+                   '    std::printf("%d %d %d %d %g\\n", p, q, oscar::int2_shift(p, q), oscar::int2_weight_log4(p, q),\n'
+                   "                oscar::int2_weight(p, q));\n  return 0;\n}\n")
+    exe = tmp_path / "table"
+    subprocess.run([nvcc, "-std=c++17", f"-I{csrc}", "-o", str(exe), str(src)], check=True, capture_output=True)
+    rows = [line.split() for line in subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split("\n")
+            if line]
+    table = {(int(p), int(q)): (int(sh), int(k), float(w)) for p, q, sh, k, w in rows}
+    assert sorted(table) == [(p, q) for p in range(2) for q in range(4)]
+    assert len({(sh, k) for sh, k, _ in table.values()}) == 8, "two codes share a field"
+    bf16 = lambda h: struct.unpack(">f", struct.pack(">H", h) + b"\0\0")[0]
+    gen = torch.Generator().manual_seed(0)
+    words = torch.randint(0, 2**32, (4000,), generator=gen, dtype=torch.int64).tolist() + [0, 0xFFFFFFFF]
+    for (p, q), (sh, k, w) in table.items():
+        assert w == 4.0**k and k in (0, 1, 2)
+        for x in words:
+            r = ((x >> sh) & (0x00030003 << (2 * k))) | 0x43004300
+            for half, byte in ((r & 0xFFFF, (x >> (8 * p)) & 0xFF), (r >> 16, (x >> (8 * (p + 2))) & 0xFF)):
+                assert bf16(half) == 128 + w * ((byte >> (2 * q)) & 3), (p, q, hex(x))
