@@ -94,10 +94,12 @@ def test_decode_plan_sizes_for_the_largest_batch_and_split_count(monkeypatch):
     biggest = ops.make_decode_workspace(256, 32, 8, 128, 32768, sink=64, recent=256, device="meta",
                                         num_splits=plan.num_splits(1))
     assert plan.buffer_numel == biggest.buffer.numel()
-    for batch in (1, 8, 256):
+    for batch in (1, 2, 3, 8, 16, 32, 100, 256):
         need = ops.make_decode_workspace(batch, 32, 8, 128, 32768, sink=64, recent=256, device="meta",
                                          num_splits=plan.num_splits(batch))
         assert need.buffer.numel() <= plan.buffer_numel
+    # The medium-batch rule: the INT2 splits of a batch of 8 fill one wave of 264 slots (64 items x 4).
+    assert plan.num_splits(8) == 4 and plan.num_splits(16) == 2
     ws = plan.bind([torch.zeros(plan.buffer_numel)], 8)
     assert ws.num_splits == plan.num_splits(8) and ws.semaphores is plan.semaphores
     # Eager batches and the capture sizes they pad to (the next power of two at most) agree.

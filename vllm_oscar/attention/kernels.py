@@ -106,9 +106,12 @@ class DecodePlan:
         self.max_batch = max_batch
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         self._splits: dict[int, int] = {}
-        # The most splits go to a batch of one; a buffer for (max_batch, most splits) covers every batch.
+        # A buffer for (max_batch, the most splits of any batch bucket) covers every batch. The most go to
+        # a batch of one with every shape measured, but the split rule does not promise it.
+        buckets = {min(1 << k, max_batch) for k in range(max(max_batch, 1).bit_length() + 1)}
+        most = max(self.num_splits(b) for b in buckets)
         sizing = ops.make_decode_workspace(max_batch, num_q_heads, num_kv_heads, head_dim, max_seq_len,
-                                           **self._window, device="meta", num_splits=self.num_splits(1))
+                                           **self._window, device="meta", num_splits=most)
         self.buffer_numel = sizing.buffer.numel()
         self.semaphores = torch.zeros(sizing.semaphores.numel(), dtype=torch.int32, device=device)
 
