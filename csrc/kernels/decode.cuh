@@ -282,10 +282,14 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
     lo = ws;
     hi = rs;
     if (hi > lo) {
+      // Tiles dealt as evenly as possible: the first n % s_int splits take one more. With ceil(n / s_int)
+      // tiles each, the last splits were short or empty (Qwen3-8B batch 1 at 32K: 127 tiles in 30 splits
+      // gave 25 splits of 5, one of 2 and 4 empty CTAs), and two 5-tile CTAs could share an SM.
       const int t0 = lo / TILE, t1 = (hi + TILE - 1) / TILE;
-      const int per = (t1 - t0 + p.s_int - 1) / p.s_int;
-      tile_lo = min(t0 + (split - p.s_win) * per, t1);
-      tile_hi = min(tile_lo + per, t1);
+      const int idx = split - p.s_win, n_tiles = t1 - t0;
+      const int base = n_tiles / p.s_int, extra = n_tiles % p.s_int;
+      tile_lo = t0 + idx * base + min(idx, extra);
+      tile_hi = tile_lo + base + (idx < extra ? 1 : 0);
     }
   }
 
