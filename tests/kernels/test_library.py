@@ -13,7 +13,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from vllm_oscar import ops
 
-_NVCC = shutil.which("nvcc") is not None or os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
+_NVCC_PATH = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+_NVCC = os.path.exists(_NVCC_PATH)
 _SKIP_BUILD = os.environ.get("VLLM_OSCAR_SKIP_CUDA_BUILD", "0") == "1"
 needs_extension = pytest.mark.skipif(
     not ops.kernels_available(), reason=f"vllm_oscar._C not loaded: {ops.kernels_unavailable_reason()}"
@@ -148,7 +149,6 @@ def test_int2_code_extraction_table_is_exact(tmp_path):
     import subprocess
     from pathlib import Path
 
-    nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
     csrc = Path(__file__).resolve().parents[2] / "csrc"
     src = tmp_path / "table.cu"
     src.write_text('#include <cstdio>\n#include "kernels/common.cuh"\nint main() {\n'
@@ -156,7 +156,7 @@ def test_int2_code_extraction_table_is_exact(tmp_path):
                    '    std::printf("%d %d %d %d %g\\n", p, q, oscar::int2_shift(p, q), oscar::int2_weight_log4(p, q),\n'
                    "                oscar::int2_weight(p, q));\n  return 0;\n}\n")
     exe = tmp_path / "table"
-    subprocess.run([nvcc, "-std=c++17", f"-I{csrc}", "-o", str(exe), str(src)], check=True, capture_output=True)
+    subprocess.run([_NVCC_PATH, "-std=c++17", f"-I{csrc}", "-o", str(exe), str(src)], check=True, capture_output=True)
     rows = [line.split() for line in subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split("\n")
             if line]
     table = {(int(p), int(q)): (int(sh), int(k), float(w)) for p, q, sh, k, w in rows}

@@ -108,8 +108,7 @@ class DecodePlan:
         self._splits: dict[int, int] = {}
         # A buffer for (max_batch, the most splits of any batch bucket) covers every batch. The most go to
         # a batch of one with every shape measured, but the split rule does not promise it.
-        buckets = {min(1 << k, max_batch) for k in range(max(max_batch, 1).bit_length() + 1)}
-        most = max(self.num_splits(b) for b in buckets)
+        most = max(self.num_splits(1 << k) for k in range(max(max_batch, 1).bit_length() + 1))  # every bucket
         sizing = ops.make_decode_workspace(max_batch, num_q_heads, num_kv_heads, head_dim, max_seq_len,
                                            **self._window, device="meta", num_splits=most)
         self.buffer_numel = sizing.buffer.numel()
