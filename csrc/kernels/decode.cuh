@@ -614,7 +614,7 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
           grow |= mnew[nt][j] > m_run[nt][j] + kRescaleSlack;
         }
       }
-      if (__any_sync(0xffffffffu, grow)) {  // warp-uniform: the o_acc rescale is 38 FMULs per thread
+      if (__any_sync(0xffffffffu, grow)) {  // warp-uniform: 40 FMULs (o_acc, l, ov, vb) + 8 score shifts
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
