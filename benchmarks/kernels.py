@@ -374,6 +374,59 @@ def run_store(quick: bool):
     return rows
 
 
+def run_step(quick: bool, budget: Budget):
+    """One decode step's cache work (no R_V, MSE grid, each sequence's newest token stored):
+    oscar::store_kv then oscar::decode, against oscar::store_and_decode, where the decode runs beside
+    the store. ``overlap``: what the vLLM backend runs (ops.store_overlaps_decode). The decode alone is
+    the floor."""
+    rows = []
+    for shape, (hq, hkv, d) in SHAPES.items():
+        for batch in (1, 8, 64) if not quick else (1,):
+            for ctx in (4096, 32768, 131072) if not quick else (32768,):
+                if not budget.left():
+                    continue
+                rows.append(step_config(shape, hq, hkv, d, batch, ctx))
+                print(json.dumps(rows[-1]), flush=True)
+                budget.save()
+                torch.cuda.empty_cache()
+    return rows
+
+
+def step_config(shape, hq, hkv, d, batch, ctx):
+    nb = n_buffers(oscar_bytes(batch, hq, hkv, d, ctx))
+    inp = OscarInputs(batch, hq, hkv, d, ctx, nb)
+    bs, wbs = inp.layout.block_size, VLLM_BLOCK_SIZE
+    b_idx = torch.arange(batch, device="cuda")
+    slots = [(t[b_idx, (ctx - 1) // bs].long() * bs + (ctx - 1) % bs) for t in inp.tables]
+    wslots = [(t[b_idx, (ctx - 1) // wbs].long() * wbs + (ctx - 1) % wbs) for t in inp.wtables]
+    keys = [torch.randn(batch, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(nb)]
+    vals = [torch.randn(batch, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(nb)]
+    ws = ops.make_decode_workspace(batch, hq, hkv, d, ctx, sink=SINK, recent=RECENT)
+
+    def decode(i):
+        inp.call(ws, i, rot_v=False)
+
+    def store_then_decode(i):
+        ops.store_kv(keys[i], vals[i], inp.caches[i], slots[i], inp.rk, inp.rv, k_clip_ratio=0.0, v_clip_ratio=0.0,
+                     window_cache=inp.windows[i], window_slot_mapping=wslots[i], levels="mse")
+        decode(i)
+
+    def store_and_decode(i):
+        ops.store_and_decode(
+            inp.q[i], keys[i], vals[i], inp.caches[i], slots[i], inp.tables[i], inp.seq_lens, ws,
+            window_cache=inp.windows[i], window_slot_mapping=wslots[i], window_block_table=inp.wtables[i],
+            rotation_k=inp.rk, rotation_v=inp.rv, rotate_output=False, k_clip_ratio=0.0, v_clip_ratio=0.0,
+            levels="mse", sink=SINK, recent=RECENT, scale=d**-0.5, out=inp.out)
+
+    us = {fn.__name__: time_graph(fn, nb, estimate_ms(fn)) * 1e3
+          for fn in (decode, store_then_decode, store_and_decode)}
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return dict(shape=shape, batch=batch, ctx=ctx, splits=ws.num_splits,
+                overlap=ops.store_overlaps_decode(batch, hkv, ws.num_splits, sms), decode_us=us["decode"],
+                store_then_decode_us=us["store_then_decode"], store_and_decode_us=us["store_and_decode"],
+                saved_us=us["store_then_decode"] - us["store_and_decode"])
+
+
 def run_gather():
     rows = []
     for shape, (hq, hkv, d) in SHAPES.items():
@@ -417,6 +470,12 @@ def print_tables(res):
         print(f"{r['shape']:9} T={r['tokens']:<5d} {r.get('levels', 'minmax'):6} window={int(r['window'])} "
               f"{r['us']:8.1f} us "
               f"{r['mtok_per_s']:8.2f} Mtok/s {r['gbps']:7.1f} GB/s")
+    if res.get("step"):
+        print("\n== decode step: store_kv + decode vs store_and_decode (us, no R_V, MSE grid) ==")
+        for r in res["step"]:
+            print(f"{r['shape']:9} B={r['batch']:<3d} ctx={r['ctx']:<7d} decode {r['decode_us']:7.1f}  "
+                  f"store+decode {r['store_then_decode_us']:7.1f}  fused {r['store_and_decode_us']:7.1f}  "
+                  f"saved {r['saved_us']:6.1f}  {'(overlap)' if r['overlap'] else '(sequential in vLLM)'}")
     print("\n== gather_prefix ==")
     for r in res["gather"]:
         print(f"{r['shape']:9} seqs={r['seqs']} prefix={r['prefix']} {r['us']:8.1f} us {r['gbps']:7.1f} GB/s")
@@ -432,16 +491,16 @@ def main():
     ap.add_argument("--time-budget", type=float, default=1e9, help="seconds; later measurements are skipped")
     ap.add_argument("--int2-block-size", type=int, default=INT2_BLOCK_SIZE,
                     help=f"tokens per INT2 page (default {INT2_BLOCK_SIZE}, what the vLLM backend allocates)")
-    ap.add_argument("--parts", default="decode,store,gather,sweep",
-                    help="comma list of decode, store, gather, sweep (default: all)")
+    ap.add_argument("--parts", default="decode,store,gather,sweep,step",
+                    help="comma list of decode, store, gather, sweep, step (default: all)")
     args = ap.parse_args()
     if args.int2_block_size <= 0 or args.int2_block_size % 16:
         ap.error(f"--int2-block-size must be a positive multiple of 16, got {args.int2_block_size}")
     INT2_BLOCK_SIZE = args.int2_block_size
     parts = set(args.parts.split(","))
-    unknown = parts - {"decode", "store", "gather", "sweep"}
+    unknown = parts - {"decode", "store", "gather", "sweep", "step"}
     if unknown:
-        ap.error(f"unknown --parts {sorted(unknown)}; choose from decode, store, gather, sweep")
+        ap.error(f"unknown --parts {sorted(unknown)}; choose from decode, store, gather, sweep, step")
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     fa3, fa3_source = load_fa3()
@@ -455,7 +514,7 @@ def main():
             json.dump(res, f, indent=1)
 
     budget = Budget(args.time_budget, save)
-    res.update(decode=[], store=[], gather=[], split_sweep=[])
+    res.update(decode=[], store=[], gather=[], split_sweep=[], step=[])
     res["copy_tbps"] = copy_bandwidth()
     print(f"copy bandwidth {res['copy_tbps']:.2f} TB/s", flush=True)
     res["parts"] = sorted(parts)
@@ -471,6 +530,8 @@ def main():
         save()
     if not args.no_sweep and "sweep" in parts:
         res["split_sweep"] = run_split_sweep(args.quick, budget)
+    if "step" in parts:
+        res["step"] = run_step(args.quick, budget)
     save()
     print_tables(res)
     return 0

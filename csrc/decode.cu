@@ -22,22 +22,26 @@ int decode_max_split_heads_for(int head_dim, int group) {
   }
 }
 
-void launch_decode(const DecodeParams& p, int head_dim, bool pdl, cudaStream_t stream) {
+void launch_rotate_q_for(const DecodeParams& p, int head_dim, cudaStream_t stream) {
+  switch (head_dim) {
+    case 64: launch_rotate_q<64>(p, stream); break;
+    case 128: launch_rotate_q<128>(p, stream); break;
+    default: launch_rotate_q<256>(p, stream); break;
+  }
+}
+
+void launch_decode_kernel_for(const DecodeParams& p, int head_dim, bool pdl, cudaStream_t stream) {
   const bool nt2 = p.group > 8;
   switch (head_dim) {
-    case 64:
-      launch_rotate_q<64>(p, stream);
-      nt2 ? launch_decode<64, 2>(p, stream, pdl) : launch_decode<64, 1>(p, stream, pdl);
-      break;
-    case 128:
-      launch_rotate_q<128>(p, stream);
-      nt2 ? launch_decode<128, 2>(p, stream, pdl) : launch_decode<128, 1>(p, stream, pdl);
-      break;
-    default:
-      launch_rotate_q<256>(p, stream);
-      launch_decode<256, 1>(p, stream, pdl);
-      break;
+    case 64: nt2 ? launch_decode<64, 2>(p, stream, pdl) : launch_decode<64, 1>(p, stream, pdl); break;
+    case 128: nt2 ? launch_decode<128, 2>(p, stream, pdl) : launch_decode<128, 1>(p, stream, pdl); break;
+    default: launch_decode<256, 1>(p, stream, pdl); break;
   }
+}
+
+void launch_decode(const DecodeParams& p, int head_dim, bool pdl, cudaStream_t stream) {
+  launch_rotate_q_for(p, head_dim, stream);
+  launch_decode_kernel_for(p, head_dim, pdl, stream);
 }
 
 }  // namespace oscar

@@ -13,7 +13,11 @@
 namespace oscar {
 
 void launch_store(const StoreParams& p, int head_dim, cudaStream_t stream);
+// rotate_q_kernel, then decode_kernel (with programmatic dependent launch when `pdl`).
 void launch_decode(const DecodeParams& p, int head_dim, bool pdl, cudaStream_t stream);
+// The two halves, for store_and_decode, which launches the store kernel between them.
+void launch_rotate_q_for(const DecodeParams& p, int head_dim, cudaStream_t stream);
+void launch_decode_kernel_for(const DecodeParams& p, int head_dim, bool pdl, cudaStream_t stream);
 void launch_gather(const GatherParams& p, int head_dim, cudaStream_t stream);
 
 // DecodeTraits constants the op layer and Python need (head_dim must be 64, 128 or 256).

@@ -27,11 +27,13 @@ int clip_index(double ratio, int64_t d) {
 }
 }  // namespace
 
-void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& kv_cache,
-              const torch::Tensor& slot_mapping, const std::optional<torch::Tensor>& rotation_k,
-              const std::optional<torch::Tensor>& rotation_v, double k_clip_ratio, double v_clip_ratio,
-              const std::optional<torch::Tensor>& window_cache,
-              const std::optional<torch::Tensor>& window_slot_mapping, int64_t levels) {
+namespace {
+// store_kv's checks and parameter block (num_tokens 0: nothing to store).
+StoreParams make_store_params(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& kv_cache,
+                              const torch::Tensor& slot_mapping, const std::optional<torch::Tensor>& rotation_k,
+                              const std::optional<torch::Tensor>& rotation_v, double k_clip_ratio,
+                              double v_clip_ratio, const std::optional<torch::Tensor>& window_cache,
+                              const std::optional<torch::Tensor>& window_slot_mapping, int64_t levels) {
   const auto dev = key.device();
   check_cuda(key, "key", dev);
   TORCH_CHECK(key.scalar_type() == at::kBFloat16 || key.scalar_type() == at::kHalf,
@@ -77,9 +79,7 @@ void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tenso
               "oscar: levels mse fits the grid to the whole row and does not clip; k_clip_ratio and "
               "v_clip_ratio must be 0, got ", num(k_clip_ratio), " and ", num(v_clip_ratio));
   TORCH_CHECK(T * Hkv < (int64_t{1} << 31), "oscar: store_kv supports fewer than 2^31 rows, got ", num(T * Hkv));
-  if (T == 0) return;
 
-  const c10::cuda::CUDAGuard guard(dev);
   StoreParams p{};
   p.key = key.data_ptr();
   p.value = value.data_ptr();
@@ -113,7 +113,20 @@ void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tenso
     p.win_block_size = static_cast<int>(w.size(2));
     p.num_win_slots = w.size(0) * w.size(2);
   }
-  launch_store(p, static_cast<int>(D), c10::cuda::getCurrentCUDAStream());
+  return p;
+}
+}  // namespace
+
+void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& kv_cache,
+              const torch::Tensor& slot_mapping, const std::optional<torch::Tensor>& rotation_k,
+              const std::optional<torch::Tensor>& rotation_v, double k_clip_ratio, double v_clip_ratio,
+              const std::optional<torch::Tensor>& window_cache,
+              const std::optional<torch::Tensor>& window_slot_mapping, int64_t levels) {
+  const StoreParams p = make_store_params(key, value, kv_cache, slot_mapping, rotation_k, rotation_v, k_clip_ratio,
+                                          v_clip_ratio, window_cache, window_slot_mapping, levels);
+  if (p.num_tokens == 0) return;
+  const c10::cuda::CUDAGuard guard(key.device());
+  launch_store(p, static_cast<int>(key.size(2)), c10::cuda::getCurrentCUDAStream());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -149,13 +162,16 @@ bool use_pdl(c10::DeviceIndex dev) {
 }
 }  // namespace
 
-void decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv_cache,
-            const torch::Tensor& block_table, const torch::Tensor& seq_lens,
-            const std::optional<torch::Tensor>& window_cache,
-            const std::optional<torch::Tensor>& window_block_table,
-            const std::optional<torch::Tensor>& rotation_k, const std::optional<torch::Tensor>& rotation_v,
-            int64_t sink, int64_t recent, double scale, torch::Tensor& workspace, torch::Tensor& semaphores,
-            int64_t num_splits) {
+namespace {
+// decode's checks and parameter block (batch 0: nothing to compute).
+DecodeParams make_decode_params(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv_cache,
+                                const torch::Tensor& block_table, const torch::Tensor& seq_lens,
+                                const std::optional<torch::Tensor>& window_cache,
+                                const std::optional<torch::Tensor>& window_block_table,
+                                const std::optional<torch::Tensor>& rotation_k,
+                                const std::optional<torch::Tensor>& rotation_v, int64_t sink, int64_t recent,
+                                double scale, torch::Tensor& workspace, torch::Tensor& semaphores,
+                                int64_t num_splits) {
   const auto dev = q.device();
   check_cuda(q, "q", dev);
   check_dtype(q, "q", at::kBFloat16);
@@ -234,9 +250,7 @@ void decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv_
   check_dtype(semaphores, "semaphores", at::kInt);
   TORCH_CHECK(semaphores.is_contiguous() && semaphores.numel() >= B * Hkv, "oscar: semaphores must be a contiguous "
               "int32 tensor of at least ", num(B * Hkv), " zeros, got ", num(semaphores.numel()), " elements");
-  if (B == 0) return;
 
-  const c10::cuda::CUDAGuard guard(dev);
   DecodeParams p{};
   p.out = out.data_ptr();
   p.out_s0 = out.stride(0);
@@ -279,7 +293,70 @@ void decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv_
   p.s_win = static_cast<int>(s_win);
   p.s_int = static_cast<int>(num_splits);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  launch_decode(p, static_cast<int>(D), use_pdl(dev.index()), c10::cuda::getCurrentCUDAStream());
+  return p;
+}
+}  // namespace
+
+void decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv_cache,
+            const torch::Tensor& block_table, const torch::Tensor& seq_lens,
+            const std::optional<torch::Tensor>& window_cache,
+            const std::optional<torch::Tensor>& window_block_table,
+            const std::optional<torch::Tensor>& rotation_k, const std::optional<torch::Tensor>& rotation_v,
+            int64_t sink, int64_t recent, double scale, torch::Tensor& workspace, torch::Tensor& semaphores,
+            int64_t num_splits) {
+  const DecodeParams p = make_decode_params(out, q, kv_cache, block_table, seq_lens, window_cache, window_block_table,
+                                            rotation_k, rotation_v, sink, recent, scale, workspace, semaphores,
+                                            num_splits);
+  if (p.batch == 0) return;
+  const auto dev = q.device();
+  const c10::cuda::CUDAGuard guard(dev);
+  launch_decode(p, static_cast<int>(q.size(2)), use_pdl(dev.index()), c10::cuda::getCurrentCUDAStream());
+}
+
+// ---------------------------------------------------------------------------------------------
+// store_and_decode
+// ---------------------------------------------------------------------------------------------
+
+// rotate_q, then the store, then decode, chained by programmatic dependent launch so that the decode
+// CTAs run beside the store: the store kernel waits for rotate_q and then lets decode launch, and only
+// the decode CTAs that read the newest row (position seq_len - 1, which the store writes) wait for the
+// store (decode.cuh, store_overlap). Without PDL (OSCAR_KERNELS_NO_PDL=1 or before sm_90) the three
+// kernels run one after another, as store_kv followed by decode.
+void store_and_decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& key,
+                      const torch::Tensor& value, torch::Tensor& kv_cache, const torch::Tensor& slot_mapping,
+                      const torch::Tensor& block_table, const torch::Tensor& seq_lens,
+                      const std::optional<torch::Tensor>& window_cache,
+                      const std::optional<torch::Tensor>& window_slot_mapping,
+                      const std::optional<torch::Tensor>& window_block_table,
+                      const std::optional<torch::Tensor>& rotation_k, const std::optional<torch::Tensor>& rotation_v,
+                      const std::optional<torch::Tensor>& output_rotation_v, double k_clip_ratio,
+                      double v_clip_ratio, int64_t levels, int64_t sink, int64_t recent, double scale,
+                      torch::Tensor& workspace, torch::Tensor& semaphores, int64_t num_splits) {
+  StoreParams ps = make_store_params(key, value, kv_cache, slot_mapping, rotation_k, rotation_v, k_clip_ratio,
+                                     v_clip_ratio, window_cache, window_slot_mapping, levels);
+  DecodeParams pd = make_decode_params(out, q, kv_cache, block_table, seq_lens, window_cache, window_block_table,
+                                       rotation_k, output_rotation_v, sink, recent, scale, workspace, semaphores,
+                                       num_splits);
+  TORCH_CHECK(key.device() == q.device(), "oscar: key must be on q's device ", q.device(), ", got ", key.device());
+  TORCH_CHECK(key.size(2) == q.size(2), "oscar: key's head_dim (key.shape[2] = ", num(key.size(2)),
+              ") must equal q's (q.shape[2] = ", num(q.size(2)), ")");
+  const auto dev = q.device();
+  const int D = static_cast<int>(q.size(2));
+  const c10::cuda::CUDAGuard guard(dev);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (pd.batch == 0) {
+    if (ps.num_tokens > 0) launch_store(ps, D, stream);
+    return;
+  }
+  const bool pdl = use_pdl(dev.index());
+  launch_rotate_q_for(pd, D, stream);
+  if (ps.num_tokens > 0) {
+    ps.pdl_gate = pdl;
+    launch_store(ps, D, stream);
+    pd.store_overlap = pdl;
+  }
+  // The store is the decode's programmatic primary; without a store, rotate_q is.
+  launch_decode_kernel_for(pd, D, pdl, stream);
 }
 
 // ---------------------------------------------------------------------------------------------

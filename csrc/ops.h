@@ -21,6 +21,19 @@ void decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv_
             int64_t sink, int64_t recent, double scale, torch::Tensor& workspace, torch::Tensor& semaphores,
             int64_t num_splits);
 
+// rotate_q -> store_kv -> decode with the decode overlapping the store (ops.cpp says how). Contract: in
+// every sequence the decode reads, the store writes at most the newest row (position seq_lens[b] - 1);
+// its other slots belong to sequences this decode does not read (e.g. prefill tokens of the same batch).
+void store_and_decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& key,
+                      const torch::Tensor& value, torch::Tensor& kv_cache, const torch::Tensor& slot_mapping,
+                      const torch::Tensor& block_table, const torch::Tensor& seq_lens,
+                      const std::optional<torch::Tensor>& window_cache,
+                      const std::optional<torch::Tensor>& window_slot_mapping,
+                      const std::optional<torch::Tensor>& window_block_table,
+                      const std::optional<torch::Tensor>& rotation_k, const std::optional<torch::Tensor>& rotation_v,
+                      const std::optional<torch::Tensor>& output_rotation_v, double k_clip_ratio,
+                      double v_clip_ratio, int64_t levels, int64_t sink, int64_t recent, double scale,
+                      torch::Tensor& workspace, torch::Tensor& semaphores, int64_t num_splits);
 void gather_prefix(torch::Tensor& key_out, torch::Tensor& value_out, const torch::Tensor& kv_cache,
                    const torch::Tensor& block_table, const torch::Tensor& cu_seqlens,
                    const std::optional<torch::Tensor>& prefix_lens,

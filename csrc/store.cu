@@ -13,8 +13,12 @@ void launch_store_t(const StoreParams& p, int64_t rows, cudaStream_t stream) {
   static std::atomic<uint64_t> smem_set{0};
   set_smem_once(kern, Tr::kSmem, smem_set);
   const dim3 grid(static_cast<unsigned>((rows + Tr::kCtaRows - 1) / Tr::kCtaRows), 2);
-  kern<<<grid, 256, Tr::kSmem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!p.pdl_gate) {
+    kern<<<grid, 256, Tr::kSmem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  launch_pdl(kern, grid, dim3(256), Tr::kSmem, stream, p);
 }
 
 // Team mode (levels "mse") while it needs at most this many CTAs per K/V side: each CTA stages the

@@ -17,6 +17,13 @@ TORCH_LIBRARY(oscar, m) {
       "Tensor? window_cache, Tensor? window_block_table, Tensor? rotation_k, Tensor? rotation_v, "
       "int sink, int recent, float scale, Tensor! workspace, Tensor! semaphores, int num_splits) -> ()");
   m.impl("decode", torch::kCUDA, &oscar::decode);
+  m.def(
+      "store_and_decode(Tensor! out, Tensor q, Tensor key, Tensor value, Tensor! kv_cache, Tensor slot_mapping, "
+      "Tensor block_table, Tensor seq_lens, Tensor!? window_cache, Tensor? window_slot_mapping, "
+      "Tensor? window_block_table, Tensor? rotation_k, Tensor? rotation_v, Tensor? output_rotation_v, "
+      "float k_clip_ratio, float v_clip_ratio, int levels, int sink, int recent, float scale, Tensor! workspace, "
+      "Tensor! semaphores, int num_splits) -> ()");
+  m.impl("store_and_decode", torch::kCUDA, &oscar::store_and_decode);
 
   m.def(
       "gather_prefix(Tensor! key_out, Tensor! value_out, Tensor kv_cache, Tensor block_table, "

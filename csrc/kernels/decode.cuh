@@ -430,6 +430,20 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
     __syncthreads();  // row_base lives in sQ, which q_rot overwrites next
   };
 
+  // store_and_decode (p.store_overlap): the store kernel that is still running writes position n - 1 of
+  // every sequence (and nothing else this kernel reads), so only the CTA that reads that row waits for it,
+  // before any load; the rest overlap the store. Without a recent window that CTA is the last INT2 split.
+  if (p.store_overlap && n > 0) {
+    bool reads_newest = false;
+    if (is_win) {
+      const int last = hi - 1;  // the slot of the last row this CTA reads
+      reads_newest = hi > lo && (last < ws ? last : rs + (last - ws)) >= n - 1;
+    } else {
+      reads_newest = tile_hi > tile_lo && min(hi, tile_hi * TILE) >= n;
+    }
+    if (reads_newest) pdl_wait_primary();
+  }
+
   if (is_win) {
     if (hi > lo) issue_win();
     cp_async_commit();
@@ -441,8 +455,9 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
     }
   }
 
-  // q_rot comes from rotate_q_kernel: wait for it only now, after the first cache loads are out.
-  pdl_wait_primary();
+  // q_rot comes from rotate_q_kernel: wait for it only now, after the first cache loads are out. In
+  // store_and_decode rotate_q completed before this kernel could launch (the store kernel waits for it).
+  if (!p.store_overlap) pdl_wait_primary();
   {
     const float* qr = p.q_rot + static_cast<int64_t>(b * p.num_q_heads + h * G) * D;
     for (int e = tid; e < GP * D / 4; e += 256) {
@@ -843,6 +858,9 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
   __syncthreads();
   if (*sFlag == 0) return;
   __threadfence();
+  // The merging CTA also waits for the store, so that this grid never completes before it: the next
+  // kernel on the stream (launched plainly) may read what the store wrote. By now it has finished.
+  if (p.store_overlap) pdl_wait_primary();
 
   const bool rotv = p.rot_v != nullptr;
   if constexpr (Tr::kRInSmem) {

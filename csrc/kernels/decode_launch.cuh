@@ -38,8 +38,9 @@ inline dim3 decode_grid(const DecodeParams& p) {
   return dim3(static_cast<unsigned>((p.s_win + p.s_int) * p.num_kv_heads * p.batch));
 }
 
-// pdl: launch with programmatic stream serialization (sm_90+), so that the CTAs start while
-// rotate_q_kernel, launched just before on the same stream, is still running.
+// pdl: launch with programmatic stream serialization (sm_90+), so that the CTAs start while the kernel
+// launched just before on the same stream (rotate_q_kernel, or the store kernel in store_and_decode)
+// is still running.
 template <int D, int NT>
 void launch_decode(const DecodeParams& p, cudaStream_t stream, bool pdl) {
   using Tr = DecodeTraits<D, NT>;
@@ -54,17 +55,7 @@ void launch_decode(const DecodeParams& p, cudaStream_t stream, bool pdl) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = decode_grid(pp);
-  cfg.blockDim = dim3(Tr::kThreads);
-  cfg.dynamicSmemBytes = Tr::kSmem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, pp));
+  launch_pdl(kern, decode_grid(pp), dim3(Tr::kThreads), Tr::kSmem, stream, pp);
 }
 
 }  // namespace oscar

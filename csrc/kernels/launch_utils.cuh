@@ -39,4 +39,22 @@ int resident_ctas(Kernel kern, int threads, int smem_bytes, std::atomic<int> (&c
   return v;
 }
 
+// Launch `kern` with programmatic stream serialization (sm_90+): its CTAs may start once every CTA of
+// the kernel before it on `stream` has run griddepcontrol.launch_dependents (or exited), and
+// griddepcontrol.wait in them waits for that kernel to complete.
+template <typename Kernel, typename Params>
+void launch_pdl(Kernel kern, dim3 grid, dim3 block, int smem_bytes, cudaStream_t stream, const Params& p) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem_bytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, p));
+}
+
 }  // namespace oscar

@@ -28,6 +28,9 @@ struct StoreParams {
   const int64_t* wslots;
   int num_tokens, num_kv_heads, block_size, win_block_size;
   int64_t num_slots, num_win_slots;  // out-of-range slots are skipped
+  // Set by store_and_decode, which launches this kernel with programmatic dependent launch between
+  // rotate_q and decode: every CTA waits for rotate_q to complete, then lets the decode kernel launch.
+  int pdl_gate;
 };
 
 struct DecodeParams {
@@ -55,6 +58,11 @@ struct DecodeParams {
                     // instructions and runs 3x per stage per thread)
   float scale_log2;
   int win_first;  // set by launch_decode: window CTAs first in the grid (the whole grid is resident)
+  // Set by store_and_decode (rotate_q -> store -> decode): this kernel's programmatic primary is the
+  // store kernel, which writes the newest row (position seq_len - 1) of every sequence and let this
+  // kernel launch only after rotate_q completed (so q_rot is ready). Only CTAs that read that row, and
+  // the merging CTAs, wait for the store; every other CTA overlaps it.
+  int store_overlap;
 };
 
 struct GatherParams {

@@ -291,6 +291,16 @@ __global__ void __launch_bounds__(256) store_kernel(const StoreParams p) {
     }
     cp_async_commit();
   }
+  // store_and_decode: R's copies are out; wait for rotate_q (launched just before), then let the decode
+  // kernel launch. Its CTAs read q_rot without waiting, so the trigger must follow rotate_q's completion.
+  // Nothing stored here depends on rotate_q. Letting decode launch before rotate_q completed (decode
+  // CTAs then waited for rotate_q through a counter) was no faster at batch 1 (Qwen3-8B shape, 32K:
+  // 26.3 against 26.7 us) and 10% slower at batch 64 (the early decode CTAs took slots rotate_q's
+  // 256 CTAs still held): benchmarks/kernels.py --parts step, two runs on one H100, 2026-11-24.
+  if (p.pdl_gate) {
+    pdl_wait_primary();
+    pdl_launch_dependents();
+  }
 
   // Stage this warp's rows as fp32: lanes read D/32 consecutive elements of a row at a time.
   float* xs = xs_all + warp * Tr::kRows * XS;

@@ -12,9 +12,10 @@ import zlib
 
 import pytest
 import torch
-from kernel_utils import DecodeCase, max_err, requires_gpu
+from kernel_utils import DecodeCase, kv_rows, max_err, poisoned_int2_cache, requires_gpu
 
 from vllm_oscar import ops
+from vllm_oscar.ops import reference as ref
 
 pytestmark = requires_gpu
 
@@ -176,6 +177,9 @@ def test_decode_workspace_helpers():
     assert splits == {1: 30, 8: 4, 16: 2, 32: 1}, splits
     assert ops.decode_num_splits(64, 9, 3, 64, 32768, sink=64, recent=256, num_sms=132) == 2  # 192 items
     assert ops.decode_num_splits(8, 9, 3, 64, 32768, sink=64, recent=256, num_sms=132) == 8  # whole grid, one wave
+    # store_and_decode while the INT2 CTAs fit in one wave: batch 1 (8 x 30), 8 (64 x 4); not 64 (512 x 1).
+    assert [ops.store_overlaps_decode(b, 8, splits.get(b, 1), 132) for b in (1, 8, 32, 64)] == [
+        True, True, True, False]
 
 
 def test_decode_errors():
@@ -210,3 +214,197 @@ def test_decode_errors():
     with pytest.raises(RuntimeError, match="supports up to 16 query heads"):
         big = ops.make_decode_workspace(1, 64, 2, 64, 16, sink=4, recent=4, device="cuda", num_splits=1)
         call(q=torch.zeros(1, 64, 64, dtype=torch.bfloat16, device="cuda"), workspace=big)
+
+
+# --------------------------------------------------------------------------------------------------
+# store_and_decode: the decode overlaps the store of the step's newest rows
+# --------------------------------------------------------------------------------------------------
+
+# (id, DecodeCase kwargs, levels, extra store tokens). The extra tokens stand for the prefill tokens of a
+# mixed batch: they go to blocks no block table names, ahead of the newest rows in the slot mapping. With
+# thousands of them the store runs in several waves of CTAs and its last CTAs, which store the newest
+# rows, start just before the decode may launch, so a decode CTA that read a newest row without waiting
+# for the store would see its poison. (With the newest rows first, their CTAs finished long before the
+# decode launched, and dropping the wait went unnoticed: checked by editing the kernel on the H100.)
+OVERLAP_CASES = [
+    ("b1-ctx33000-g4", dict(batch=1, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
+                            seq_lens=[33000], **W), "mse", 0),
+    ("b1-ctx33000-g4-longstore", dict(batch=1, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=128,
+                                      window_block_size=16, seq_lens=[33000], **W), "mse", 8192),
+    ("b7-nowindow-g4", dict(batch=7, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=32, window=False,
+                            seq_lens=_lens(1, 63, 64, 65, 320, 4097, 2000), sink=0, recent=0), "minmax", 4096),
+    ("b7-ctx33000-g8-norotv", dict(batch=7, num_q_heads=16, num_kv_heads=2, head_dim=128, block_size=128,
+                                   window_block_size=16, seq_lens=_lens(33000, 32999, 16000, 1, 320, 500, 8191),
+                                   rot_v=False, **W), "mse", 4096),
+    ("b64-ctx4097-g3-d64", dict(batch=64, num_q_heads=9, num_kv_heads=3, head_dim=64, block_size=32,
+                                seq_lens=_random_lens(64, 1500, 1, must=(4097, 1, 64, 65)), **W), "mse", 1024),
+    ("seq0-d64", dict(batch=3, num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+                      seq_lens=_lens(0, 5, 0), **W), "minmax", 256),
+]
+
+
+class _Step:
+    """One decode step on a :class:`DecodeCase`: ``extra`` tokens of blocks outside every block table,
+    then new K/V rows for every sequence's newest position (its slots poisoned first)."""
+
+    def __init__(self, case: DecodeCase, levels: str, extra: int, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        self.case, self.levels = case, levels
+        lay, bs = case.layout, case.layout.block_size
+        nb = case.kv_cache.shape[0]
+        extra_blocks = -(-extra // bs)
+        self.kv_cache = torch.cat([case.kv_cache, poisoned_int2_cache(lay, extra_blocks)])
+        newest = [-1 if n == 0 else int(case.block_table[b, (n - 1) // bs]) * bs + (n - 1) % bs
+                  for b, n in enumerate(case.seq_lens)]
+        self.slots = torch.tensor([nb * bs + i for i in range(extra)] + newest, dtype=torch.int64)
+        kc, vc, kp, vp = ref._head_page_views(self.kv_cache, lay)
+        for s in newest:
+            if s >= 0:
+                kc[s // bs, :, s % bs] = 0xFF
+                vc[s // bs, :, s % bs] = 0xFF
+                kp[s // bs, :, s % bs] = float("nan")
+                vp[s // bs, :, s % bs] = float("nan")
+        self.window_cache, self.window_slots = case.window_cache, None
+        if case.window:
+            wbs = case.wbs
+            wnewest = [-1 if n == 0 else int(case.window_block_table[b, (n - 1) // wbs]) * wbs + (n - 1) % wbs
+                       for b, n in enumerate(case.seq_lens)]
+            self.window_cache = case.window_cache.clone()
+            for s in wnewest:
+                if s >= 0:
+                    self.window_cache[s // wbs, :, s % wbs] = float("nan")
+            self.window_slots = torch.tensor([-1] * extra + wnewest, dtype=torch.int64)
+        t = case.batch + extra
+        self.key = kv_rows(t, case.hkv, case.d, gen)
+        self.value = kv_rows(t, case.hkv, case.d, gen)
+        self.clip = (0.96, 0.92) if levels == "minmax" else (0.0, 0.0)
+
+    def cuda_args(self):
+        a = self.case.cuda_args()
+        a["kv_cache"] = self.kv_cache.cuda()
+        a["window_cache"] = None if self.window_cache is None else self.window_cache.cuda()
+        return a
+
+    def workspace(self, args):
+        c = self.case
+        max_len = args["block_table"].shape[1] * c.layout.block_size
+        ws = ops.make_decode_workspace(c.batch, c.hq, c.hkv, c.d, max_len, sink=c.sink, recent=c.recent,
+                                       window=c.window, device="cuda")
+        ws.buffer.fill_(float("nan"))
+        return ws
+
+    def store_then_decode(self, q, args, ws, out, key=None, value=None):
+        """The reference sequence: oscar::store_kv, then oscar::decode."""
+        c = self.case
+        key = self.key.cuda() if key is None else key
+        value = self.value.cuda() if value is None else value
+        ops.store_kv(key, value, args["kv_cache"], self.slots.cuda(), args["rotation_k"],
+                     args["rotation_v"], k_clip_ratio=self.clip[0], v_clip_ratio=self.clip[1],
+                     window_cache=args["window_cache"],
+                     window_slot_mapping=None if self.window_slots is None else self.window_slots.cuda(),
+                     levels=self.levels)
+        return ops.decode(q, workspace=ws, out=out, sink=c.sink, recent=c.recent, scale=c.scale, **args)
+
+    def fused(self, q, args, ws, out, key=None, value=None, slots=None, window_slots=None):
+        c = self.case
+        ws_slots = self.window_slots.cuda() if window_slots is None and self.window_slots is not None else window_slots
+        return ops.store_and_decode(
+            q, self.key.cuda() if key is None else key, self.value.cuda() if value is None else value,
+            args["kv_cache"], self.slots.cuda() if slots is None else slots, args["block_table"], args["seq_lens"],
+            ws, window_cache=args["window_cache"], window_slot_mapping=ws_slots,
+            window_block_table=args["window_block_table"], rotation_k=args["rotation_k"],
+            rotation_v=args["rotation_v"], rotate_output=args["rotation_v"] is not None, k_clip_ratio=self.clip[0], v_clip_ratio=self.clip[1],
+            levels=self.levels, sink=c.sink, recent=c.recent, scale=c.scale, out=out)
+
+
+def _bits(x: torch.Tensor | None) -> torch.Tensor | None:
+    """A bitwise view (NaN == NaN) of a 16-bit tensor."""
+    return None if x is None else x.view(torch.int16)
+
+
+@pytest.mark.parametrize("name,kwargs,levels,extra", OVERLAP_CASES, ids=[c[0] for c in OVERLAP_CASES])
+def test_store_and_decode_equals_store_then_decode(name, kwargs, levels, extra):
+    """Bitwise the same cache, window and output as oscar::store_kv followed by oscar::decode, on caches
+    whose newest rows are poisoned until the store writes them (a decode CTA that read one early would
+    produce NaN). Repeated, because a missed wait is a race."""
+    case = DecodeCase(seed=zlib.crc32(name.encode()) % 1000, **kwargs)
+    step = _Step(case, levels, extra, seed=7)
+    q = case.q.cuda()
+    ref_args = step.cuda_args()
+    want = step.store_then_decode(q, ref_args, step.workspace(ref_args), torch.full_like(q, float("nan")))
+    torch.cuda.synchronize()
+    assert not torch.isnan(want.float()).any()
+    for _ in range(3):
+        args = step.cuda_args()
+        ws = step.workspace(args)
+        got = step.fused(q, args, ws, torch.full_like(q, float("nan")))
+        torch.cuda.synchronize()
+        assert not torch.isnan(got.float()).any(), "a decode CTA read a row before the store wrote it"
+        assert torch.equal(got, want)
+        assert torch.equal(args["kv_cache"], ref_args["kv_cache"])
+        if case.window:
+            assert torch.equal(_bits(args["window_cache"]), _bits(ref_args["window_cache"]))
+        assert ws.semaphores.abs().sum().item() == 0
+
+
+def test_store_and_decode_cuda_graph():
+    """Captured once, replayed with new queries and new newest rows (re-poisoned before each replay)."""
+    case = DecodeCase(batch=4, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
+                      seq_lens=[4097, 63, 1000, 2], seed=12, **W)
+    step = _Step(case, "mse", 512, seed=3)
+    args = step.cuda_args()
+    poisoned_cache, poisoned_win = args["kv_cache"].clone(), args["window_cache"].clone()
+    q = case.q.cuda()
+    key, value = step.key.cuda(), step.value.cuda()
+    slots, wslots = step.slots.cuda(), step.window_slots.cuda()
+    ws = step.workspace(args)
+    out = torch.full_like(q, float("nan"))
+    kw = {"key": key, "value": value, "slots": slots, "window_slots": wslots}
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step.fused(q, args, ws, out, **kw)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step.fused(q, args, ws, out, **kw)
+    for i in range(3):
+        gen = torch.Generator().manual_seed(100 + i)
+        q.copy_((torch.randn(q.shape, generator=gen) * 2).to(torch.bfloat16))
+        key.copy_(kv_rows(key.shape[0], case.hkv, case.d, gen).cuda())
+        value.copy_(kv_rows(key.shape[0], case.hkv, case.d, gen).cuda())
+        args["kv_cache"].copy_(poisoned_cache)
+        args["window_cache"].copy_(poisoned_win)
+        out.fill_(float("nan"))
+        graph.replay()
+        ref_args = dict(args, kv_cache=poisoned_cache.clone(), window_cache=poisoned_win.clone())
+        want = step.store_then_decode(q, ref_args, step.workspace(ref_args), torch.empty_like(q), key, value)
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
+        assert torch.equal(args["kv_cache"], ref_args["kv_cache"])
+        assert torch.equal(_bits(args["window_cache"]), _bits(ref_args["window_cache"]))
+
+
+def test_store_and_decode_opcheck_and_errors():
+    case = DecodeCase(batch=2, num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16, seq_lens=[70, 5],
+                      sink=4, recent=8, seed=5)
+    step = _Step(case, "mse", 0, seed=1)
+    a = step.cuda_args()
+    q = case.q.cuda()
+    ws = ops.make_decode_workspace(2, 8, 2, 64, 80, sink=4, recent=8, device="cuda")
+    key, value = step.key.cuda(), step.value.cuda()
+    torch.library.opcheck(
+        torch.ops.oscar.store_and_decode.default,
+        (torch.empty_like(q), q, key, value, a["kv_cache"], step.slots.cuda(), a["block_table"], a["seq_lens"],
+         a["window_cache"], step.window_slots.cuda(), a["window_block_table"], a["rotation_k"], a["rotation_v"],
+         a["rotation_v"], 0.0, 0.0, 1, 4, 8, case.scale, ws.buffer, ws.semaphores, ws.num_splits),
+    )
+    # Both argument sets are checked, each with the standalone op's message.
+    with pytest.raises(RuntimeError, match="value must have key's dtype"):
+        step.fused(q, a, ws, torch.empty_like(q), value=value.half())
+    with pytest.raises(RuntimeError, match="q must be BFloat16"):
+        step.fused(q.float(), a, ws, torch.empty_like(q))
+    with pytest.raises(RuntimeError, match="levels mse fits the grid to the whole row"):
+        step.clip = (0.96, 0.92)
+        step.fused(q, a, ws, torch.empty_like(q))

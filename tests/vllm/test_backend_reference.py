@@ -125,7 +125,8 @@ class Stack:
         with set_forward_context(metadata, self.cfg, num_tokens=len(tokens), slot_mapping=slots):
             for li, layer in enumerate(self.layers):
                 q, k, v = self.qkv(li, tokens, positions)
-                layer.impl.do_kv_cache_update(layer, k, v, layer.kv_cache, sm_by_group[self.int2_gid])
+                if not layer.attn_backend.forward_includes_kv_cache_update:  # vLLM's separate update op
+                    layer.impl.do_kv_cache_update(layer, k, v, layer.kv_cache, sm_by_group[self.int2_gid])
                 out = torch.empty(len(tokens), HQ, D, dtype=torch.bfloat16)
                 layer.impl.forward(layer, q, k, v, layer.kv_cache, metadata[layer.layer_name], output=out)
                 t = 0

@@ -6,6 +6,7 @@ calls ``vllm_oscar.ops`` with arguments its functions accept, so a signature cha
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import types
 
@@ -69,6 +70,24 @@ def test_decode_call_matches_ops_signature(monkeypatch):
     assert a["out"] is out and a["workspace"] is ws and (a["sink"], a["recent"], a["scale"]) == (64, 256, 0.125)
 
 
+@pytest.mark.parametrize("rotate_output", [True, False])
+def test_store_and_decode_call_matches_ops_signature(monkeypatch, rotate_output):
+    calls = _recorder(monkeypatch, "store_and_decode")
+    out, q = torch.zeros(2, 4, 64, dtype=torch.bfloat16), torch.zeros(2, 4, 64, dtype=torch.bfloat16)
+    k = torch.zeros(5, 2, 64, dtype=torch.bfloat16)
+    slots, wslots = torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long)
+    win, wbt = torch.zeros(4, 2, 16, 2, 64, dtype=torch.bfloat16), torch.zeros(2, 9, dtype=torch.int32)
+    ws = object()
+    args = dataclasses.replace(_args(), levels="mse", k_clip_ratio=0.0, v_clip_ratio=0.0, rotate_output=rotate_output)
+    kernels.store_and_decode(out, q, k, k, torch.zeros(1), slots, torch.zeros(2, 3, dtype=torch.int32),
+                             torch.ones(2, dtype=torch.int32), win, wslots, wbt, args, ws)
+    (a,) = calls
+    assert a["out"] is out and a["q"] is q and a["key"] is k and a["workspace"] is ws
+    assert a["slot_mapping"] is slots and a["window_slot_mapping"] is wslots and a["window_block_table"] is wbt
+    assert a["rotation_v"] is args.rotation_v and a["rotate_output"] is rotate_output
+    assert (a["levels"], a["k_clip_ratio"], a["sink"], a["recent"], a["scale"]) == ("mse", 0.0, 64, 256, 0.125)
+
+
 def test_gather_call_matches_ops_signature(monkeypatch):
     calls = _recorder(monkeypatch, "gather_prefix")
     starts = torch.zeros(2, dtype=torch.int32)
@@ -100,6 +119,9 @@ def test_decode_plan_sizes_for_the_largest_batch_and_split_count(monkeypatch):
         assert need.buffer.numel() <= plan.buffer_numel
     # The medium-batch rule: the INT2 splits of a batch of 8 fill one wave of 264 slots (64 items x 4).
     assert plan.num_splits(8) == 4 and plan.num_splits(16) == 2
+    # store_and_decode while the INT2 CTAs fit in one wave of 264 slots: batch 32 has 256 (32 x 8 x 1 split),
+    # batch 64 has 512. Eager batches decide as the capture size they pad to.
+    assert [plan.overlaps_store(b) for b in (1, 5, 8, 16, 32, 33, 64, 256)] == [True] * 5 + [False] * 3
     ws = plan.bind([torch.zeros(plan.buffer_numel)], 8)
     assert ws.num_splits == plan.num_splits(8) and ws.semaphores is plan.semaphores
     # Eager batches and the capture sizes they pad to (the next power of two at most) agree.

@@ -1,17 +1,22 @@
 """The OSCAR attention backend (``AttentionBackendEnum.CUSTOM``) in vLLM's vocabulary.
 
-Per step and layer:
+Per step and layer, all inside ``forward`` (``forward_includes_kv_cache_update = True``: vLLM makes no
+separate ``unified_kv_cache_update`` call), on a batch ordered decodes first (``reorder_batch_threshold
+= 1``):
 
-1. ``do_kv_cache_update`` (vLLM's ``unified_kv_cache_update`` op, before attention): the store kernel
-   rotates and INT2-packs the step's K/V into the layer's pages (the resolved ``levels``: the
-   MSE-fitted grid, or the paper's clipped min-max grid), and copies the rotated rows in
+1. Store: the store kernel rotates and INT2-packs every token's K/V into the layer's pages (the resolved
+   ``levels``: the MSE-fitted grid, or the paper's clipped min-max grid), and copies the rotated rows in
    the model dtype into the window pages of the companion layer (``attention/window.py``).
-2. ``forward``: the batch is ordered decodes first (``reorder_batch_threshold = 1``);
+2. Attention:
 
    * decodes (one query token each): the decode kernel reads INT2 history and the BF16 sink/recent
      windows; fixed grid and builder-reserved scratch, so pure-decode batches run as FULL CUDA graphs
      (``AttentionCGSupport.UNIFORM_BATCH``; mixed batches run the attention op eagerly between
-     piecewise graphs);
+     piecewise graphs). At small batch (``DecodePlan.overlaps_store``: the decode's INT2 CTAs fit in
+     one wave) store and decode are one op (``kernels.store_and_decode``): a decode only needs the
+     store for its newest row, so the decode kernel runs beside the store instead of after it. That
+     is why the store moved from vLLM's separate update op into ``forward``: the two must be
+     launched back to back, with the query rotation first.
    * prefills: FlashAttention varlen. A chunk without cached context (a first chunk) attends its own
      exact K/V, as BF16 vLLM would. A chunk with context (chunked prefill, prefix-cache hit, resumed
      preemption) attends ``[gathered prefix ; exact chunk]`` in the rotated space: the prefix rows come
@@ -53,7 +58,8 @@ class OscarAttentionBackend(AttentionBackend):
     """INT2 KV cache with rotations, clipping and BF16 windows (vLLM's CUSTOM backend slot)."""
 
     accept_output_buffer: bool = True
-    forward_includes_kv_cache_update: bool = False
+    # forward stores the step's K/V itself, so that the decode can overlap the store (module docstring).
+    forward_includes_kv_cache_update: bool = True
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.bfloat16]  # the kernels' activation dtype
     supported_kv_cache_dtypes: ClassVar[list] = [OSCAR_CACHE_DTYPE]
 
@@ -375,17 +381,6 @@ class OscarAttentionImpl(AttentionImpl[OscarMetadata]):
             slots = slots[:num_tokens]
         return companion.kv_cache, (wmd.block_table if wmd is not None else None), slots
 
-    # -------------------------------------------------------------------------------- store
-
-    def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
-                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        n = slot_mapping.shape[0]
-        if n == 0:
-            return
-        window_cache, _, window_slots = self._window(n)
-        kernels.store(key[:n], value[:n], kv_cache, slot_mapping, window_cache, window_slots,
-                      self._layer_args(layer, kv_cache))
-
     # -------------------------------------------------------------------------------- attention
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -398,20 +393,30 @@ class OscarAttentionImpl(AttentionImpl[OscarMetadata]):
             return output.fill_(0)
         args = self._layer_args(layer, kv_cache)
         md = attn_metadata
-        window_cache, window_bt, _ = self._window()
+        # vLLM's slot mapping of this step (padded with -1 in FULL CUDA-graph mode; key/value may be longer).
+        n = md.slot_mapping.shape[0]
+        window_cache, window_bt, window_slots = self._window(n)
         out = output.view(-1, self.num_heads, self.head_size)
         q = query.view(-1, self.num_heads, self.head_size)
+        k = key.view(-1, self.num_kv_heads, self.head_size)
+        v = value.view(-1, self.num_kv_heads, self.head_size)
 
         if md.num_decodes:
-            nd = md.num_decode_tokens
+            nd, nr = md.num_decode_tokens, md.num_decodes
             plan = md.decode_plan
-            workspace = plan.bind(self._workspace(plan.workspace_shapes()), md.num_decodes)
-            kernels.decode(out[:nd], q[:nd], kv_cache, md.block_table[: md.num_decodes], md.seq_lens[: md.num_decodes],
-                           window_cache, None if window_bt is None else window_bt[: md.num_decodes], args, workspace)
+            workspace = plan.bind(self._workspace(plan.workspace_shapes()), nr)
+            bt, seq_lens = md.block_table[:nr], md.seq_lens[:nr]
+            wbt = None if window_bt is None else window_bt[:nr]
+            if plan.overlaps_store(nr):  # small batch: the decode runs beside the store
+                kernels.store_and_decode(out[:nd], q[:nd], k[:n], v[:n], kv_cache, md.slot_mapping, bt, seq_lens,
+                                         window_cache, window_slots, wbt, args, workspace)
+            else:
+                kernels.store(k[:n], v[:n], kv_cache, md.slot_mapping, window_cache, window_slots, args)
+                kernels.decode(out[:nd], q[:nd], kv_cache, bt, seq_lens, window_cache, wbt, args, workspace)
+        elif n:
+            kernels.store(k[:n], v[:n], kv_cache, md.slot_mapping, window_cache, window_slots, args)
 
         if md.prefill_batches:
-            k = key.view(-1, self.num_kv_heads, self.head_size)
-            v = value.view(-1, self.num_kv_heads, self.head_size)
             for b in md.prefill_batches:
                 self._prefill(layer, b, q, k, v, out, kv_cache, md, window_cache, window_bt, args)
         return output

@@ -26,7 +26,7 @@ import torch
 
 from vllm_oscar.layout import Int2PageLayout
 
-KERNEL_OPS = ("store_kv", "decode", "gather_prefix", "decode_num_splits", "make_decode_workspace")
+KERNEL_OPS = ("store_kv", "decode", "store_and_decode", "gather_prefix", "decode_num_splits", "make_decode_workspace")
 
 
 class KernelsUnavailable(RuntimeError):
@@ -118,7 +118,7 @@ class DecodePlan:
         # Bucket the batch to the next power of two: a captured graph runs the batch padded to a capture
         # size, eager mode runs it unpadded, and vLLM's capture sizes include every power of two, so both
         # modes pick the same split count (the same fp32 summation order: identical tokens).
-        bucket = min(1 << max(batch - 1, 0).bit_length(), self.max_batch)
+        bucket = self._bucket(batch)
         if bucket not in self._splits:
             from vllm_oscar import ops
 
@@ -126,6 +126,17 @@ class DecodePlan:
             self._splits[bucket] = ops.decode_num_splits(bucket, a["num_q_heads"], a["num_kv_heads"], a["head_dim"],
                                                          a["max_seq_len"], num_sms=self._num_sms, **self._window)
         return self._splits[bucket]
+
+    def _bucket(self, batch: int) -> int:
+        return min(1 << max(batch - 1, 0).bit_length(), self.max_batch)
+
+    def overlaps_store(self, batch: int) -> bool:
+        """Whether this batch's decode step runs :func:`store_and_decode` (else :func:`store`, then
+        :func:`decode`). Decided per batch bucket like the split count, so eager and graph agree."""
+        from vllm_oscar import ops
+
+        bucket = self._bucket(batch)
+        return ops.store_overlaps_decode(bucket, self._args["num_kv_heads"], self.num_splits(batch), self._num_sms)
 
     def workspace_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
         return [((self.buffer_numel,), torch.float32)]
@@ -148,6 +159,25 @@ def decode(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, block_tab
     ops.decode(q, kv_cache, block_table, seq_lens, workspace, window_cache=window_cache,
                window_block_table=window_block_table, rotation_k=args.rotation_k, rotation_v=args.output_rotation_v,
                sink=args.sink_tokens, recent=args.recent_tokens, scale=args.scale, out=out)
+
+
+def store_and_decode(out: torch.Tensor, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     kv_cache: torch.Tensor, slot_mapping: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor, window_cache: torch.Tensor | None,
+                     window_slot_mapping: torch.Tensor | None, window_block_table: torch.Tensor | None,
+                     args: OscarLayerArgs, workspace) -> None:
+    """:func:`store` of ``key``/``value`` (every token of the step, ``[N, Hkv, d]``), then :func:`decode` of
+    the first ``q.shape[0]`` requests, whose only stored rows are their newest tokens (decodes first in
+    the batch). The decode runs beside the store (``ops.store_and_decode``). Spec: ``reference.store_kv``
+    + ``reference.store_window``, then ``reference.paged_decode``. CUDA-graph safe."""
+    from vllm_oscar import ops
+
+    ops.store_and_decode(q, key, value, kv_cache, slot_mapping, block_table, seq_lens, workspace,
+                         window_cache=window_cache, window_slot_mapping=window_slot_mapping,
+                         window_block_table=window_block_table, rotation_k=args.rotation_k,
+                         rotation_v=args.rotation_v, rotate_output=args.rotate_output,
+                         k_clip_ratio=args.k_clip_ratio, v_clip_ratio=args.v_clip_ratio, levels=args.levels,
+                         sink=args.sink_tokens, recent=args.recent_tokens, scale=args.scale, out=out)
 
 
 def gather_prefix(kv_cache: torch.Tensor, block_table: torch.Tensor, context_lens: torch.Tensor,

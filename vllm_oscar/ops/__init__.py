@@ -34,6 +34,7 @@ __all__ = [
     "kernels_available",
     "kernels_unavailable_reason",
     "make_decode_workspace",
+    "store_and_decode",
     "store_kv",
 ]
 
@@ -315,6 +316,76 @@ def decode(
     _ops().decode(
         out, q, kv_cache, block_table, seq_lens, window_cache, window_block_table, rotation_k, rotation_v,
         int(sink), int(recent), scale, workspace.buffer, workspace.semaphores, int(workspace.num_splits),
+    )
+    return out
+
+
+def store_overlaps_decode(batch: int, num_kv_heads: int, num_splits: int, num_sms: int) -> bool:
+    """Whether a decode step should run :func:`store_and_decode` rather than :func:`store_kv` then
+    :func:`decode`: while the decode's INT2 CTAs fit in one wave of CTA slots (two per SM).
+
+    One H100, ``python benchmarks/kernels.py --parts step`` (one token per sequence stored, no R_V,
+    MSE grid; three runs, 2026-11-24): the decode beside the store saved 2.2-4.5 us per call at batch
+    1 and 8 on the Qwen3-8B shape (batch 1, 32K: 30.5 -> 26.1-26.8 us) and 0-7.7 us on SmolLM2's, but
+    at batch 64 on the Qwen3-8B shape, where 512 INT2 CTAs run in two waves, it was 0.6-10% slower
+    than the two kernels in turn (32K: 484 -> 487-535 us), varying from run to run.
+    """
+    return num_splits * batch * num_kv_heads <= 2 * num_sms
+
+
+def store_and_decode(
+    q: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    workspace: DecodeWorkspace,
+    *,
+    window_cache: torch.Tensor | None = None,
+    window_slot_mapping: torch.Tensor | None = None,
+    window_block_table: torch.Tensor | None = None,
+    rotation_k: torch.Tensor | None = None,
+    rotation_v: torch.Tensor | None = None,
+    rotate_output: bool = True,
+    k_clip_ratio: float,
+    v_clip_ratio: float,
+    levels: str = "minmax",
+    sink: int = 0,
+    recent: int = 0,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`store_kv` then :func:`decode` in one op, with the decode running beside the store.
+
+    A decode step stores each sequence's newest token, which only the CTAs reading the BF16 window
+    (position ``seq_lens[b] - 1``) need; the rest of the decode reads rows stored in earlier steps. The
+    op launches ``q @ R_K``, then the store, then the decode, chained by programmatic dependent launch
+    (sm_90+): only the decode CTAs that read the newest row wait for the store, so at small batch the
+    store's few microseconds leave the critical path. Results are bitwise those of :func:`store_kv`
+    followed by :func:`decode` (same kernels, same arithmetic).
+
+    Arguments are those of :func:`store_kv` (``key``, ``value``, ``slot_mapping``,
+    ``window_slot_mapping``, ``rotation_k``/``rotation_v`` for the rows, ``k_clip_ratio``,
+    ``v_clip_ratio``, ``levels``) and of :func:`decode` (``q``, ``block_table``, ``seq_lens``,
+    ``workspace``, ``window_block_table``, ``sink``, ``recent``, ``scale``, ``out``); the output is
+    ``o @ rotation_v.T`` when ``rotate_output``, else left in the rotated space.
+
+    Contract: in every sequence ``b < q.shape[0]`` the store writes at most the newest row (position
+    ``seq_lens[b] - 1``); its other slots must belong to sequences this decode does not read (for
+    example the prefill tokens of a mixed batch). Rows the decode reads at earlier positions of its own
+    sequences must not be in ``slot_mapping``: the decode may read them before the store writes them.
+    """
+    head_dim = q.shape[-1]
+    if out is None:
+        out = torch.empty_like(q)
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    _ops().store_and_decode(
+        out, q, key, value, kv_cache, slot_mapping, block_table, seq_lens, window_cache, window_slot_mapping,
+        window_block_table, rotation_k, rotation_v, rotation_v if rotate_output else None, float(k_clip_ratio),
+        float(v_clip_ratio), levels_code(levels), int(sink), int(recent), scale, workspace.buffer,
+        workspace.semaphores, int(workspace.num_splits),
     )
     return out
 

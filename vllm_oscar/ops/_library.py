@@ -131,6 +131,21 @@ def register_fakes() -> None:
         torch._check(semaphores.dtype == torch.int32, lambda: "oscar: semaphores must be int32")
         torch._check(num_splits >= 1, lambda: f"oscar: num_splits must be >= 1, got {num_splits}")
 
+    @torch.library.register_fake("oscar::store_and_decode")
+    def _store_and_decode_fake(
+        out, q, key, value, kv_cache, slot_mapping, block_table, seq_lens, window_cache, window_slot_mapping,
+        window_block_table, rotation_k, rotation_v, output_rotation_v, k_clip_ratio, v_clip_ratio, levels, sink,
+        recent, scale, workspace, semaphores, num_splits,
+    ):
+        _store_kv_fake(key, value, kv_cache, slot_mapping, rotation_k, rotation_v, k_clip_ratio, v_clip_ratio,
+                       window_cache, window_slot_mapping, levels)
+        _decode_fake(out, q, kv_cache, block_table, seq_lens, window_cache, window_block_table, rotation_k,
+                     output_rotation_v, sink, recent, scale, workspace, semaphores, num_splits)
+        torch._check(
+            key.shape[2] == q.shape[2],
+            lambda: f"oscar: key's head_dim {key.shape[2]} must equal q's {q.shape[2]}",
+        )
+
     @torch.library.register_fake("oscar::gather_prefix")
     def _gather_prefix_fake(
         key_out, value_out, kv_cache, block_table, cu_seqlens, prefix_lens, window_cache, window_block_table,
