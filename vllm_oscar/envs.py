@@ -39,8 +39,8 @@ REGISTRY: dict[str, EnvVar] = {
         EnvVar("VLLM_OSCAR_NUM_THREADS", int, 0,
                "torch CPU threads for calibration/eval on CPU; 0 keeps torch's default."),
         EnvVar("OSCAR_KERNELS_NO_PDL", _bool, False,
-               "Debug: decode without programmatic dependent launch (read by csrc/ops.cpp once per process, at "
-               "the first decode call)."),
+               "Debug: decode and store_and_decode without programmatic dependent launch (read by csrc/ops.cpp "
+               "once per process, at the first such call)."),
     )
 }
 
