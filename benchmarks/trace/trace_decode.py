@@ -15,14 +15,18 @@ numbering. Decode slots: 0 entry, 8 first copies issued, 1 after griddepcontrol.
 9 first stage (INT2) or window rows landed, 3 loop done, 4 partial written and counted, and for the
 last CTA of a (b, kv head): 10 R_V copies issued, 11 merge loop done, 5 merge done, 6 R_V landed, 7 end.
 
+``--fused`` traces ``oscar::store_and_decode`` (storing each sequence's newest token) next to
+``oscar::decode`` at batch 1; there the window CTA that reads the newest row waits for the store before
+its first copy, and slot 1 is where the other CTAs pass the skipped wait.
+
 One call is captured in a CUDA graph and replayed 7 times. Per configuration the script prints the
 median over replays of summary times in microseconds after the first rotate_q CTA started, plus the
 plain graph-replay time per call (``graph_us``, the benchmark's method with the trace points inside).
 
 The first traces in docs/kernels.md and benchmarks/results/kernels-h100.json were taken on 2026-11-24
 with an earlier form of this script and of trace_store.py (same slots, more summary fields). This form
-ran on the H100 on 2026-11-24 (``decode_steps.trace_after_cuts_rows``); trace_store.py as committed has
-not run on the GPU.
+ran on the H100 on 2026-11-24 (``decode_steps.trace_after_cuts_rows``), and with ``--fused`` the same
+day (``decode_step.trace``); trace_store.py as committed has not run on the GPU.
 """
 
 from __future__ import annotations
@@ -69,7 +73,9 @@ def summarize(t: torch.Tensor, n_int: int, n_dec: int) -> dict:
     return r
 
 
-def trace_config(shape: str, batch: int, ctx: int, rot_v: bool) -> dict:
+def trace_config(shape: str, batch: int, ctx: int, rot_v: bool, fused: bool = False) -> dict:
+    """``fused``: trace ``ops.store_and_decode`` storing each sequence's newest token (the store kernel
+    itself is not traced; the decode CTAs' entries and loops show what it delays)."""
     hq, hkv, d = kb.SHAPES[shape]
     nb = kb.n_buffers(kb.oscar_bytes(batch, hq, hkv, d, ctx))
     inp = kb.OscarInputs(batch, hq, hkv, d, ctx, nb)
@@ -78,26 +84,48 @@ def trace_config(shape: str, batch: int, ctx: int, rot_v: bool) -> dict:
     s_win = ops._window_splits(d, kb.SINK, kb.RECENT, True)
     n_int, n_dec = s_int * hkv * batch, (s_int + s_win) * hkv * batch
     buf = torch.zeros((FIRST_DECODE_ROW + n_dec) * SLOTS, dtype=torch.int64, device="cuda")
+    if fused:
+        b_idx = torch.arange(batch, device="cuda")
+        bs, wbs = inp.layout.block_size, kb.VLLM_BLOCK_SIZE
+        slots = [t[b_idx, (ctx - 1) // bs].long() * bs + (ctx - 1) % bs for t in inp.tables]
+        wslots = [t[b_idx, (ctx - 1) // wbs].long() * wbs + (ctx - 1) % wbs for t in inp.wtables]
+        keys = [torch.randn(batch, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(nb)]
+
+        def call(i):
+            ops.store_and_decode(
+                inp.q[i], keys[i], keys[i], inp.caches[i], slots[i], inp.tables[i], inp.seq_lens, ws,
+                window_cache=inp.windows[i], window_slot_mapping=wslots[i], window_block_table=inp.wtables[i],
+                rotation_k=inp.rk, rotation_v=inp.rv, rotate_output=rot_v, k_clip_ratio=0.0, v_clip_ratio=0.0,
+                levels="mse", sink=kb.SINK, recent=kb.RECENT, scale=d**-0.5, out=inp.out)
+    else:
+
+        def call(i):
+            inp.call(ws, i, rot_v=rot_v)
+
     for i in range(5):
-        inp.call(ws, i % nb, rot_v=rot_v)
+        call(i % nb)
     torch.cuda.synchronize()
-    med = replay_traced(lambda: inp.call(ws, 0, rot_v=rot_v), "OSCAR_DECODE_TRACE_PTR", buf, SLOTS,
-                        lambda t: summarize(t, n_int, n_dec))
-    fn = lambda i: inp.call(ws, i % nb, rot_v=rot_v)
+    med = replay_traced(lambda: call(0), "OSCAR_DECODE_TRACE_PTR", buf, SLOTS, lambda t: summarize(t, n_int, n_dec))
+    fn = lambda i: call(i % nb)
     graph_us = kb.time_graph(fn, nb, kb.estimate_ms(fn)) * 1e3
-    return dict(shape=shape, batch=batch, ctx=ctx, rot_v=rot_v, s_int=s_int, s_win=s_win,
+    return dict(shape=shape, batch=batch, ctx=ctx, rot_v=rot_v, fused=fused, s_int=s_int, s_win=s_win,
                 graph_us=round(graph_us, 2), **med)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="/tmp/decode-trace.json")
+    ap.add_argument("--fused", action="store_true",
+                    help="batch-1 configs only, without R_V, oscar::decode and oscar::store_and_decode side by side")
     args = ap.parse_args()
     rows = []
     for shape, batch, ctx in CONFIGS:
         for rot_v in (True, False):
-            rows.append(trace_config(shape, batch, ctx, rot_v))
-            print(json.dumps(rows[-1]), flush=True)
+            if args.fused and (batch != 1 or rot_v):
+                continue
+            for fused in (False, True) if args.fused else (False,):
+                rows.append(trace_config(shape, batch, ctx, rot_v, fused))
+                print(json.dumps(rows[-1]), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
