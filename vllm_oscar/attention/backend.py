@@ -147,6 +147,7 @@ class OscarMetadata(AttentionMetadata):
     block_table: torch.Tensor  # [num_reqs, max_blocks] INT2 group
     slot_mapping: torch.Tensor
     decode_plan: object = None  # kernels.DecodePlan of the builder (split counts, semaphores)
+    decode_overlaps_store: bool = False  # decode_plan.overlaps_store(num_decodes): store_and_decode
     prefill_batches: list[OscarPrefillBatch] = field(default_factory=list)
 
 
@@ -260,6 +261,7 @@ class OscarMetadataBuilder(AttentionMetadataBuilder[OscarMetadata]):
             num_actual_tokens=cam.num_actual_tokens, num_decodes=num_decodes, num_decode_tokens=num_decode_tokens,
             seq_lens=cam.seq_lens, block_table=cam.block_table_tensor, slot_mapping=cam.slot_mapping,
             decode_plan=self.decode_plan, prefill_batches=batches,
+            decode_overlaps_store=num_decodes > 0 and self.decode_plan.overlaps_store(num_decodes),
         )
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> OscarMetadata:
@@ -401,20 +403,19 @@ class OscarAttentionImpl(AttentionImpl[OscarMetadata]):
         k = key.view(-1, self.num_kv_heads, self.head_size)
         v = value.view(-1, self.num_kv_heads, self.head_size)
 
+        if n and not md.decode_overlaps_store:
+            kernels.store(k[:n], v[:n], kv_cache, md.slot_mapping, window_cache, window_slots, args)
         if md.num_decodes:
             nd, nr = md.num_decode_tokens, md.num_decodes
             plan = md.decode_plan
             workspace = plan.bind(self._workspace(plan.workspace_shapes()), nr)
             bt, seq_lens = md.block_table[:nr], md.seq_lens[:nr]
             wbt = None if window_bt is None else window_bt[:nr]
-            if plan.overlaps_store(nr):  # small batch: the decode runs beside the store
+            if md.decode_overlaps_store:  # small batch: the decode runs beside the store
                 kernels.store_and_decode(out[:nd], q[:nd], k[:n], v[:n], kv_cache, md.slot_mapping, bt, seq_lens,
                                          window_cache, window_slots, wbt, args, workspace)
             else:
-                kernels.store(k[:n], v[:n], kv_cache, md.slot_mapping, window_cache, window_slots, args)
                 kernels.decode(out[:nd], q[:nd], kv_cache, bt, seq_lens, window_cache, wbt, args, workspace)
-        elif n:
-            kernels.store(k[:n], v[:n], kv_cache, md.slot_mapping, window_cache, window_slots, args)
 
         if md.prefill_batches:
             for b in md.prefill_batches:

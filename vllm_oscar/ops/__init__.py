@@ -161,6 +161,10 @@ def store_kv(
 # decode
 # --------------------------------------------------------------------------------------------------
 
+# Decode CTAs an SM holds at once (DecodeTraits::kMinBlocks at d <= 128: 78 KB of shared memory, 128
+# registers per thread): the slots decode_num_splits fills and store_overlaps_decode compares against.
+_DECODE_CTAS_PER_SM = 2
+
 # Mirrors of DecodeTraits in csrc/kernels/decode.cuh (checked against the extension in tests).
 _TILE = {64: 256, 128: 256, 256: 128}  # INT2 tokens per pipeline stage
 
@@ -206,7 +210,7 @@ def decode_num_splits(
         num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     tiles = max(1, -(-max(max_seq_len - ((sink + recent) if window else 0), 1) // _TILE[head_dim]))
     items = max(1, batch * num_kv_heads)
-    slots = 2 * num_sms
+    slots = _DECODE_CTAS_PER_SM * num_sms
     s_win = _window_splits(head_dim, sink, recent, window)
     s = slots // items - s_win
     if s * items < num_sms:  # too few INT2 CTAs to keep every SM streaming: INT2 fills one wave
@@ -330,7 +334,7 @@ def store_overlaps_decode(batch: int, num_kv_heads: int, num_splits: int, num_sm
     at batch 64 on the Qwen3-8B shape, where 512 INT2 CTAs run in two waves, it was 0.6-10% slower
     than the two kernels in turn (32K: 484 -> 487-535 us), varying from run to run.
     """
-    return num_splits * batch * num_kv_heads <= 2 * num_sms
+    return num_splits * batch * num_kv_heads <= _DECODE_CTAS_PER_SM * num_sms
 
 
 def store_and_decode(
