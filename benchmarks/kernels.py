@@ -199,6 +199,31 @@ class OscarInputs:
         self.rk, self.rv = random_rotation(d), random_rotation(d)
         self.dims = (batch, hq, hkv, d, ctx)
 
+    def add_newest_tokens(self):
+        """K/V rows of each sequence's newest token (position ctx - 1) and their INT2 and window slots,
+        per cache copy: what a decode step stores (:meth:`store`, :meth:`store_and_decode`)."""
+        batch, _, hkv, d, ctx = self.dims
+        b_idx = torch.arange(batch, device="cuda")
+        bs, wbs = self.layout.block_size, self.windows[0].shape[2]
+        self.slots = [t[b_idx, (ctx - 1) // bs].long() * bs + (ctx - 1) % bs for t in self.tables]
+        self.wslots = [t[b_idx, (ctx - 1) // wbs].long() * wbs + (ctx - 1) % wbs for t in self.wtables]
+        self.keys = [torch.randn(batch, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in self.caches]
+        self.vals = [torch.randn(batch, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in self.caches]
+
+    def store(self, i):
+        """oscar::store_kv of the newest tokens (MSE grid), as the vLLM backend stores a decode step."""
+        ops.store_kv(self.keys[i], self.vals[i], self.caches[i], self.slots[i], self.rk, self.rv, k_clip_ratio=0.0,
+                     v_clip_ratio=0.0, window_cache=self.windows[i], window_slot_mapping=self.wslots[i],
+                     levels="mse")
+
+    def store_and_decode(self, ws, i, *, rot_v=True):
+        """:meth:`store` and :meth:`call` as one oscar::store_and_decode."""
+        return ops.store_and_decode(
+            self.q[i], self.keys[i], self.vals[i], self.caches[i], self.slots[i], self.tables[i], self.seq_lens, ws,
+            window_cache=self.windows[i], window_slot_mapping=self.wslots[i], window_block_table=self.wtables[i],
+            rotation_k=self.rk, rotation_v=self.rv, rotate_output=rot_v, k_clip_ratio=0.0, v_clip_ratio=0.0,
+            levels="mse", sink=SINK, recent=RECENT, scale=self.dims[3] ** -0.5, out=self.out)
+
     def call(self, ws, i, *, window=True, rot_v=True):
         return ops.decode(
             self.q[i], self.caches[i], self.tables[i], self.seq_lens, ws,
@@ -395,28 +420,18 @@ def run_step(quick: bool, budget: Budget):
 def step_config(shape, hq, hkv, d, batch, ctx):
     nb = n_buffers(oscar_bytes(batch, hq, hkv, d, ctx))
     inp = OscarInputs(batch, hq, hkv, d, ctx, nb)
-    bs, wbs = inp.layout.block_size, VLLM_BLOCK_SIZE
-    b_idx = torch.arange(batch, device="cuda")
-    slots = [(t[b_idx, (ctx - 1) // bs].long() * bs + (ctx - 1) % bs) for t in inp.tables]
-    wslots = [(t[b_idx, (ctx - 1) // wbs].long() * wbs + (ctx - 1) % wbs) for t in inp.wtables]
-    keys = [torch.randn(batch, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(nb)]
-    vals = [torch.randn(batch, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(nb)]
+    inp.add_newest_tokens()
     ws = ops.make_decode_workspace(batch, hq, hkv, d, ctx, sink=SINK, recent=RECENT)
 
     def decode(i):
         inp.call(ws, i, rot_v=False)
 
     def store_then_decode(i):
-        ops.store_kv(keys[i], vals[i], inp.caches[i], slots[i], inp.rk, inp.rv, k_clip_ratio=0.0, v_clip_ratio=0.0,
-                     window_cache=inp.windows[i], window_slot_mapping=wslots[i], levels="mse")
+        inp.store(i)
         decode(i)
 
     def store_and_decode(i):
-        ops.store_and_decode(
-            inp.q[i], keys[i], vals[i], inp.caches[i], slots[i], inp.tables[i], inp.seq_lens, ws,
-            window_cache=inp.windows[i], window_slot_mapping=wslots[i], window_block_table=inp.wtables[i],
-            rotation_k=inp.rk, rotation_v=inp.rv, rotate_output=False, k_clip_ratio=0.0, v_clip_ratio=0.0,
-            levels="mse", sink=SINK, recent=RECENT, scale=d**-0.5, out=inp.out)
+        inp.store_and_decode(ws, i, rot_v=False)
 
     us = {fn.__name__: time_graph(fn, nb, estimate_ms(fn)) * 1e3
           for fn in (decode, store_then_decode, store_and_decode)}

@@ -85,18 +85,10 @@ def trace_config(shape: str, batch: int, ctx: int, rot_v: bool, fused: bool = Fa
     n_int, n_dec = s_int * hkv * batch, (s_int + s_win) * hkv * batch
     buf = torch.zeros((FIRST_DECODE_ROW + n_dec) * SLOTS, dtype=torch.int64, device="cuda")
     if fused:
-        b_idx = torch.arange(batch, device="cuda")
-        bs, wbs = inp.layout.block_size, kb.VLLM_BLOCK_SIZE
-        slots = [t[b_idx, (ctx - 1) // bs].long() * bs + (ctx - 1) % bs for t in inp.tables]
-        wslots = [t[b_idx, (ctx - 1) // wbs].long() * wbs + (ctx - 1) % wbs for t in inp.wtables]
-        keys = [torch.randn(batch, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(nb)]
+        inp.add_newest_tokens()
 
         def call(i):
-            ops.store_and_decode(
-                inp.q[i], keys[i], keys[i], inp.caches[i], slots[i], inp.tables[i], inp.seq_lens, ws,
-                window_cache=inp.windows[i], window_slot_mapping=wslots[i], window_block_table=inp.wtables[i],
-                rotation_k=inp.rk, rotation_v=inp.rv, rotate_output=rot_v, k_clip_ratio=0.0, v_clip_ratio=0.0,
-                levels="mse", sink=kb.SINK, recent=kb.RECENT, scale=d**-0.5, out=inp.out)
+            inp.store_and_decode(ws, i, rot_v=rot_v)
     else:
 
         def call(i):
