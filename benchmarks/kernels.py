@@ -401,8 +401,8 @@ def run_store(quick: bool):
 
 def run_step(quick: bool, budget: Budget):
     """One decode step's cache work (no R_V, MSE grid, each sequence's newest token stored):
-    oscar::store_kv then oscar::decode, against oscar::store_and_decode, where the decode runs beside
-    the store. ``overlap``: what the vLLM backend runs (ops.store_overlaps_decode). The decode alone is
+    oscar::store_kv then oscar::decode, against oscar::store_and_decode, where the store runs beside
+    the decode. ``overlap``: what the vLLM backend runs (ops.store_overlaps_decode). The decode alone is
     the floor."""
     rows = []
     for shape, (hq, hkv, d) in SHAPES.items():

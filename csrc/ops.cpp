@@ -239,7 +239,8 @@ DecodeParams make_decode_params(torch::Tensor& out, const torch::Tensor& q, cons
   const int64_t max_sh = decode_max_split_heads(D, G);
   TORCH_CHECK(s_total * G <= max_sh, "oscar: (num_splits + window splits) * query heads per kv head = ",
               num(s_total), " * ", num(G), " exceeds ", num(max_sh), " for head_dim ", num(D), "; use fewer splits");
-  const int64_t need = B * Hq * D + B * Hkv * s_total * G * (D + 1);
+  // q_rot, partial outputs and log-sum-exps, store_and_decode's newest K/V rows (vllm_oscar.ops sizes the same)
+  const int64_t need = B * Hq * D + B * Hkv * s_total * G * (D + 1) + 2 * B * Hkv * D;
   check_cuda(workspace, "workspace", dev);
   check_dtype(workspace, "workspace", at::kFloat);
   TORCH_CHECK(workspace.is_contiguous() && workspace.numel() >= need, "oscar: workspace must be a contiguous "
@@ -317,11 +318,13 @@ void decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv_
 // store_and_decode
 // ---------------------------------------------------------------------------------------------
 
-// rotate_q, then the store, then decode, chained by programmatic dependent launch so that the decode
-// CTAs run beside the store: the store kernel waits for rotate_q and then lets decode launch, and only
-// the decode CTAs that read the newest row (position seq_len - 1, which the store writes) wait for the
-// store (decode.cuh, store_overlap). Without PDL (OSCAR_KERNELS_NO_PDL=1 or before sm_90) the three
-// kernels run one after another, as store_kv followed by decode.
+// With a window cache: rotate_q (which also rotates the decoded sequences' newest K/V rows, key[b] and
+// value[b], into the workspace with the store's arithmetic), the decode (whose window CTA covering
+// position seq_len - 1 takes that row from the workspace: decode.cuh, new_rows), then the store, chained
+// by programmatic dependent launch: the store's CTAs start in the slots the decode's CTAs free and
+// wait for the decode only at their end. Without PDL (OSCAR_KERNELS_NO_PDL=1 or before sm_90) the
+// three kernels run one after another. Without a window cache the newest row would have to be quantized
+// by the decode itself: the op then runs store_kv, then decode.
 void store_and_decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& key,
                       const torch::Tensor& value, torch::Tensor& kv_cache, const torch::Tensor& slot_mapping,
                       const torch::Tensor& block_table, const torch::Tensor& seq_lens,
@@ -344,19 +347,28 @@ void store_and_decode(torch::Tensor& out, const torch::Tensor& q, const torch::T
   const int D = static_cast<int>(q.size(2));
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (pd.batch == 0) {
+  const bool pdl = use_pdl(dev.index());
+  if (pd.batch == 0 || !window_cache.has_value()) {
     if (ps.num_tokens > 0) launch_store(ps, D, stream);
+    if (pd.batch > 0) launch_decode(pd, D, pdl, stream);
     return;
   }
-  const bool pdl = use_pdl(dev.index());
+  TORCH_CHECK(ps.num_tokens >= pd.batch, "oscar: store_and_decode takes the newest token of decoded sequence b "
+              "at key[b] (decodes first in the batch), so slot_mapping needs at least q.shape[0] = ",
+              num(pd.batch), " entries, got ", num(ps.num_tokens));
+  pd.new_k = ps.key;
+  pd.new_v = ps.value;
+  pd.nk_s0 = ps.k_s0;
+  pd.nk_s1 = ps.k_s1;
+  pd.nv_s0 = ps.v_s0;
+  pd.nv_s1 = ps.v_s1;
+  pd.new_fp16 = ps.in_fp16;
+  pd.new_rot_v = ps.rot_v;
+  pd.new_rows = pd.part_lse + pd.batch * static_cast<int64_t>(pd.num_kv_heads) * (pd.s_win + pd.s_int) * pd.group;
   launch_rotate_q_for(pd, D, stream);
-  if (ps.num_tokens > 0) {
-    ps.pdl_gate = pdl;
-    launch_store(ps, D, stream);
-    pd.store_overlap = pdl;
-  }
-  // The store is the decode's programmatic primary; without a store, rotate_q is.
   launch_decode_kernel_for(pd, D, pdl, stream);
+  ps.pdl_after_decode = pdl;
+  launch_store(ps, D, stream);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ void launch_store_t(const StoreParams& p, int64_t rows, cudaStream_t stream) {
   static std::atomic<uint64_t> smem_set{0};
   set_smem_once(kern, Tr::kSmem, smem_set);
   const dim3 grid(static_cast<unsigned>((rows + Tr::kCtaRows - 1) / Tr::kCtaRows), 2);
-  if (!p.pdl_gate) {
+  if (!p.pdl_after_decode) {
     kern<<<grid, 256, Tr::kSmem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;

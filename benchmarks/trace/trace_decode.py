@@ -16,8 +16,8 @@ numbering. Decode slots: 0 entry, 8 first copies issued, 1 after griddepcontrol.
 last CTA of a (b, kv head): 10 R_V copies issued, 11 merge loop done, 5 merge done, 6 R_V landed, 7 end.
 
 ``--fused`` traces ``oscar::store_and_decode`` (storing each sequence's newest token) next to
-``oscar::decode`` at batch 1; there the window CTA that reads the newest row waits for the store before
-its first copy, and slot 1 is where the other CTAs pass the skipped wait.
+``oscar::decode`` at batch 1; there rotate_q also rotates the newest K/V rows (its extra CTAs are traced
+like the q blocks), and the store kernel, which runs after the decode, is not traced.
 
 One call is captured in a CUDA graph and replayed 7 times. Per configuration the script prints the
 median over replays of summary times in microseconds after the first rotate_q CTA started, plus the
@@ -26,7 +26,9 @@ plain graph-replay time per call (``graph_us``, the benchmark's method with the 
 The first traces in docs/kernels.md and benchmarks/results/kernels-h100.json were taken on 2026-11-24
 with an earlier form of this script and of trace_store.py (same slots, more summary fields). This form
 ran on the H100 on 2026-11-24 (``decode_steps.trace_after_cuts_rows``), and with ``--fused`` the same
-day (``decode_step.trace``); trace_store.py as committed has not run on the GPU.
+day (``decode_step.trace``, the store behind the decode; ``decode_step.earlier_runs.store_first_trace``
+the design before); trace_store.py as committed has not run on the GPU. The rotate_q rows end at
+FIRST_DECODE_ROW: beyond batch ~8 on the Qwen3-8B shape its CTAs (q and newest rows) would overrun them.
 """
 
 from __future__ import annotations

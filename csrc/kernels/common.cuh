@@ -24,6 +24,12 @@ namespace oscar {
 
 constexpr float kNegInf = -__builtin_huge_valf();
 
+// The store's rotation y = x R sums each output as kRotationBlocks block sums of D / kRotationBlocks
+// products (each an FMA chain from zero, in order), added in block order with rounded adds
+// (store_kernel). rotate_q_kernel repeats it for store_and_decode's newest rows, which must be bitwise
+// the window rows the store writes.
+constexpr int kRotationBlocks = 8;
+
 OSCAR_DEVICE uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }

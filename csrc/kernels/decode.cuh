@@ -103,12 +103,93 @@ struct RotateQTraits {
 // then exact; folding scale * log2(e) in first made that rounding real, and with the large score
 // cancellations of unrotated INT2 rows (offset term ~ +-100 against the code term) it cost 10x the
 // error of a bf16 implementation (CPU emulation of the kernel arithmetic, d=64 unrotated case).
+// store_and_decode's newest K/V rows (DecodeParams::new_rows) for one CTA of rotate_q_kernel's grid:
+// kNewRows rows of one side (K or V) x the CTA's CB columns, each output summed exactly as store_kernel
+// sums it (kRotationBlocks block chains of D / kRotationBlocks FMAs from zero, added in block order
+// with rounded adds), so the rows are bitwise those the store writes to the window cache after the
+// decode. A pass covers 4 rows x 8 columns, thread (block k, row r, column c), c fastest: the R reads
+// of a warp are 8 consecutive words. 4 rows per CTA with the small q blocks (8 columns: one pass), 16
+// with the large ones (32 columns: 16 passes), so that the newest rows' CTAs stay about as many as
+// the q rows' (at batch 64 one row per CTA made 4096 of them next to 256 for q).
+template <int D, int CB>
+struct RotateNewestTraits {
+  static constexpr int kPassCols = 8, kPassRows = 256 / (kRotationBlocks * kPassCols);
+  static_assert(kPassRows == 4 && CB % kPassCols == 0, "newest-row pass shape");
+  static constexpr int kNewRows = CB == 8 ? 4 : 16;
+  // R columns [D][CB], staged rows [kNewRows][D + 1], one pass's block sums [kRotationBlocks][4][8]
+  static constexpr int kSmem = (D * CB + kNewRows * (D + 1) + kRotationBlocks * kPassRows * kPassCols) * 4;
+  __host__ __device__ static int blocks_per_side(const DecodeParams& p) {
+    return (p.batch * p.num_kv_heads + kNewRows - 1) / kNewRows;
+  }
+};
+
+template <int D, int CB>
+OSCAR_DEVICE void rotate_newest_rows(const DecodeParams& p, int blk, float* smem) {
+  using Tr = RotateNewestTraits<D, CB>;
+  constexpr int NR = Tr::kNewRows, PR = Tr::kPassRows, PC = Tr::kPassCols, kRB = D / kRotationBlocks;
+  const int tid = threadIdx.x;
+  const int rows = p.batch * p.num_kv_heads, per_side = Tr::blocks_per_side(p);
+  const bool is_v = blk >= per_side;
+  const int row0 = (is_v ? blk - per_side : blk) * NR, col0 = blockIdx.y * CB;
+  const float* rot = is_v ? p.new_rot_v : p.rot_k;
+  const void* src = is_v ? p.new_v : p.new_k;
+  const int64_t s0 = is_v ? p.nv_s0 : p.nk_s0, s1 = is_v ? p.nv_s1 : p.nk_s1;
+  float* sR = smem;               // [D][CB]
+  float* sx = smem + D * CB;      // [NR][D + 1]
+  float* sp = sx + NR * (D + 1);  // [kRotationBlocks][PR][PC]
+  if (rot != nullptr) {
+    for (int e = tid; e < D * CB / 4; e += 256) {
+      const int i = e / (CB / 4), c4 = e % (CB / 4);
+      *reinterpret_cast<float4*>(sR + i * CB + 4 * c4) = __ldg(reinterpret_cast<const float4*>(rot + i * D + col0) + c4);
+    }
+  }
+  for (int e = tid; e < NR * D; e += 256) {
+    const int r = e / D, d = e % D, row = row0 + r;
+    float v = 0.f;
+    if (row < rows) {
+      const int64_t off = static_cast<int64_t>(row / p.num_kv_heads) * s0 + (row % p.num_kv_heads) * s1 + d;
+      v = p.new_fp16 ? __half2float(static_cast<const __half*>(src)[off])
+                     : __bfloat162float(static_cast<const __nv_bfloat16*>(src)[off]);
+    }
+    sx[r * (D + 1) + d] = v;
+  }
+  __syncthreads();
+  const int c = tid % PC, r = (tid / PC) % PR, k = tid / (PC * PR);
+  for (int pass = 0; pass < (NR / PR) * (CB / PC); ++pass) {
+    const int pr = (pass / (CB / PC)) * PR + r, pc = (pass % (CB / PC)) * PC + c;  // row, column in the CTA's
+    if (rot != nullptr) {
+      float acc = 0.f;
+#pragma unroll 4
+      for (int i = k * kRB; i < (k + 1) * kRB; ++i) acc = fmaf(sx[pr * (D + 1) + i], sR[i * CB + pc], acc);
+      sp[(k * PR + r) * PC + c] = acc;
+    }
+    __syncthreads();
+    if (k == 0 && row0 + pr < rows) {
+      float y;
+      if (rot != nullptr) {
+        y = sp[r * PC + c];
+        for (int kb = 1; kb < kRotationBlocks; ++kb) y = __fadd_rn(y, sp[(kb * PR + r) * PC + c]);
+      } else {
+        y = sx[pr * (D + 1) + col0 + pc];  // the store's unrotated rows
+      }
+      p.new_rows[(static_cast<int64_t>(is_v ? rows : 0) + row0 + pr) * D + col0 + pc] = y;
+    }
+    __syncthreads();  // sp is rewritten by the next pass
+  }
+}
+
 template <int D, int RB, int CB, int KS>
 __global__ void __launch_bounds__(256) rotate_q_kernel(const DecodeParams p) {
   pdl_launch_dependents();  // the decode kernel may start issuing its cache loads now
   using Tr = RotateQTraits<D, RB, CB, KS>;
   constexpr int NC = Tr::kCols4;
   extern __shared__ __align__(16) float rq_smem[];
+  // Blocks past the q rows' rotate store_and_decode's newest K/V rows (grid set by launch_rotate_q).
+  const int q_blocks = (p.batch * p.num_q_heads + RB - 1) / RB;
+  if (static_cast<int>(blockIdx.x) >= q_blocks) {
+    rotate_newest_rows<D, CB>(p, blockIdx.x - q_blocks, rq_smem);
+    return;
+  }
   float* sR = rq_smem;           // [D][CB]
   float* sq = rq_smem + D * CB;  // [RB][D + 1]
   const int tid = threadIdx.x;
@@ -233,6 +314,9 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
   constexpr int QB = Tr::kQB, TILE = Tr::kTile, TM = Tr::kTM, STAGES = Tr::kStages, KC = Tr::kKC;
   constexpr int GP = Tr::kGP, NX = Tr::kNX, WT = Tr::kWinTile, BV = Tr::kBV;
   constexpr int RW = 16 * TM;  // INT2 rows of a stage that one warp loads and computes on
+  // store_and_decode launches the store after this kernel: it may start once every CTA got here, in the
+  // slots that finished CTAs free (no store row is read here: DecodeParams::new_rows). No-op otherwise.
+  pdl_launch_dependents();
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* ring = smem;
   float* sQ = reinterpret_cast<float*>(smem + Tr::kRing);  // [GP][D] q_rot, later merge scratch
@@ -291,6 +375,14 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
       tile_lo = t0 + idx * base + min(idx, extra);
       tile_hi = tile_lo + base + (idx < extra ? 1 : 0);
     }
+  }
+
+  // store_and_decode: the window row of position n - 1 comes from p.new_rows (copied in below, after
+  // rotate_q completed), not from the window cache, which the store writes after this kernel.
+  int newest_r = -1;  // that row's index in this window CTA's tile, or -1
+  if (p.new_rows != nullptr && is_win && n > 0) {
+    const int slot = n - 1 < ws ? n - 1 : ws + (n - 1 - rs);
+    if (slot >= lo && slot < hi) newest_r = slot - lo;
   }
 
   const int32_t* bt = p.block_table + b * static_cast<int>(p.bt_s0);  // the host checks 32-bit sizes
@@ -424,25 +516,13 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
       const int c = k % CPR, kvsel = (k / CPR) & 1, r = k / (2 * CPR);
       const __nv_bfloat16* src = row_base[r];
       const bool valid = src != nullptr;
-      cp_async_16(ring + kvsel * (WT * 2 * D) + r * 2 * D + ((c ^ (r & 7)) * 16),
-                  valid ? src + (kvsel ? p.w_s1 : 0) + c * 8 : static_cast<const __nv_bfloat16*>(p.win), valid);
+      if (r != newest_r) {  // that row is copied in from new_rows after rotate_q
+        cp_async_16(ring + kvsel * (WT * 2 * D) + r * 2 * D + ((c ^ (r & 7)) * 16),
+                    valid ? src + (kvsel ? p.w_s1 : 0) + c * 8 : static_cast<const __nv_bfloat16*>(p.win), valid);
+      }
     }
     __syncthreads();  // row_base lives in sQ, which q_rot overwrites next
   };
-
-  // store_and_decode (p.store_overlap): the store kernel that is still running writes position n - 1 of
-  // every sequence (and nothing else this kernel reads), so only the CTA that reads that row waits for it,
-  // before any load; the rest overlap the store. Without a recent window that CTA is the last INT2 split.
-  if (p.store_overlap && n > 0) {
-    bool reads_newest = false;
-    if (is_win) {
-      const int last = hi - 1;  // the slot of the last row this CTA reads
-      reads_newest = hi > lo && (last < ws ? last : rs + (last - ws)) >= n - 1;
-    } else {
-      reads_newest = tile_hi > tile_lo && min(hi, tile_hi * TILE) >= n;
-    }
-    if (reads_newest) pdl_wait_primary();
-  }
 
   if (is_win) {
     if (hi > lo) issue_win();
@@ -455,9 +535,8 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
     }
   }
 
-  // q_rot comes from rotate_q_kernel: wait for it only now, after the first cache loads are out. In
-  // store_and_decode rotate_q completed before this kernel could launch (the store kernel waits for it).
-  if (!p.store_overlap) pdl_wait_primary();
+  // q_rot (and new_rows) come from rotate_q_kernel: wait for it only now, after the first cache loads are out.
+  pdl_wait_primary();
   {
     const float* qr = p.q_rot + static_cast<int64_t>(b * p.num_q_heads + h * G) * D;
     for (int e = tid; e < GP * D / 4; e += 256) {
@@ -465,6 +544,16 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
       float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
       if (head < G) v = ld_cg_f4(qr + 4 * e);
       reinterpret_cast<float4*>(sQ)[e] = v;
+    }
+  }
+  if (newest_r >= 0) {  // its K and V rows, rounded as the store rounds its window rows, into the tile
+    const float* nr = p.new_rows + static_cast<int64_t>(bh) * D;
+    const int64_t v_off = static_cast<int64_t>(p.batch) * p.num_kv_heads * D;
+    for (int e = tid; e < 2 * D; e += 256) {
+      const int kvsel = e / D, d = e % D;
+      *reinterpret_cast<__nv_bfloat16*>(ring + kvsel * (WT * 2 * D) + newest_r * 2 * D +
+                                        (((d / 8) ^ (newest_r & 7)) * 16) + (d % 8) * 2) =
+          __float2bfloat16_rn(__ldcg(nr + (kvsel ? v_off : 0) + d));
     }
   }
   __syncthreads();
@@ -858,9 +947,6 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
   __syncthreads();
   if (*sFlag == 0) return;
   __threadfence();
-  // The merging CTA also waits for the store, so that this grid never completes before it: the next
-  // kernel on the stream (launched plainly) may read what the store wrote. By now it has finished.
-  if (p.store_overlap) pdl_wait_primary();
 
   const bool rotv = p.rot_v != nullptr;
   if constexpr (Tr::kRInSmem) {

@@ -12,11 +12,16 @@ namespace oscar {
 template <int D, int RB, int CB, int KS>
 void launch_rotate_q_blocks(const DecodeParams& p, cudaStream_t stream) {
   using Tr = RotateQTraits<D, RB, CB, KS>;
+  using Nr = RotateNewestTraits<D, CB>;
+  constexpr int kSmem = cmax(Tr::kSmem, Nr::kSmem);
   auto kern = rotate_q_kernel<D, RB, CB, KS>;
   static std::atomic<uint64_t> smem_set{0};
-  set_smem_once(kern, Tr::kSmem, smem_set);
-  const dim3 grid((p.batch * p.num_q_heads + RB - 1) / RB, D / CB);
-  kern<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p);
+  set_smem_once(kern, kSmem, smem_set);
+  // q row blocks, then (store_and_decode) the newest K rows' blocks and the newest V rows'.
+  const int q_blocks = (p.batch * p.num_q_heads + RB - 1) / RB;
+  const int new_blocks = p.new_rows != nullptr ? 2 * Nr::blocks_per_side(p) : 0;
+  const dim3 grid(q_blocks + new_blocks, D / CB);
+  kern<<<grid, Tr::kThreads, kSmem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

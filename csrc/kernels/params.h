@@ -28,9 +28,11 @@ struct StoreParams {
   const int64_t* wslots;
   int num_tokens, num_kv_heads, block_size, win_block_size;
   int64_t num_slots, num_win_slots;  // out-of-range slots are skipped
-  // Set by store_and_decode, which launches this kernel with programmatic dependent launch between
-  // rotate_q and decode: every CTA waits for rotate_q to complete, then lets the decode kernel launch.
-  int pdl_gate;
+  // Set by store_and_decode, which launches this kernel after the decode kernel with programmatic
+  // dependent launch: its CTAs start in the slots the decode's CTAs free, store without waiting (the
+  // decode reads none of the rows written here), then wait for the decode to complete, so that this grid
+  // never completes before it (the next kernel on the stream may read the decode's output).
+  int pdl_after_decode;
 };
 
 struct DecodeParams {
@@ -51,18 +53,23 @@ struct DecodeParams {
   const float* rot_v;  // nullptr: output stays in the rotated space
   float* q_rot;        // [B * Hq, D]
   float* part_o;       // [B * Hkv, S, G, D]
-  float* part_lse;     // [B * Hkv, S, G]   (log2 domain)
+  float* part_lse;     // [B * Hkv, S, G]   (log2 domain), then new_rows
   int32_t* sem;        // [B * Hkv], zero between calls
   int batch, num_q_heads, num_kv_heads, group, block_size, win_block_size, sink, recent, s_win, s_int;
   int block_shift;  // log2(block_size) when it is a power of two, else -1 (integer division is ~20
                     // instructions and runs 3x per stage per thread)
   float scale_log2;
   int win_first;  // set by launch_decode: window CTAs first in the grid (the whole grid is resident)
-  // Set by store_and_decode (rotate_q -> store -> decode): this kernel's programmatic primary is the
-  // store kernel, which writes the newest row (position seq_len - 1) of every sequence and let this
-  // kernel launch only after rotate_q completed (so q_rot is ready). Only CTAs that read that row, and
-  // the merging CTAs, wait for the store; every other CTA overlaps it.
-  int store_overlap;
+  // store_and_decode with a window cache (rotate_q -> decode -> store): the step's newest K/V rows
+  // (sequence b's at new_k/new_v row b) are rotated by rotate_q_kernel with the store's arithmetic into
+  // new_rows, and the window CTA covering position seq_len - 1 reads that row from there instead of the
+  // window cache, which the store writes after this kernel. nullptr: every row from the caches.
+  const void* new_k;
+  const void* new_v;
+  int64_t nk_s0, nk_s1, nv_s0, nv_s1;  // elements
+  int new_fp16;                        // new_k/new_v dtype: fp16 (1) or bf16 (0)
+  const float* new_rot_v;              // the store's R_V (rot_v is null when o_proj absorbed it)
+  float* new_rows;                     // [2, B * Hkv, D]: K rows, then V rows (rotated, fp32)
 };
 
 struct GatherParams {

@@ -291,17 +291,6 @@ __global__ void __launch_bounds__(256) store_kernel(const StoreParams p) {
     }
     cp_async_commit();
   }
-  // store_and_decode: R's copies are out; wait for rotate_q (launched just before), then let the decode
-  // kernel launch. Its CTAs read q_rot without waiting, so the trigger must follow rotate_q's completion.
-  // Nothing stored here depends on rotate_q. Letting decode launch before rotate_q completed (decode
-  // CTAs then waited for rotate_q through a counter) was no faster at batch 1 (Qwen3-8B shape, 32K:
-  // 26.3 against 26.7 us) and 10% slower at batch 64 (the early decode CTAs took slots rotate_q's
-  // 256 CTAs still held): benchmarks/kernels.py --parts step, two runs on one H100, 2026-11-24.
-  if (p.pdl_gate) {
-    pdl_wait_primary();
-    pdl_launch_dependents();
-  }
-
   // Stage this warp's rows as fp32: lanes read D/32 consecutive elements of a row at a time.
   float* xs = xs_all + warp * Tr::kRows * XS;
   for (int rr = 0; rr < Tr::kRows; ++rr) {
@@ -338,7 +327,8 @@ __global__ void __launch_bounds__(256) store_kernel(const StoreParams p) {
     // 3.3 of the 8 us a one-token store took on the Qwen3-8B shape (globaltimer trace, docs/kernels.md).
     // The other modes run the blocks one after another: every mode yields the same bits
     // (GPU test test_store_mse_team_mode_matches_plain_mode).
-    constexpr int kRotBlocks = Tr::kWarps, kRB = D / kRotBlocks;
+    constexpr int kRotBlocks = kRotationBlocks, kRB = D / kRotBlocks;
+    static_assert(!kTeam || kRotBlocks == Tr::kWarps, "team mode gives rotation block k to warp k");
     auto rot_block = [&](int k, float (&acc)[RPW][E]) {
 #pragma unroll
       for (int rb = 0; rb < RPW; ++rb) {
@@ -496,6 +486,9 @@ __global__ void __launch_bounds__(256) store_kernel(const StoreParams p) {
       }
     }
   }
+  // store_and_decode launches this kernel after the decode kernel (pdl_after_decode): nothing stored here
+  // is read by that decode, so the stores above ran beside it; the grid must still not complete first.
+  if (p.pdl_after_decode) pdl_wait_primary();
 }
 
 }  // namespace oscar

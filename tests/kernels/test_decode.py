@@ -221,11 +221,10 @@ def test_decode_errors():
 # --------------------------------------------------------------------------------------------------
 
 # (id, DecodeCase kwargs, levels, extra store tokens). The extra tokens stand for the prefill tokens of a
-# mixed batch: they go to blocks no block table names, ahead of the newest rows in the slot mapping. With
-# thousands of them the store runs in several waves of CTAs and its last CTAs, which store the newest
-# rows, start just before the decode may launch, so a decode CTA that read a newest row without waiting
-# for the store would see its poison. (With the newest rows first, their CTAs finished long before the
-# decode launched, and dropping the wait went unnoticed: checked by editing the kernel on the H100.)
+# mixed batch: after the newest rows (vLLM's order, decodes first), in blocks no block table names. With
+# thousands of them the store, which runs beside the decode, is still writing while decode CTAs read.
+# The newest rows' cache slots are poisoned: the decode must take them from the workspace (new_rows),
+# never from a cache the store has not written yet.
 OVERLAP_CASES = [
     ("b1-ctx33000-g4", dict(batch=1, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
                             seq_lens=[33000], **W), "mse", 0),
@@ -240,12 +239,16 @@ OVERLAP_CASES = [
                                 seq_lens=_random_lens(64, 1500, 1, must=(4097, 1, 64, 65)), **W), "mse", 1024),
     ("seq0-d64", dict(batch=3, num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
                       seq_lens=_lens(0, 5, 0), **W), "minmax", 256),
+    # Above 512 q rows rotate_q takes its large blocks, and the newest rows 16 per CTA: 111 rows end in a
+    # partial block.
+    ("b37-large-rotate-g8", dict(batch=37, num_q_heads=24, num_kv_heads=3, head_dim=128, block_size=64,
+                                 seq_lens=_random_lens(37, 800, 2, must=(4097, 1, 321, 65)), **W), "mse", 100),
 ]
 
 
 class _Step:
-    """One decode step on a :class:`DecodeCase`: ``extra`` tokens of blocks outside every block table,
-    then new K/V rows for every sequence's newest position (its slots poisoned first)."""
+    """One decode step on a :class:`DecodeCase`: new K/V rows for every sequence's newest position (its
+    slots poisoned first), then ``extra`` tokens of blocks outside every block table."""
 
     def __init__(self, case: DecodeCase, levels: str, extra: int, seed: int):
         gen = torch.Generator().manual_seed(seed)
@@ -256,7 +259,7 @@ class _Step:
         self.kv_cache = torch.cat([case.kv_cache, poisoned_int2_cache(lay, extra_blocks)])
         newest = [-1 if n == 0 else int(case.block_table[b, (n - 1) // bs]) * bs + (n - 1) % bs
                   for b, n in enumerate(case.seq_lens)]
-        self.slots = torch.tensor([nb * bs + i for i in range(extra)] + newest, dtype=torch.int64)
+        self.slots = torch.tensor(newest + [nb * bs + i for i in range(extra)], dtype=torch.int64)
         kc, vc, kp, vp = ref._head_page_views(self.kv_cache, lay)
         for s in newest:
             if s >= 0:
@@ -273,7 +276,7 @@ class _Step:
             for s in wnewest:
                 if s >= 0:
                     self.window_cache[s // wbs, :, s % wbs] = float("nan")
-            self.window_slots = torch.tensor([-1] * extra + wnewest, dtype=torch.int64)
+            self.window_slots = torch.tensor(wnewest + [-1] * extra, dtype=torch.int64)
         t = case.batch + extra
         self.key = kv_rows(t, case.hkv, case.d, gen)
         self.value = kv_rows(t, case.hkv, case.d, gen)
@@ -405,6 +408,8 @@ def test_store_and_decode_opcheck_and_errors():
         step.fused(q, a, ws, torch.empty_like(q), value=value.half())
     with pytest.raises(RuntimeError, match="q must be BFloat16"):
         step.fused(q.float(), a, ws, torch.empty_like(q))
+    with pytest.raises(RuntimeError, match=r"newest token of decoded sequence b at key\[b\]"):
+        step.fused(q, a, ws, torch.empty_like(q), slots=step.slots.cuda()[:1])
     with pytest.raises(RuntimeError, match="levels mse fits the grid to the whole row"):
         step.clip = (0.96, 0.92)
         step.fused(q, a, ws, torch.empty_like(q))

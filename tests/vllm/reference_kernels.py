@@ -49,6 +49,16 @@ def decode(out, q, kv_cache, block_table, seq_lens, window_cache, window_block_t
 
 def store_and_decode(out, q, key, value, kv_cache, slot_mapping, block_table, seq_lens, window_cache,
                      window_slot_mapping, window_block_table, args, workspace) -> None:
+    # The op's contract (ops.store_and_decode): key[b] is decoded sequence b's newest token, i.e. the
+    # backend hands it vLLM's batch with the decodes first and their slots at position seq_len - 1.
+    bs = args.layout.block_size
+    for b, n in enumerate(seq_lens[: q.shape[0]].tolist()):
+        if n > 0:
+            assert int(slot_mapping[b]) == int(block_table[b, (n - 1) // bs]) * bs + (n - 1) % bs, (b, n)
+            if window_cache is not None:
+                wbs = window_cache.shape[2]
+                want = int(window_block_table[b, (n - 1) // wbs]) * wbs + (n - 1) % wbs
+                assert int(window_slot_mapping[b]) == want, (b, n)
     store(key, value, kv_cache, slot_mapping, window_cache, window_slot_mapping, args)
     decode(out, q, kv_cache, block_table, seq_lens, window_cache, window_block_table, args, workspace)
 

@@ -122,6 +122,9 @@ def test_decode_plan_sizes_for_the_largest_batch_and_split_count(monkeypatch):
     # store_and_decode while the INT2 CTAs fit in one wave of 264 slots: batch 32 has 256 (32 x 8 x 1 split),
     # batch 64 has 512. Eager batches decide as the capture size they pad to.
     assert [plan.overlaps_store(b) for b in (1, 5, 8, 16, 32, 33, 64, 256)] == [True] * 5 + [False] * 3
+    # Without the BF16 window the op would run the store, then the decode: the backend calls them itself.
+    no_window = kernels.DecodePlan(256, 32, 8, 128, 32768, 0, 0, False, torch.device("cpu"))
+    assert not any(no_window.overlaps_store(b) for b in (1, 8, 32))
     ws = plan.bind([torch.zeros(plan.buffer_numel)], 8)
     assert ws.num_splits == plan.num_splits(8) and ws.semaphores is plan.semaphores
     # Eager batches and the capture sizes they pad to (the next power of two at most) agree.

@@ -13,10 +13,11 @@ separate ``unified_kv_cache_update`` call), on a batch ordered decodes first (``
      windows; fixed grid and builder-reserved scratch, so pure-decode batches run as FULL CUDA graphs
      (``AttentionCGSupport.UNIFORM_BATCH``; mixed batches run the attention op eagerly between
      piecewise graphs). At small batch (``DecodePlan.overlaps_store``: the decode's INT2 CTAs fit in
-     one wave) store and decode are one op (``kernels.store_and_decode``): a decode only needs the
-     store for its newest row, so the decode kernel runs beside the store instead of after it. That
-     is why the store moved from vLLM's separate update op into ``forward``: the two must be
-     launched back to back, with the query rotation first.
+     one wave, with the BF16 window) store and decode are one op (``kernels.store_and_decode``): a
+     decode reads its newest row only from the window, so the query rotation also rotates that row,
+     the decode takes it from there, and the store runs after the decode in the slots its CTAs free.
+     That is why the store moved from vLLM's separate update op into ``forward``: the three kernels
+     must be launched back to back.
    * prefills: FlashAttention varlen. A chunk without cached context (a first chunk) attends its own
      exact K/V, as BF16 vLLM would. A chunk with context (chunked prefill, prefix-cache hit, resumed
      preemption) attends ``[gathered prefix ; exact chunk]`` in the rotated space: the prefix rows come
@@ -411,7 +412,7 @@ class OscarAttentionImpl(AttentionImpl[OscarMetadata]):
             workspace = plan.bind(self._workspace(plan.workspace_shapes()), nr)
             bt, seq_lens = md.block_table[:nr], md.seq_lens[:nr]
             wbt = None if window_bt is None else window_bt[:nr]
-            if md.decode_overlaps_store:  # small batch: the decode runs beside the store
+            if md.decode_overlaps_store:  # small batch: the store runs beside the decode
                 kernels.store_and_decode(out[:nd], q[:nd], k[:n], v[:n], kv_cache, md.slot_mapping, bt, seq_lens,
                                          window_cache, window_slots, wbt, args, workspace)
             else:

@@ -132,9 +132,12 @@ class DecodePlan:
 
     def overlaps_store(self, batch: int) -> bool:
         """Whether this batch's decode step runs :func:`store_and_decode` (else :func:`store`, then
-        :func:`decode`). Decided per batch bucket like the split count, so eager and graph agree."""
+        :func:`decode`). Decided per batch bucket like the split count, so eager and graph agree. Only
+        with the BF16 window: without it the op would run the two kernels in turn anyway."""
         from vllm_oscar import ops
 
+        if not self._window["window"]:
+            return False
         bucket = self._bucket(batch)
         return ops.store_overlaps_decode(bucket, self._args["num_kv_heads"], self.num_splits(batch), self._num_sms)
 
@@ -167,9 +170,10 @@ def store_and_decode(out: torch.Tensor, q: torch.Tensor, key: torch.Tensor, valu
                      window_slot_mapping: torch.Tensor | None, window_block_table: torch.Tensor | None,
                      args: OscarLayerArgs, workspace) -> None:
     """:func:`store` of ``key``/``value`` (every token of the step, ``[N, Hkv, d]``), then :func:`decode` of
-    the first ``q.shape[0]`` requests, whose only stored rows are their newest tokens (decodes first in
-    the batch). The decode runs beside the store (``ops.store_and_decode``). Spec: ``reference.store_kv``
-    + ``reference.store_window``, then ``reference.paged_decode``. CUDA-graph safe."""
+    the first ``q.shape[0]`` requests, whose newest tokens are ``key[:q.shape[0]]`` (decodes first in the
+    batch) and whose only stored rows they are. The store runs beside the decode
+    (``ops.store_and_decode``). Spec: ``reference.store_kv`` + ``reference.store_window``, then
+    ``reference.paged_decode``. CUDA-graph safe."""
     from vllm_oscar import ops
 
     ops.store_and_decode(q, key, value, kv_cache, slot_mapping, block_table, seq_lens, workspace,

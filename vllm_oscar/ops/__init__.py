@@ -260,7 +260,9 @@ def make_decode_workspace(
         )
     group = num_q_heads // num_kv_heads
     s_total = num_splits + _window_splits(head_dim, sink, recent, window)
-    numel = max_batch * num_q_heads * head_dim + max_batch * num_kv_heads * s_total * group * (head_dim + 1)
+    # q_rot, the splits' partial outputs and log-sum-exps, store_and_decode's newest K and V rows
+    numel = (max_batch * num_q_heads * head_dim + max_batch * num_kv_heads * s_total * group * (head_dim + 1)
+             + 2 * max_batch * num_kv_heads * head_dim)
     return DecodeWorkspace(
         buffer=torch.empty(max(numel, 1), dtype=torch.float32, device=device),
         semaphores=torch.zeros(max(max_batch * num_kv_heads, 1), dtype=torch.int32, device=device),
@@ -326,13 +328,15 @@ def decode(
 
 def store_overlaps_decode(batch: int, num_kv_heads: int, num_splits: int, num_sms: int) -> bool:
     """Whether a decode step should run :func:`store_and_decode` rather than :func:`store_kv` then
-    :func:`decode`: while the decode's INT2 CTAs fit in one wave of CTA slots (two per SM).
+    :func:`decode` (with a window cache): while the decode's INT2 CTAs fit in one wave of CTA slots (two
+    per SM).
 
-    One H100, ``python benchmarks/kernels.py --parts step`` (one token per sequence stored, no R_V,
-    MSE grid; three runs, 2026-11-24): the decode beside the store saved 2.2-4.5 us per call at batch
-    1 and 8 on the Qwen3-8B shape (batch 1, 32K: 30.5 -> 26.1-26.8 us) and 0-7.7 us on SmolLM2's, but
-    at batch 64 on the Qwen3-8B shape, where 512 INT2 CTAs run in two waves, it was 0.6-10% slower
-    than the two kernels in turn (32K: 484 -> 487-535 us), varying from run to run.
+    One H100, ``python benchmarks/kernels.py --parts step`` (one token per sequence stored, no R_V, MSE
+    grid; two runs, 2026-11-24, the store behind the decode): the op saved 4.5-5.9 us per call at batch
+    1 and 8 on the Qwen3-8B shape (batch 1, 32K: 30.7 -> 25.0 us, decode alone 23.9) and 4.5-10.1 us on
+    SmolLM2's, but at batch 64 on the Qwen3-8B shape, where 512 INT2 CTAs run in two waves and the
+    store can start only in the last one, it was 7-55 us slower than the two kernels in turn (32K: 489
+    -> 495-530 us), while on SmolLM2's it was 2.5-6.8 us faster.
     """
     return num_splits * batch * num_kv_heads <= _DECODE_CTAS_PER_SM * num_sms
 
@@ -361,14 +365,16 @@ def store_and_decode(
     scale: float | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`store_kv` then :func:`decode` in one op, with the decode running beside the store.
+    """:func:`store_kv` then :func:`decode` in one op, with the store running beside the decode.
 
-    A decode step stores each sequence's newest token, which only the CTAs reading the BF16 window
-    (position ``seq_lens[b] - 1``) need; the rest of the decode reads rows stored in earlier steps. The
-    op launches ``q @ R_K``, then the store, then the decode, chained by programmatic dependent launch
-    (sm_90+): only the decode CTAs that read the newest row wait for the store, so at small batch the
-    store's few microseconds leave the critical path. Results are bitwise those of :func:`store_kv`
-    followed by :func:`decode` (same kernels, same arithmetic).
+    A decode step stores each sequence's newest token, but the decode reads that row only from the BF16
+    window, and only in the CTA that covers position ``seq_lens[b] - 1``. With a window cache the op
+    launches ``q @ R_K`` (which also rotates the newest K/V rows into the workspace, with the store's
+    arithmetic), the decode (that CTA takes the row from the workspace), then the store, chained by
+    programmatic dependent launch (sm_90+): the store's CTAs start in the slots the decode's CTAs free,
+    so at small batch its few microseconds leave the critical path. Without a window cache the op runs
+    :func:`store_kv`, then :func:`decode`. Results are bitwise those of :func:`store_kv` followed by
+    :func:`decode`.
 
     Arguments are those of :func:`store_kv` (``key``, ``value``, ``slot_mapping``,
     ``window_slot_mapping``, ``rotation_k``/``rotation_v`` for the rows, ``k_clip_ratio``,
@@ -376,10 +382,11 @@ def store_and_decode(
     ``workspace``, ``window_block_table``, ``sink``, ``recent``, ``scale``, ``out``); the output is
     ``o @ rotation_v.T`` when ``rotate_output``, else left in the rotated space.
 
-    Contract: in every sequence ``b < q.shape[0]`` the store writes at most the newest row (position
-    ``seq_lens[b] - 1``); its other slots must belong to sequences this decode does not read (for
-    example the prefill tokens of a mixed batch). Rows the decode reads at earlier positions of its own
-    sequences must not be in ``slot_mapping``: the decode may read them before the store writes them.
+    Contract (vLLM's batch order, decodes first): ``key[b]``/``value[b]`` is the newest token of
+    sequence ``b < q.shape[0]`` (position ``seq_lens[b] - 1``, stored at ``slot_mapping[b]`` and
+    ``window_slot_mapping[b]``); the other tokens must belong to sequences this decode does not read
+    (for example the prefill tokens of a mixed batch), since the store may write them while the decode
+    runs.
     """
     head_dim = q.shape[-1]
     if out is None:
