@@ -323,8 +323,9 @@ void decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv_
 // position seq_len - 1 takes that row from the workspace: decode.cuh, new_rows), then the store, chained
 // by programmatic dependent launch: the store's CTAs start in the slots the decode's CTAs free and
 // wait for the decode only at their end. Without PDL (OSCAR_KERNELS_NO_PDL=1 or before sm_90) the
-// three kernels run one after another. Without a window cache the newest row would have to be quantized
-// by the decode itself: the op then runs store_kv, then decode.
+// three kernels run one after another. Without a window cache, or without a recent window (the newest
+// row is then an INT2 row, read from the cache by the last INT2 split), the decode would have to quantize
+// the newest row itself: the op then runs store_kv, then decode.
 void store_and_decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& key,
                       const torch::Tensor& value, torch::Tensor& kv_cache, const torch::Tensor& slot_mapping,
                       const torch::Tensor& block_table, const torch::Tensor& seq_lens,
@@ -348,7 +349,7 @@ void store_and_decode(torch::Tensor& out, const torch::Tensor& q, const torch::T
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool pdl = use_pdl(dev.index());
-  if (pd.batch == 0 || !window_cache.has_value()) {
+  if (pd.batch == 0 || !window_cache.has_value() || recent <= 0) {
     if (ps.num_tokens > 0) launch_store(ps, D, stream);
     if (pd.batch > 0) launch_decode(pd, D, pdl, stream);
     return;

@@ -98,11 +98,6 @@ struct RotateQTraits {
   static constexpr int kSmem = (D * kCols + kRows * (D + 1)) * 4;
 };
 
-// q_rot[r, c] = sum_i q[r, i] * R_K[i, c] for one kRows x kCols block. The softmax scale is applied
-// to the scores, not here: q_rot is rounded to bf16 for the MMA, and without a rotation a bf16 q is
-// then exact; folding scale * log2(e) in first made that rounding real, and with the large score
-// cancellations of unrotated INT2 rows (offset term ~ +-100 against the code term) it cost 10x the
-// error of a bf16 implementation (CPU emulation of the kernel arithmetic, d=64 unrotated case).
 // store_and_decode's newest K/V rows (DecodeParams::new_rows) for one CTA of rotate_q_kernel's grid:
 // kNewRows rows of one side (K or V) x the CTA's CB columns, each output summed exactly as store_kernel
 // sums it (kRotationBlocks block chains of D / kRotationBlocks FMAs from zero, added in block order
@@ -178,6 +173,11 @@ OSCAR_DEVICE void rotate_newest_rows(const DecodeParams& p, int blk, float* smem
   }
 }
 
+// q_rot[r, c] = sum_i q[r, i] * R_K[i, c] for one kRows x kCols block. The softmax scale is applied
+// to the scores, not here: q_rot is rounded to bf16 for the MMA, and without a rotation a bf16 q is
+// then exact; folding scale * log2(e) in first made that rounding real, and with the large score
+// cancellations of unrotated INT2 rows (offset term ~ +-100 against the code term) it cost 10x the
+// error of a bf16 implementation (CPU emulation of the kernel arithmetic, d=64 unrotated case).
 template <int D, int RB, int CB, int KS>
 __global__ void __launch_bounds__(256) rotate_q_kernel(const DecodeParams p) {
   pdl_launch_dependents();  // the decode kernel may start issuing its cache loads now
@@ -315,7 +315,9 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
   constexpr int GP = Tr::kGP, NX = Tr::kNX, WT = Tr::kWinTile, BV = Tr::kBV;
   constexpr int RW = 16 * TM;  // INT2 rows of a stage that one warp loads and computes on
   // store_and_decode launches the store after this kernel: it may start once every CTA got here, in the
-  // slots that finished CTAs free (no store row is read here: DecodeParams::new_rows). No-op otherwise.
+  // slots that finished CTAs free (no store row is read here: DecodeParams::new_rows). Otherwise only a
+  // kernel launched next with programmatic serialization sees it, and such a kernel must (as PDL
+  // requires) run griddepcontrol.wait before it reads this kernel's output.
   pdl_launch_dependents();
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* ring = smem;

@@ -239,6 +239,9 @@ OVERLAP_CASES = [
                                 seq_lens=_random_lens(64, 1500, 1, must=(4097, 1, 64, 65)), **W), "mse", 1024),
     ("seq0-d64", dict(batch=3, num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
                       seq_lens=_lens(0, 5, 0), **W), "minmax", 256),
+    # A sink but no recent window: the newest row is an INT2 row, so the op runs the store, then the decode.
+    ("sink-only-d64", dict(batch=3, num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+                           seq_lens=_lens(40, 5, 17), sink=16, recent=0), "mse", 32),
     # Above 512 q rows rotate_q takes its large blocks, and the newest rows 16 per CTA: 111 rows end in a
     # partial block.
     ("b37-large-rotate-g8", dict(batch=37, num_q_heads=24, num_kv_heads=3, head_dim=128, block_size=64,

@@ -125,6 +125,8 @@ def test_decode_plan_sizes_for_the_largest_batch_and_split_count(monkeypatch):
     # Without the BF16 window the op would run the store, then the decode: the backend calls them itself.
     no_window = kernels.DecodePlan(256, 32, 8, 128, 32768, 0, 0, False, torch.device("cpu"))
     assert not any(no_window.overlaps_store(b) for b in (1, 8, 32))
+    sink_only = kernels.DecodePlan(256, 32, 8, 128, 32768, 64, 0, True, torch.device("cpu"))  # newest row is INT2
+    assert not any(sink_only.overlaps_store(b) for b in (1, 8, 32))
     ws = plan.bind([torch.zeros(plan.buffer_numel)], 8)
     assert ws.num_splits == plan.num_splits(8) and ws.semaphores is plan.semaphores
     # Eager batches and the capture sizes they pad to (the next power of two at most) agree.

@@ -133,10 +133,10 @@ class DecodePlan:
     def overlaps_store(self, batch: int) -> bool:
         """Whether this batch's decode step runs :func:`store_and_decode` (else :func:`store`, then
         :func:`decode`). Decided per batch bucket like the split count, so eager and graph agree. Only
-        with the BF16 window: without it the op would run the two kernels in turn anyway."""
+        with a BF16 recent window: without one the op runs the two kernels in turn anyway."""
         from vllm_oscar import ops
 
-        if not self._window["window"]:
+        if not self._window["window"] or self._window["recent"] <= 0:
             return False
         bucket = self._bucket(batch)
         return ops.store_overlaps_decode(bucket, self._args["num_kv_heads"], self.num_splits(batch), self._num_sms)
