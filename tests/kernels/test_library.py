@@ -106,6 +106,30 @@ def test_fake_decode():
 
 
 @needs_extension
+def test_fake_store_and_decode():
+    with FakeTensorMode():
+        q = _cuda(3, 8, 64, dtype=torch.bfloat16)
+        out = torch.empty_like(q)
+        key = _cuda(5, 2, 64, dtype=torch.bfloat16)
+        cache = _cuda(10, 2, 16 * 40, dtype=torch.uint8)
+        slots = _cuda(5, dtype=torch.int64)
+        bt = _cuda(3, 5, dtype=torch.int32)
+        lens = _cuda(3, dtype=torch.int32)
+        win = _cuda(4, 2, 16, 2, 64, dtype=torch.bfloat16)
+        ws = _cuda(100000, dtype=torch.float32)
+        sem = _cuda(6, dtype=torch.int32)
+        args = [out, q, key, torch.empty_like(key), cache, slots, bt, lens, win, slots, bt, None, None, None,
+                0.0, 0.0, 1, 64, 256, 0.125, ws, sem, 4]
+        assert torch.ops.oscar.store_and_decode(*args) is None
+        bad = list(args)
+        bad[5] = bad[9] = _cuda(2, dtype=torch.int64)  # fewer tokens than decoded sequences
+        with pytest.raises(RuntimeError, match=r"newest token of decoded sequence b at key\[b\]"):
+            torch.ops.oscar.store_and_decode(*bad)
+        bad[8] = bad[9] = bad[10] = None  # without a window cache the op stores, then decodes: no such rule
+        assert torch.ops.oscar.store_and_decode(*bad) is None
+
+
+@needs_extension
 def test_fake_gather_prefix():
     with FakeTensorMode():
         k = _cuda(30, 2, 128, dtype=torch.bfloat16)

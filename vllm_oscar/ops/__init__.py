@@ -373,8 +373,8 @@ def store_and_decode(
     arithmetic), the decode (that CTA takes the row from the workspace), then the store, chained by
     programmatic dependent launch (sm_90+): the store's CTAs start in the slots the decode's CTAs free,
     so at small batch its few microseconds leave the critical path. Without a window cache or with
-    ``recent == 0`` (the newest row is then an INT2 row) the op runs :func:`store_kv`, then :func:`decode`. Results are bitwise those of :func:`store_kv` followed by
-    :func:`decode`.
+    ``recent == 0`` (the newest row is then an INT2 row) the op runs :func:`store_kv`, then
+    :func:`decode`. Results are bitwise those of :func:`store_kv` followed by :func:`decode`.
 
     Arguments are those of :func:`store_kv` (``key``, ``value``, ``slot_mapping``,
     ``window_slot_mapping``, ``rotation_k``/``rotation_v`` for the rows, ``k_clip_ratio``,

@@ -145,6 +145,12 @@ def register_fakes() -> None:
             key.shape[2] == q.shape[2],
             lambda: f"oscar: key's head_dim {key.shape[2]} must equal q's {q.shape[2]}",
         )
+        if window_cache is not None and recent > 0:  # the op's overlapped path reads key[b] for sequence b
+            torch._check(
+                slot_mapping.shape[0] >= q.shape[0],
+                lambda: f"oscar: store_and_decode takes the newest token of decoded sequence b at key[b], so "
+                f"slot_mapping needs at least q.shape[0] = {q.shape[0]} entries, got {slot_mapping.shape[0]}",
+            )
 
     @torch.library.register_fake("oscar::gather_prefix")
     def _gather_prefix_fake(
