@@ -146,6 +146,8 @@ def load_fa3():
 
 def random_int2_cache(layout: Int2PageLayout, num_blocks: int) -> torch.Tensor:
     cache = torch.empty(layout.cache_shape(num_blocks), dtype=torch.uint8, device="cuda").random_()
+    if layout.params == "u8":  # any two bytes are a finite (scale, offset)
+        return cache
     for off in (layout.k_params_offset, layout.v_params_offset):
         p = cache[..., off : off + layout.block_size * 4].view(torch.float16).view(num_blocks, -1, layout.block_size, 2)
         p[..., 0].uniform_(0.02, 0.2)
@@ -162,8 +164,8 @@ def random_rotation(d: int) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))).float().contiguous().cuda()  # QR returns column-major Q
 
 
-def oscar_bytes(batch, hq, hkv, d, ctx, window=True):
-    layout = Int2PageLayout(d, 16, hkv)
+def oscar_bytes(batch, hq, hkv, d, ctx, window=True, params="fp16"):
+    layout = Int2PageLayout(d, 16, hkv, params=params)
     n_win = min(ctx, SINK + RECENT) if window else 0
     return batch * ((ctx - n_win) * layout.page_bytes // 16 + n_win * hkv * 4 * d + 4 * hq * d)
 
@@ -175,9 +177,9 @@ def bf16_bytes(batch, hq, hkv, d, ctx):
 class OscarInputs:
     """``n_bufs`` independent caches (INT2 + window) for one (shape, batch, context)."""
 
-    def __init__(self, batch, hq, hkv, d, ctx, n_bufs, bs=None, wbs=VLLM_BLOCK_SIZE):
+    def __init__(self, batch, hq, hkv, d, ctx, n_bufs, bs=None, wbs=VLLM_BLOCK_SIZE, params="fp16"):
         bs = INT2_BLOCK_SIZE if bs is None else bs
-        self.layout = Int2PageLayout(d, bs, hkv)
+        self.layout = Int2PageLayout(d, bs, hkv, params=params)
         bps = -(-ctx // bs)
         nb = batch * bps
         self.caches = [random_int2_cache(self.layout, nb) for _ in range(n_bufs)]
@@ -214,7 +216,7 @@ class OscarInputs:
         """oscar::store_kv of the newest tokens (MSE grid), as the vLLM backend stores a decode step."""
         ops.store_kv(self.keys[i], self.vals[i], self.caches[i], self.slots[i], self.rk, self.rv, k_clip_ratio=0.0,
                      v_clip_ratio=0.0, window_cache=self.windows[i], window_slot_mapping=self.wslots[i],
-                     levels="mse")
+                     levels="mse", params=self.layout.params)
 
     def store_and_decode(self, ws, i, *, rot_v=True):
         """:meth:`store` and :meth:`call` as one oscar::store_and_decode."""
@@ -222,14 +224,15 @@ class OscarInputs:
             self.q[i], self.keys[i], self.vals[i], self.caches[i], self.slots[i], self.tables[i], self.seq_lens, ws,
             window_cache=self.windows[i], window_slot_mapping=self.wslots[i], window_block_table=self.wtables[i],
             rotation_k=self.rk, rotation_v=self.rv, rotate_output=rot_v, k_clip_ratio=0.0, v_clip_ratio=0.0,
-            levels="mse", sink=SINK, recent=RECENT, scale=self.dims[3] ** -0.5, out=self.out)
+            levels="mse", params=self.layout.params, sink=SINK, recent=RECENT, scale=self.dims[3] ** -0.5,
+            out=self.out)
 
     def call(self, ws, i, *, window=True, rot_v=True):
         return ops.decode(
             self.q[i], self.caches[i], self.tables[i], self.seq_lens, ws,
             window_cache=self.windows[i] if window else None, window_block_table=self.wtables[i] if window else None,
             rotation_k=self.rk, rotation_v=self.rv if rot_v else None, sink=SINK, recent=RECENT,
-            scale=self.dims[3] ** -0.5, out=self.out,
+            scale=self.dims[3] ** -0.5, out=self.out, params=self.layout.params,
         )
 
 
@@ -417,6 +420,42 @@ def run_step(quick: bool, budget: Budget):
     return rows
 
 
+# Batches 80 and 88: what CUDA graphs pad the full-KV run's 78 (fp16) and 83 (u8) 32K requests to.
+PARAMS_CONFIGS = {"qwen3-8b": ((1, 32768), (1, 131072), (8, 32768), (64, 32768), (64, 131072), (80, 32768),
+                               (88, 32768)),
+                  "smollm2": ((1, 32768), (64, 32768))}
+
+
+def run_params(quick: bool, budget: Budget):
+    """Decode (no R_V, with the window) over caches with fp16 and with u8 (scale, offset) pairs: 68 instead
+    of 72 bytes per token and KV head at d=128, 36 instead of 40 at d=64, for a few more instructions per
+    row (the u8 decode). The two formats alternate twice per configuration; each keeps its faster run."""
+    rows = []
+    for shape, configs in PARAMS_CONFIGS.items():
+        hq, hkv, d = SHAPES[shape]
+        for batch, ctx in configs[:1] if quick else configs:
+            if not budget.left():
+                continue
+            ws = ops.make_decode_workspace(batch, hq, hkv, d, ctx, sink=SINK, recent=RECENT)
+            us = {"fp16": float("inf"), "u8": float("inf")}
+            for _ in range(2):
+                for params in ("fp16", "u8"):
+                    nb = n_buffers(oscar_bytes(batch, hq, hkv, d, ctx, params=params))
+                    inp = OscarInputs(batch, hq, hkv, d, ctx, nb, params=params)
+                    fn = lambda i, inp=inp, ws=ws: inp.call(ws, i, rot_v=False)
+                    us[params] = min(us[params], time_graph(fn, nb, estimate_ms(fn)) * 1e3)
+                    del inp
+                    torch.cuda.empty_cache()
+            row = dict(shape=shape, batch=batch, ctx=ctx, splits=ws.num_splits, fp16_us=us["fp16"], u8_us=us["u8"],
+                       speedup=us["fp16"] / us["u8"])
+            for params, t_us in us.items():
+                row[f"{params}_tbps"] = oscar_bytes(batch, hq, hkv, d, ctx, params=params) / (t_us * 1e-6) / 1e12
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            budget.save()
+    return rows
+
+
 def step_config(shape, hq, hkv, d, batch, ctx):
     nb = n_buffers(oscar_bytes(batch, hq, hkv, d, ctx))
     inp = OscarInputs(batch, hq, hkv, d, ctx, nb)
@@ -507,15 +546,15 @@ def main():
     ap.add_argument("--int2-block-size", type=int, default=INT2_BLOCK_SIZE,
                     help=f"tokens per INT2 page (default {INT2_BLOCK_SIZE}, what the vLLM backend allocates)")
     ap.add_argument("--parts", default="decode,store,gather,sweep,step",
-                    help="comma list of decode, store, gather, sweep, step (default: all)")
+                    help="comma list of decode, store, gather, sweep, step, params (default: all but params)")
     args = ap.parse_args()
     if args.int2_block_size <= 0 or args.int2_block_size % 16:
         ap.error(f"--int2-block-size must be a positive multiple of 16, got {args.int2_block_size}")
     INT2_BLOCK_SIZE = args.int2_block_size
     parts = set(args.parts.split(","))
-    unknown = parts - {"decode", "store", "gather", "sweep", "step"}
+    unknown = parts - {"decode", "store", "gather", "sweep", "step", "params"}
     if unknown:
-        ap.error(f"unknown --parts {sorted(unknown)}; choose from decode, store, gather, sweep, step")
+        ap.error(f"unknown --parts {sorted(unknown)}; choose from decode, store, gather, sweep, step, params")
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     fa3, fa3_source = load_fa3()
@@ -529,7 +568,7 @@ def main():
             json.dump(res, f, indent=1)
 
     budget = Budget(args.time_budget, save)
-    res.update(decode=[], store=[], gather=[], split_sweep=[], step=[])
+    res.update(decode=[], store=[], gather=[], split_sweep=[], step=[], params=[])
     res["copy_tbps"] = copy_bandwidth()
     print(f"copy bandwidth {res['copy_tbps']:.2f} TB/s", flush=True)
     res["parts"] = sorted(parts)
@@ -547,6 +586,8 @@ def main():
         res["split_sweep"] = run_split_sweep(args.quick, budget)
     if "step" in parts:
         res["step"] = run_step(args.quick, budget)
+    if "params" in parts:
+        res["params"] = run_params(args.quick, budget)
     save()
     print_tables(res)
     return 0

@@ -77,6 +77,9 @@ FORMATS: dict[str, dict] = {
     # oscar_int2 with R_V applied in the decode kernel's epilogue instead of folded into o_proj (A/B)
     "oscar_int2_nofold": {"kv_cache_dtype": "oscar_int2",
                           "additional_config": {"oscar": {"fold_value_rotation": False}}},
+    # oscar_int2 with 2-byte (scale, offset) pairs (vllm_oscar/layout.py): 68 instead of 72 bytes per token and
+    # KV head at d=128
+    "oscar_int2_u8": {"kv_cache_dtype": "oscar_int2", "additional_config": {"oscar": {"scale_dtype": "u8"}}},
 }
 DEFAULT_PERF_FORMATS = "auto,fp8,turboquant_3bit_nc,oscar_int2"
 DEFAULT_ACC_FORMATS = "auto,fp8,turboquant_4bit_nc,turboquant_3bit_nc,int2_naive,int2_hadamard,oscar_int2"

@@ -32,6 +32,7 @@ class EvalMethod:
     clip: bool = False
     windows: bool = False
     levels: Literal["minmax", "mse"] = "minmax"  # reference.LEVELS; "mse" never clips
+    params: Literal["fp16", "u8"] = "fp16"  # layout.PARAM_FORMATS: how each row's (scale, offset) is stored
 
 
 METHODS: dict[str, EvalMethod] = {
@@ -51,6 +52,9 @@ METHODS: dict[str, EvalMethod] = {
                    "BF16 windows", "int2", "hadamard", windows=True, levels="mse"),
         EvalMethod("oscar_mse", "calibrated rotations, per-row MSE-fitted INT2 grid (no clipping), BF16 windows",
                    "int2", "calibrated", windows=True, levels="mse"),
+        EvalMethod("hadamard_mse_u8", "hadamard_mse with each row's (scale, offset) in 2 bytes instead of 4 "
+                   "(8-bit float scale, 8-bit offset in sixteenths of the scale)", "int2", "hadamard", windows=True,
+                   levels="mse", params="u8"),
     )
 }
 
@@ -63,7 +67,7 @@ def bits_per_element(method: EvalMethod, head_dim: int, context: int, sink: int,
         k_bits, v_bits = 2 + 32 / KIVI_GROUP, 2 + 32 / head_dim
         full = min(context, KIVI_RESIDUAL + KIVI_GROUP / 2)  # the residual holds 128..159 tokens
         return ((context - full) * (k_bits + v_bits) / 2 + full * 16) / context
-    int2 = 2 + 32 / head_dim
+    int2 = 2 + (16 if method.params == "u8" else 32) / head_dim
     full = min(context, sink + recent) if method.windows else 0
     return ((context - full) * int2 + full * 16) / context
 
@@ -128,7 +132,7 @@ def make_attention(method: EvalMethod, artifact: RotationArtifact | None, head_d
             mask = ref.exact_window_mask(pos, tkv, s, r)[1] | prefill if int2_from > 0 else None
             o = ref.oscar_attention(q_, k_, v_, rot_k and rot_k(i), rot_v and rot_v(i), pos, k_clip_ratio=kc,
                                     v_clip_ratio=vc, sink=s, recent=r, window_dtype=None, scale=module.scaling,
-                                    levels=method.levels, exact_mask=mask)
+                                    levels=method.levels, params=method.params, exact_mask=mask)
         return o[None].to(q.dtype)
 
     return attention

@@ -67,12 +67,19 @@ inline void check_head_dim(int64_t d, const char* name) {
 }
 
 // INT2 block size implied by the cache's head page size (vllm_oscar.layout.Int2PageLayout).
-inline int64_t int2_block_size(const torch::Tensor& kv_cache, int64_t d) {
-  const int64_t per_token = 2 * (d / 4 + 4);
+// `params`: the cache's (scale, offset) format, vllm_oscar.layout.PARAM_FORMATS in order (0 fp16, 1 u8).
+inline int param_format_u8(int64_t params) {
+  TORCH_CHECK(params == 0 || params == 1, "oscar: params must be 0 (fp16 scale and offset) or 1 (u8), got ",
+              num(params));
+  return static_cast<int>(params);
+}
+
+inline int64_t int2_block_size(const torch::Tensor& kv_cache, int64_t d, int params_u8) {
+  const int64_t per_token = 2 * (d / 4 + (params_u8 ? 2 : 4));
   const int64_t page = kv_cache.size(2);
   TORCH_CHECK(page % per_token == 0 && (page / per_token) % 16 == 0 && page > 0, "oscar: kv_cache head page of ",
               num(page), " bytes is not block_size * ", num(per_token), " bytes with block_size a positive multiple "
-              "of 16 for head_dim ", num(d));
+              "of 16 for head_dim ", num(d), " and ", params_u8 ? "u8" : "fp16", " params");
   return page / per_token;
 }
 

@@ -6,16 +6,28 @@ namespace oscar {
 
 template <int D>
 void launch_rotate_q(const DecodeParams& p, cudaStream_t stream);
-template <int D, int NT>
+template <int D, int NT, int PB>
 void launch_decode(const DecodeParams& p, cudaStream_t stream, bool pdl);
 
 int decode_window_tile_for(int head_dim) {
   return head_dim <= 128 ? DecodeTraits<128, 1>::kWinTile : DecodeTraits<256, 1>::kWinTile;
 }
 
+namespace {
+template <int D, int NT>
+void launch_decode_pb(const DecodeParams& p, cudaStream_t stream, bool pdl) {
+  if (p.params_u8) {
+    launch_decode<D, NT, kParamBytesU8>(p, stream, pdl);
+  } else {
+    launch_decode<D, NT, kParamBytesFp16>(p, stream, pdl);
+  }
+}
+}  // namespace
+
 int decode_max_split_heads_for(int head_dim, int group) {
   const bool nt2 = group > 8;
   switch (head_dim) {
+    // The same for both params formats (DecodeTraits::kRing).
     case 64: return nt2 ? DecodeTraits<64, 2>::kMaxSplitHeads : DecodeTraits<64, 1>::kMaxSplitHeads;
     case 128: return nt2 ? DecodeTraits<128, 2>::kMaxSplitHeads : DecodeTraits<128, 1>::kMaxSplitHeads;
     default: return DecodeTraits<256, 1>::kMaxSplitHeads;
@@ -33,9 +45,9 @@ void launch_rotate_q_for(const DecodeParams& p, int head_dim, cudaStream_t strea
 void launch_decode_kernel_for(const DecodeParams& p, int head_dim, bool pdl, cudaStream_t stream) {
   const bool nt2 = p.group > 8;
   switch (head_dim) {
-    case 64: nt2 ? launch_decode<64, 2>(p, stream, pdl) : launch_decode<64, 1>(p, stream, pdl); break;
-    case 128: nt2 ? launch_decode<128, 2>(p, stream, pdl) : launch_decode<128, 1>(p, stream, pdl); break;
-    default: launch_decode<256, 1>(p, stream, pdl); break;
+    case 64: nt2 ? launch_decode_pb<64, 2>(p, stream, pdl) : launch_decode_pb<64, 1>(p, stream, pdl); break;
+    case 128: nt2 ? launch_decode_pb<128, 2>(p, stream, pdl) : launch_decode_pb<128, 1>(p, stream, pdl); break;
+    default: launch_decode_pb<256, 1>(p, stream, pdl); break;
   }
 }
 

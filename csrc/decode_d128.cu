@@ -3,6 +3,8 @@
 
 namespace oscar {
 template void launch_rotate_q<128>(const DecodeParams&, cudaStream_t);
-template void launch_decode<128, 1>(const DecodeParams&, cudaStream_t, bool);
-template void launch_decode<128, 2>(const DecodeParams&, cudaStream_t, bool);
+template void launch_decode<128, 1, kParamBytesFp16>(const DecodeParams&, cudaStream_t, bool);
+template void launch_decode<128, 1, kParamBytesU8>(const DecodeParams&, cudaStream_t, bool);
+template void launch_decode<128, 2, kParamBytesFp16>(const DecodeParams&, cudaStream_t, bool);
+template void launch_decode<128, 2, kParamBytesU8>(const DecodeParams&, cudaStream_t, bool);
 }  // namespace oscar

@@ -3,5 +3,6 @@
 
 namespace oscar {
 template void launch_rotate_q<256>(const DecodeParams&, cudaStream_t);
-template void launch_decode<256, 1>(const DecodeParams&, cudaStream_t, bool);
+template void launch_decode<256, 1, kParamBytesFp16>(const DecodeParams&, cudaStream_t, bool);
+template void launch_decode<256, 1, kParamBytesU8>(const DecodeParams&, cudaStream_t, bool);
 }  // namespace oscar

@@ -3,6 +3,8 @@
 
 namespace oscar {
 template void launch_rotate_q<64>(const DecodeParams&, cudaStream_t);
-template void launch_decode<64, 1>(const DecodeParams&, cudaStream_t, bool);
-template void launch_decode<64, 2>(const DecodeParams&, cudaStream_t, bool);
+template void launch_decode<64, 1, kParamBytesFp16>(const DecodeParams&, cudaStream_t, bool);
+template void launch_decode<64, 1, kParamBytesU8>(const DecodeParams&, cudaStream_t, bool);
+template void launch_decode<64, 2, kParamBytesFp16>(const DecodeParams&, cudaStream_t, bool);
+template void launch_decode<64, 2, kParamBytesU8>(const DecodeParams&, cudaStream_t, bool);
 }  // namespace oscar

@@ -33,8 +33,10 @@ StoreParams make_store_params(const torch::Tensor& key, const torch::Tensor& val
                               const torch::Tensor& slot_mapping, const std::optional<torch::Tensor>& rotation_k,
                               const std::optional<torch::Tensor>& rotation_v, double k_clip_ratio,
                               double v_clip_ratio, const std::optional<torch::Tensor>& window_cache,
-                              const std::optional<torch::Tensor>& window_slot_mapping, int64_t levels) {
+                              const std::optional<torch::Tensor>& window_slot_mapping, int64_t levels,
+                              int64_t params) {
   const auto dev = key.device();
+  const int params_u8 = param_format_u8(params);
   check_cuda(key, "key", dev);
   TORCH_CHECK(key.scalar_type() == at::kBFloat16 || key.scalar_type() == at::kHalf,
               "oscar: key must be bfloat16 or float16, got ", key.scalar_type());
@@ -51,7 +53,7 @@ StoreParams make_store_params(const torch::Tensor& key, const torch::Tensor& val
   TORCH_CHECK(value.stride(2) == 1, "oscar: value must be contiguous in its last dimension, got strides ",
               list_str(value.strides()));
   check_kv_cache(kv_cache, dev, Hkv);
-  const int64_t bs = int2_block_size(kv_cache, D);
+  const int64_t bs = int2_block_size(kv_cache, D, params_u8);
   check_cuda(slot_mapping, "slot_mapping", dev);
   check_dtype(slot_mapping, "slot_mapping", at::kLong);
   TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.is_contiguous() && slot_mapping.size(0) <= key.size(0),
@@ -100,6 +102,7 @@ StoreParams make_store_params(const torch::Tensor& key, const torch::Tensor& val
   p.num_tokens = static_cast<int>(T);
   p.num_kv_heads = static_cast<int>(Hkv);
   p.block_size = static_cast<int>(bs);
+  p.params_u8 = params_u8;
   p.num_slots = kv_cache.size(0) * bs;
   if (has_win) {
     const auto& w = *window_cache;
@@ -121,9 +124,9 @@ void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tenso
               const torch::Tensor& slot_mapping, const std::optional<torch::Tensor>& rotation_k,
               const std::optional<torch::Tensor>& rotation_v, double k_clip_ratio, double v_clip_ratio,
               const std::optional<torch::Tensor>& window_cache,
-              const std::optional<torch::Tensor>& window_slot_mapping, int64_t levels) {
+              const std::optional<torch::Tensor>& window_slot_mapping, int64_t levels, int64_t params) {
   const StoreParams p = make_store_params(key, value, kv_cache, slot_mapping, rotation_k, rotation_v, k_clip_ratio,
-                                          v_clip_ratio, window_cache, window_slot_mapping, levels);
+                                          v_clip_ratio, window_cache, window_slot_mapping, levels, params);
   if (p.num_tokens == 0) return;
   const c10::cuda::CUDAGuard guard(key.device());
   launch_store(p, static_cast<int>(key.size(2)), c10::cuda::getCurrentCUDAStream());
@@ -171,8 +174,9 @@ DecodeParams make_decode_params(torch::Tensor& out, const torch::Tensor& q, cons
                                 const std::optional<torch::Tensor>& rotation_k,
                                 const std::optional<torch::Tensor>& rotation_v, int64_t sink, int64_t recent,
                                 double scale, torch::Tensor& workspace, torch::Tensor& semaphores,
-                                int64_t num_splits) {
+                                int64_t num_splits, int64_t params) {
   const auto dev = q.device();
+  const int params_u8 = param_format_u8(params);
   check_cuda(q, "q", dev);
   check_dtype(q, "q", at::kBFloat16);
   check_dim(q, "q", 3, "[batch, num_q_heads, head_dim]");
@@ -195,7 +199,7 @@ DecodeParams make_decode_params(torch::Tensor& out, const torch::Tensor& q, cons
   const int64_t G = Hq / Hkv;
   TORCH_CHECK(G <= 16 && (D < 256 || G <= 8), "oscar: decode supports up to ", D < 256 ? "16" : "8",
               " query heads per kv head at head_dim ", num(D), ", got ", num(G));
-  const int64_t bs = int2_block_size(kv_cache, D);
+  const int64_t bs = int2_block_size(kv_cache, D, params_u8);
   TORCH_CHECK(B <= 65535, "oscar: decode batch must be at most 65535, got ", num(B));
 
   check_cuda(block_table, "block_table", dev);
@@ -288,6 +292,7 @@ DecodeParams make_decode_params(torch::Tensor& out, const torch::Tensor& q, cons
   p.num_kv_heads = static_cast<int>(Hkv);
   p.group = static_cast<int>(G);
   p.block_size = static_cast<int>(bs);
+  p.params_u8 = params_u8;
   p.block_shift = (bs & (bs - 1)) == 0 ? __builtin_ctzll(static_cast<unsigned long long>(bs)) : -1;
   p.sink = static_cast<int>(sink);
   p.recent = static_cast<int>(recent);
@@ -304,10 +309,10 @@ void decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv_
             const std::optional<torch::Tensor>& window_block_table,
             const std::optional<torch::Tensor>& rotation_k, const std::optional<torch::Tensor>& rotation_v,
             int64_t sink, int64_t recent, double scale, torch::Tensor& workspace, torch::Tensor& semaphores,
-            int64_t num_splits) {
+            int64_t num_splits, int64_t params) {
   const DecodeParams p = make_decode_params(out, q, kv_cache, block_table, seq_lens, window_cache, window_block_table,
                                             rotation_k, rotation_v, sink, recent, scale, workspace, semaphores,
-                                            num_splits);
+                                            num_splits, params);
   if (p.batch == 0) return;
   const auto dev = q.device();
   const c10::cuda::CUDAGuard guard(dev);
@@ -335,12 +340,12 @@ void store_and_decode(torch::Tensor& out, const torch::Tensor& q, const torch::T
                       const std::optional<torch::Tensor>& rotation_k, const std::optional<torch::Tensor>& rotation_v,
                       const std::optional<torch::Tensor>& output_rotation_v, double k_clip_ratio,
                       double v_clip_ratio, int64_t levels, int64_t sink, int64_t recent, double scale,
-                      torch::Tensor& workspace, torch::Tensor& semaphores, int64_t num_splits) {
+                      torch::Tensor& workspace, torch::Tensor& semaphores, int64_t num_splits, int64_t params) {
   StoreParams ps = make_store_params(key, value, kv_cache, slot_mapping, rotation_k, rotation_v, k_clip_ratio,
-                                     v_clip_ratio, window_cache, window_slot_mapping, levels);
+                                     v_clip_ratio, window_cache, window_slot_mapping, levels, params);
   DecodeParams pd = make_decode_params(out, q, kv_cache, block_table, seq_lens, window_cache, window_block_table,
                                        rotation_k, output_rotation_v, sink, recent, scale, workspace, semaphores,
-                                       num_splits);
+                                       num_splits, params);
   TORCH_CHECK(key.device() == q.device(), "oscar: key must be on q's device ", q.device(), ", got ", key.device());
   TORCH_CHECK(key.size(2) == q.size(2), "oscar: key's head_dim (key.shape[2] = ", num(key.size(2)),
               ") must equal q's (q.shape[2] = ", num(q.size(2)), ")");
@@ -390,8 +395,9 @@ void gather_prefix(torch::Tensor& key_out, torch::Tensor& value_out, const torch
                    const std::optional<torch::Tensor>& prefix_lens,
                    const std::optional<torch::Tensor>& window_cache,
                    const std::optional<torch::Tensor>& window_block_table,
-                   const std::optional<torch::Tensor>& window_starts, int64_t sink) {
+                   const std::optional<torch::Tensor>& window_starts, int64_t sink, int64_t params) {
   const auto dev = kv_cache.device();
+  const int params_u8 = param_format_u8(params);
   check_cuda(key_out, "key_out", dev);
   check_dtype(key_out, "key_out", at::kBFloat16);
   check_dim(key_out, "key_out", 3, "[total_tokens, num_kv_heads, head_dim]");
@@ -404,7 +410,7 @@ void gather_prefix(torch::Tensor& key_out, torch::Tensor& value_out, const torch
               shape_str(key_out), ", got ", shape_str(value_out));
   check_rows_aligned(value_out, "value_out", 8);
   check_kv_cache(kv_cache, dev, Hkv);
-  const int64_t bs = int2_block_size(kv_cache, D);
+  const int64_t bs = int2_block_size(kv_cache, D, params_u8);
   check_cuda(cu_seqlens, "cu_seqlens", dev);
   check_dtype(cu_seqlens, "cu_seqlens", at::kInt);
   TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.is_contiguous() && cu_seqlens.size(0) >= 1,
@@ -466,6 +472,7 @@ void gather_prefix(torch::Tensor& key_out, torch::Tensor& value_out, const torch
   p.total_rows = static_cast<int>(rows);
   p.num_kv_heads = static_cast<int>(Hkv);
   p.block_size = static_cast<int>(bs);
+  p.params_u8 = params_u8;
   p.sink = static_cast<int>(sink);
   launch_gather(p, static_cast<int>(D), c10::cuda::getCurrentCUDAStream());
 }

@@ -251,3 +251,96 @@ def test_bits_and_layout_sizes():
 def test_layout_rejects_bad_sizes(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Int2PageLayout(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# params "u8": the 2-byte (scale, offset) pair
+# --------------------------------------------------------------------------------------------------
+
+
+def test_u8_params_layout_sizes():
+    lay = Int2PageLayout(head_dim=128, block_size=16, num_kv_heads=8, params="u8")
+    assert lay.params_row_bytes == 2 and lay.token_bytes_per_head == 68
+    assert lay.v_params_offset + 16 * 2 == lay.head_page_bytes
+    assert math.isclose(lay.compression_ratio(), 512 / 68)
+    assert lay.bits_per_element() == 2.125
+    assert Int2PageLayout(64, 16, params="u8").token_bytes_per_head == 36
+    with pytest.raises(ValueError, match="params='fp8' is not a parameter format; valid: \\['fp16', 'u8'\\]"):
+        Int2PageLayout(64, 16, params="fp8")
+
+
+def test_u8_params_decode_every_code():
+    """All 65536 byte pairs: the scale is 2**(m//16 - 10) * (1 + (m%16)/16), the offset (u - 152)/16 scales,
+    both exact in fp32, and encoding the decoded pair gives the bytes back."""
+    m, u = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+    raw = torch.stack([m, u], -1).to(torch.uint8).reshape(-1, 2)
+    s, o = ref.decode_params(raw, "u8")
+    mm, uu = raw[:, 0].double(), raw[:, 1].double()
+    want_s = torch.exp2(torch.div(mm, 16, rounding_mode="floor") - 10) * (1 + (mm % 16) / 16)
+    assert torch.equal(s.double(), want_s)
+    assert torch.equal(o.double(), want_s * (uu - 152) / 16)
+    assert torch.equal(ref.encode_params(s, o, "u8"), raw)
+    assert s.min().item() == ref.U8_SCALE_MIN and s.max().item() == ref.U8_SCALE_MAX
+
+
+def test_round_params_u8_is_nearest_on_the_grid():
+    """The scale rounds to the nearest of the 256 scales (ties away from zero), clamped to [2**-10, 62];
+    the offset to the nearest sixteenth of that scale, clamped to [-9.5, +6.4375] scales."""
+    gen = torch.Generator().manual_seed(3)
+    grid = ref.decode_params(torch.stack([torch.arange(256), torch.full((256,), 152)], -1).to(torch.uint8), "u8")[0]
+    s = torch.exp2(torch.rand(5000, generator=gen) * 22 - 13)  # 2**-13 .. 2**9: below, in and above the range
+    o = (torch.rand(5000, generator=gen) * 30 - 15) * s
+    rs, ro = ref.round_params_u8(s, o)
+    inside = (s >= ref.U8_SCALE_MIN) & (s <= ref.U8_SCALE_MAX)
+    dist = (s[inside, None] - grid[None]).abs()
+    assert torch.all((rs[inside] - s[inside]).abs() <= dist.min(-1).values)  # a nearest grid scale
+    assert torch.all(rs[s < ref.U8_SCALE_MIN] == ref.U8_SCALE_MIN)
+    assert torch.all(rs[s > ref.U8_SCALE_MAX] == ref.U8_SCALE_MAX)
+    units = ro / rs * 16  # integers in [-152, 103]
+    assert torch.equal(units, units.round()) and units.min() >= -152 and units.max() <= 103
+    want = torch.clamp(torch.floor(o / rs * 16 + 0.5), -152, 103)
+    assert torch.equal(units, want)
+
+
+@pytest.mark.parametrize("levels", ["minmax", "mse"])
+def test_u8_params_cost_little_against_fp16(levels):
+    """Gaussian-like rows with a per-row mean within a few standard deviations (the offset's reach is about
+    8 grid steps from a zero mean): the u8 pair raises the squared error by under 2% against fp16 with the
+    same grid fit (the scale's 4 mantissa bits and the offset's sixteenths). A row whose mean sits further
+    out saturates the offset (next test)."""
+    gen = torch.Generator().manual_seed(5)
+    sd = 0.5 + torch.rand(4000, 1, generator=gen) * 4
+    x = (torch.randn(4000, 128, generator=gen) + torch.randn(4000, 1, generator=gen)) * sd
+    errs = {}
+    for params in ("fp16", "u8"):
+        c, s, o = ref.quantize_int2_levels(x, levels, params)
+        errs[params] = ((ref.dequantize_int2(c, s, o) - x) ** 2).mean().item()
+    assert errs["u8"] <= 1.02 * errs["fp16"], errs
+
+
+@pytest.mark.parametrize("d,bs", [(64, 16), (128, 32)])
+def test_u8_params_paged_store_gather_roundtrip(d, bs):
+    """store_kv/gather_kv with a u8 layout give quantize_rows' values (the page holds the u8 bytes)."""
+    gen = torch.Generator().manual_seed(d + bs)
+    hkv, t = 2, 3 * bs + 5
+    layout = Int2PageLayout(d, bs, hkv, params="u8")
+    k, v = torch.randn(t, hkv, d, generator=gen), torch.randn(t, hkv, d, generator=gen) + 2
+    nb = -(-t // bs)
+    cache = torch.full(layout.cache_shape(nb), 0xFF, dtype=torch.uint8)
+    ref.store_kv(k, v, cache, torch.arange(t), None, None, layout, 0.0, 0.0, levels="mse")
+    gk, gv = ref.gather_kv(cache, torch.arange(nb), t, layout)
+    for x, got in ((k, gk), (v, gv)):
+        packed, s, o = ref.quantize_rows(x, None, 0.0, "mse", "u8")
+        assert torch.equal(got, ref.dequantize_int2(ref.unpack_int2(packed), s, o))
+
+
+def test_u8_params_offset_saturates_beyond_its_reach():
+    """The documented limit: a row whose mean is more than ~8 grid steps from zero keeps offset +6.4375 or
+    -9.5 scales, so its error grows (fp16 stores any offset)."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(64, 64, generator=gen) * 0.1 + 5.0  # mean 50 standard deviations away
+    _, s8, o8 = ref.quantize_int2_mse(x, params="u8")
+    assert torch.all(o8 == s8 * (103 / 16))
+    err = {p: ((ref.dequantize_int2(*ref.quantize_int2_mse(x, params=p)) - x) ** 2).mean().item()
+           for p in ("fp16", "u8")}
+    assert err["u8"] > 10 * err["fp16"], err

@@ -87,7 +87,12 @@ class QuantizationConfig(_Strict):
     )
     k_clip_ratio: float = Field(default=0.96, ge=0.0, le=1.0, description="row quantile clip for K; 0 = off")
     v_clip_ratio: float = Field(default=0.92, ge=0.0, le=1.0, description="row quantile clip for V; 0 = off")
-    scale_dtype: Literal["float16"] = "float16"
+    scale_dtype: Literal["float16", "u8"] = Field(
+        default="float16",
+        description="how each row's (scale, offset) is stored: 'float16' (two fp16, 4 bytes; the paper's) or "
+                    "'u8' (an 8-bit float scale and an 8-bit offset in sixteenths of it, 2 bytes; "
+                    "vllm_oscar/layout.py)",
+    )
 
     @model_validator(mode="before")
     @classmethod

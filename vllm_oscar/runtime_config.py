@@ -13,7 +13,12 @@ Each setting is taken from the first place that has it:
 2. the rotation artifact's own ``oscar_config.json`` (quantizer and windows it was calibrated with);
 3. the per-model defaults in ``configs/models/*.json`` matched on the HF config (:class:`ModelDefaults`);
 4. the method's defaults (sink 64, recent 256; ``levels`` "mse" without an artifact; with
-   ``levels: "minmax"``, K clip 0.96 and V clip 0.92).
+   ``levels: "minmax"``, K clip 0.96 and V clip 0.92; ``scale_dtype`` :data:`DEFAULT_SCALE_DTYPE`
+   without an artifact).
+
+``scale_dtype`` picks how each INT2 row's (scale, offset) is stored: ``"float16"`` (4 bytes, the paper's)
+or ``"u8"`` (2 bytes; :mod:`vllm_oscar.layout`). It sets the KV page size, so every process of an engine
+uses the resolved value.
 
 ``levels`` picks the INT2 grid: ``"mse"`` (per-row MSE-fitted, no clipping; the data-free default)
 or ``"minmax"`` (the paper's clipped min-max grid; what ``method: paper`` artifacts record). Clip
@@ -37,7 +42,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -57,6 +62,8 @@ DEFAULT_LEVELS = "mse"
 DEFAULT_K_CLIP_RATIO = 0.96
 DEFAULT_V_CLIP_RATIO = 0.92
 DEFAULT_SINK_TOKENS = 64
+#: Without an artifact. Artifacts record their own (every artifact written before "u8" existed: "float16").
+DEFAULT_SCALE_DTYPE = "float16"
 DEFAULT_RECENT_TOKENS = 256
 
 
@@ -95,6 +102,11 @@ class OscarUserConfig(BaseModel):
     )
     v_clip_ratio: float | None = Field(
         default=None, ge=0.0, le=1.0, description="V row clip quantile for levels 'minmax'; 0 = off"
+    )
+    scale_dtype: Literal["float16", "u8"] | None = Field(
+        default=None,
+        description="each INT2 row's (scale, offset): 'float16' (4 bytes) or 'u8' (2 bytes: more tokens per GB); "
+                    "default: the artifact's, else " + DEFAULT_SCALE_DTYPE,
     )
     sink_tokens: int | None = Field(default=None, ge=0, description="first tokens of a request kept in BF16")
     recent_tokens: int | None = Field(default=None, ge=0, description="most recent tokens kept in BF16")
@@ -320,6 +332,14 @@ class ResolvedOscarConfig:
     skip_layers: tuple[str, ...]
     defaults_file: str | None
     fold_value_rotation: bool = True  # attention/fold.py
+    scale_dtype: str = "float16"  # config.QuantizationConfig.scale_dtype value
+
+    @property
+    def layout_params(self) -> str:
+        """The INT2 pages' :data:`vllm_oscar.layout.PARAM_FORMATS` key."""
+        from vllm_oscar.layout import params_for_scale_dtype
+
+        return params_for_scale_dtype(self.scale_dtype)
 
     @property
     def mode(self) -> RotationMode:
@@ -435,6 +455,7 @@ def resolve(facts: ModelFacts, user: OscarUserConfig, *, defaults_dir: str | Non
         skip_layers=tuple(_first(user.skip_layers, defaults.skip_layers, [])),
         defaults_file=defaults_file,
         fold_value_rotation=user.fold_value_rotation,
+        scale_dtype=_first(user.scale_dtype, art_q and art_q.scale_dtype, defaults.scale_dtype, DEFAULT_SCALE_DTYPE),
     )
     if resolved.sink_tokens > 0 and resolved.recent_tokens == 0:
         raise OscarConfigError(
@@ -471,7 +492,11 @@ def data_free_artifact(resolved: ResolvedOscarConfig, facts: ModelFacts):
     from vllm_oscar.artifact import hadamard_artifact
 
     with fork_safe_torch():
-        return hadamard_artifact(_base_model_info(facts), mode=resolved.mode)
+        from vllm_oscar.config import QuantizationConfig
+
+        q = QuantizationConfig(group_size=facts.head_dim, levels=resolved.levels, k_clip_ratio=resolved.k_clip_ratio,
+                               v_clip_ratio=resolved.v_clip_ratio, scale_dtype=resolved.scale_dtype)
+        return hadamard_artifact(_base_model_info(facts), mode=resolved.mode, quantization=q)
 
 
 def load_artifact(source: str, subfolder: str | None, facts: ModelFacts):
@@ -564,9 +589,10 @@ def prepare_engine_config(vllm_config, *, defaults_dir: str | None = None) -> Re
     entry[RESOLVED_KEY] = resolved.to_dict()
     vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = entry
     logger.info(
-        "vllm-oscar: %s with rotation=%s%s, levels=%s%s, BF16 windows sink %d + recent %d%s%s",
+        "vllm-oscar: %s with rotation=%s%s, levels=%s%s, scale_dtype=%s, BF16 windows sink %d + recent %d%s%s",
         facts.model, resolved.rotation, f" ({resolved.rotations})" if resolved.rotations else "", resolved.levels,
         f" (clip K/V {resolved.k_clip_ratio:.2f}/{resolved.v_clip_ratio:.2f})" if resolved.levels == "minmax" else "",
+        resolved.scale_dtype,
         resolved.sink_tokens, resolved.recent_tokens,
         f", BF16 layers {list(cc.kv_cache_dtype_skip_layers)}" if cc.kv_cache_dtype_skip_layers else "",
         f", defaults from configs/models/{resolved.defaults_file}" if resolved.defaults_file else "",

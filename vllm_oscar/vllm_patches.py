@@ -234,9 +234,18 @@ def _wrap_selector() -> None:
         # Only layers whose effective dtype is oscar_int2 come here; skip-listed layers already had their
         # dtype reset to "auto" by Attention.__init__ and keep vLLM's normal choice (FA3, FlashInfer...).
         if attn_selector_config.kv_cache_dtype == OSCAR_CACHE_DTYPE:
-            from vllm_oscar.attention.selection import select_oscar_backend
+            from vllm.config import get_current_vllm_config_or_none
 
-            return select_oscar_backend(attn_selector_config, num_heads)
+            from vllm_oscar.attention.selection import select_oscar_backend
+            from vllm_oscar.runtime_config import get_resolved
+
+            # Called while the model is built, under the engine's config: its resolved scale_dtype picks
+            # the backend class whose get_kv_cache_shape matches the pages (OscarAttentionBackendU8).
+            # Without an engine config (direct calls, as in tests) there are no pages to match.
+            vllm_config = get_current_vllm_config_or_none()
+            params = "fp16" if vllm_config is None or vllm_config.model_config is None else (
+                get_resolved(vllm_config).layout_params)
+            return select_oscar_backend(attn_selector_config, num_heads, params)
         return original(backend, attn_selector_config, num_heads)
 
     selector._cached_get_attn_backend = _mark(_cached_get_attn_backend)

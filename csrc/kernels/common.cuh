@@ -175,4 +175,20 @@ __host__ __device__ constexpr float int2_weight(int p, int q) {
 }
 __host__ __device__ constexpr float int2_inv_weight(int p, int q) { return 1.f / int2_weight(p, q); }
 
+// ---------------------------------------------------------------------------------------------
+// params "u8" (vllm_oscar/layout.py): a row's (scale, offset) as the 16-bit word m | u << 8, with
+// scale = 2^(m/16 - 10) * (1 + (m%16)/16) and offset = scale * (u - 152) / 16 (reference.decode_params).
+// ---------------------------------------------------------------------------------------------
+// The fp32 bits of scale / 32 are (m << 19) | (112 << 23): the exponent field 112 + m/16 needs no carry
+// (112's low 4 bits are zero), so one shift and one LOP3 (with kU8ScaleMagic in a register: and_or says
+// why). The factor 32 is folded into the decode's constants.
+constexpr uint32_t kU8ScaleMagic = 112u << 23;
+OSCAR_DEVICE float u8_scale_div32(uint32_t w, uint32_t magic) {
+  return __uint_as_float(and_or<0x07F80000u>(w << 19, magic));
+}
+// u - 152, exact: the byte permute builds the fp32 2^23 + u, then one FADD.
+OSCAR_DEVICE float u8_offset_units(uint32_t w) {
+  return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7541)) - 8388760.f;  // 2^23 + 152
+}
+
 }  // namespace oscar

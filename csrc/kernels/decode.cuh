@@ -38,12 +38,13 @@ namespace oscar {
 
 __host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
 
-template <int D, int NT>
+// PB: bytes of a row's (scale, offset): kParamBytesFp16 (4) or kParamBytesU8 (2), the cache's params format.
+template <int D, int NT, int PB = kParamBytesFp16>
 struct DecodeTraits {
   static constexpr int kWarps = 8;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kQB = D / 4;               // INT2 code bytes of one row
-  static constexpr int kTokBytes = 2 * kQB + 8;   // K codes + V codes + K and V (scale, offset)
+  static constexpr int kTokBytes = 2 * kQB + 2 * PB;  // K codes + V codes + K and V (scale, offset)
   static constexpr int kTile = D <= 128 ? 256 : 128;  // tokens per pipeline stage
   static constexpr int kTM = kTile / (16 * kWarps);   // 16-token MMA tiles per warp per stage
   static constexpr int kStages = 4;                   // 3 stages (55 KB at d=128) in flight per CTA
@@ -55,8 +56,10 @@ struct DecodeTraits {
   static constexpr int kGP = 8 * NT;  // query heads padded to the MMA n dimension
   static constexpr int kMergeBytes = kWarps * kGP * (D + 2) * 4;
   static constexpr int kFinalScratch = 256 * (16 + 8);  // replica (sum, max, weight) of the final merge
-  static constexpr int kRing =
-      cmax(cmax(kStages * kStageBytes, kWinBytes), cmax(kRBytes + kFinalScratch, kMergeBytes));
+  // Sized for the fp16 stage whatever PB (the u8 stage is 4 bytes per token smaller), so that both formats
+  // have one ring, one shared-memory size (2 CTAs per SM either way) and one kMaxSplitHeads.
+  static constexpr int kRing = cmax(cmax(kStages * kTile * (2 * kQB + 2 * kParamBytesFp16), kWinBytes),
+                                    cmax(kRBytes + kFinalScratch, kMergeBytes));
   // after the ring: q_rot [kGP][D], sum(q) [kGP], K bias [kGP], 4 flag words
   static constexpr int kSmem = kRing + (kGP * D + 2 * kGP + 4) * 4;
   static constexpr int kKC = D / 16;  // MMA k-steps of QK^T == MMA m-tiles of PV
@@ -308,9 +311,11 @@ OSCAR_DEVICE void load_v_pair(const uint8_t* sV, int ra, int rb, int g, uint32_t
 // ---------------------------------------------------------------------------------------------
 // decode
 // ---------------------------------------------------------------------------------------------
-template <int D, int NT>
-__global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_kernel(const DecodeParams p) {
-  using Tr = DecodeTraits<D, NT>;
+template <int D, int NT, int PB>
+__global__ void __launch_bounds__(256, DecodeTraits<D, NT, PB>::kMinBlocks) decode_kernel(const DecodeParams p) {
+  using Tr = DecodeTraits<D, NT, PB>;
+  constexpr bool kU8 = PB == kParamBytesU8;
+  constexpr int TPC = 16 / PB;  // tokens whose (scale, offset) one 16-byte chunk holds
   constexpr int QB = Tr::kQB, TILE = Tr::kTile, TM = Tr::kTM, STAGES = Tr::kStages, KC = Tr::kKC;
   constexpr int GP = Tr::kGP, NX = Tr::kNX, WT = Tr::kWinTile, BV = Tr::kBV;
   constexpr int RW = 16 * TM;  // INT2 rows of a stage that one warp loads and computes on
@@ -416,10 +421,10 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
   // the ring needs no CTA barrier: a warp waits for its own copies and reuses its own rows.
   auto issue_int2 = [&](int tile, int buf) {
     uint8_t* st = ring + buf * Tr::kStageBytes + warp * RW * QB;  // this warp's K code rows
-    uint8_t* stp = ring + buf * Tr::kStageBytes + 2 * TILE * QB + warp * RW * 4;  // its K params
+    uint8_t* stp = ring + buf * Tr::kStageBytes + 2 * TILE * QB + warp * RW * PB;  // its K params
     const int pos0 = tile * TILE + warp * RW;
     constexpr int kCodeChunks = RW * QB / 16;
-    constexpr int kParChunks = RW * 4 / 16;  // per K or V; four tokens per chunk, inside one block
+    constexpr int kParChunks = RW * PB / 16;  // per K or V; TPC tokens per chunk, inside one block
     if (warp_one_page) {
       if (pos0 >= hi || pos0 + RW <= lo) return;  // warp-uniform
       const bool whole = pos0 >= lo && pos0 + RW <= hi;
@@ -440,7 +445,7 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
         }
         if (lane < 2 * kParChunks) {
           const int c = lane % kParChunks, is_v = lane / kParChunks;
-          cp_async_16(stp + is_v * TILE * 4 + c * 16, page + (2 * v_off + is_v * 4 * bs + (row0 + c * 4) * 4));
+          cp_async_16(stp + is_v * TILE * PB + c * 16, page + (2 * v_off + is_v * PB * bs + (row0 + c * TPC) * PB));
         }
         return;
       }
@@ -457,9 +462,9 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
       }
       if (lane < 2 * kParChunks) {
         const int c = lane % kParChunks, is_v = lane / kParChunks;
-        const int pos = pos0 + c * 4;
-        if (pos < hi && pos + 4 > lo) {
-          cp_async_16(stp + is_v * TILE * 4 + c * 16, page + (2 * v_off + is_v * 4 * bs + (row0 + c * 4) * 4));
+        const int pos = pos0 + c * TPC;
+        if (pos < hi && pos + TPC > lo) {
+          cp_async_16(stp + is_v * TILE * PB + c * 16, page + (2 * v_off + is_v * PB * bs + (row0 + c * TPC) * PB));
         }
       }
       return;
@@ -481,12 +486,12 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
     }
     if (lane < 2 * kParChunks) {
       const int c = lane % kParChunks, is_v = lane / kParChunks;
-      const int pos = pos0 + c * 4;
-      if (pos < hi && pos + 4 > lo) {
+      const int pos = pos0 + c * TPC;
+      if (pos < hi && pos + TPC > lo) {
         uint32_t r;
         const uint8_t* page = page_of(pos, r);
-        const uint8_t* src = page + (2 * bs * QB + is_v * 4 * bs + r * 4);
-        cp_async_16(stp + is_v * TILE * 4 + c * 16, src);
+        const uint8_t* src = page + (2 * bs * QB + is_v * PB * bs + r * PB);
+        cp_async_16(stp + is_v * TILE * PB + c * 16, src);
       }
     }
   };
@@ -610,7 +615,9 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
     // of zero, so the bias needs no subtraction per score (16 FADDs per warp and stage).
     // Scores are kept relative to mu = m_run (0 while m_run is -inf): the K epilogue subtracts it in the
     // FMA that adds the offset term, so exp2 takes the score as is (16 FADDs per warp and stage less),
-    // and only a rescale (rare, lazy) shifts a stage's scores. qs_sl: sum(q) * softmax scale * log2(e).
+    // and only a rescale (rare, lazy) shifts a stage's scores. qs_sl: sum(q) * softmax scale * log2(e);
+    // with u8 params sum(q) / 16 instead (the offset comes as (u - 152) / 16 scales: score =
+    // scale * (S' + (u - 152) * sum(q) / 16), one FMA more before the scale and none after).
     float qs_sl[NT][2], kb_init[NT][4], ov_run[NT][2], vb_acc[NT][4], mu[NT][2];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -627,7 +634,7 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
       }
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        qs_sl[nt][j] = sQsum[2 * t + j + 8 * nt] * p.scale_log2;
+        qs_sl[nt][j] = sQsum[2 * t + j + 8 * nt] * (kU8 ? 0.0625f : p.scale_log2);
         mu[nt][j] = 0.f;
         kb_init[nt][j] = kb_init[nt][2 + j] = -sKBias[2 * t + j + 8 * nt];
         ov_run[nt][j] = 0.f;
@@ -635,6 +642,8 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
       }
     }
     constexpr uint32_t kOnesBf16x2 = 0x3F803F80u;  // bf16 1.0 in both halves
+    constexpr uint32_t kU8Magic = kU8ScaleMagic;     // a register operand of u8_scale_div32's LOP3
+    const float sl32 = p.scale_log2 * 32.f;          // u8: the K scale / 32 times 32 * softmax scale * log2(e)
 
     for (int it = 0, tile = tile_lo; tile < tile_hi; ++it, ++tile) {
       cp_async_wait<STAGES - 2>();
@@ -648,7 +657,7 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
       const uint8_t* sK = st;
       const uint8_t* sV = st + TILE * QB;
       const uint8_t* sKP = st + 2 * TILE * QB;
-      const uint8_t* sVP = sKP + TILE * 4;
+      const uint8_t* sVP = sKP + TILE * PB;
       const int pos_base = tile * TILE;
       // Every row of the stage is a valid INT2 position (all but a split's first and last stage): the
       // masking below is skipped. CTA-uniform.
@@ -680,15 +689,29 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
         }
         // (scale, offset) of the two K rows; scores in the log2 domain (softmax scale * log2(e)),
         // relative to mu: (scale * S' + offset * sum(q)) * sl - mu, with S' already unbiased (kb_init).
-        const float2 f0 = __half22float2(*reinterpret_cast<const __half2*>(sKP + r0 * 4));
-        const float2 f1 = __half22float2(*reinterpret_cast<const __half2*>(sKP + r1 * 4));
-        const float s0 = f0.x * p.scale_log2, s1 = f1.x * p.scale_log2;
+        if constexpr (kU8) {
+          const uint32_t w0 = *reinterpret_cast<const uint16_t*>(sKP + r0 * 2);
+          const uint32_t w1 = *reinterpret_cast<const uint16_t*>(sKP + r1 * 2);
+          const float s0 = u8_scale_div32(w0, kU8Magic) * sl32, s1 = u8_scale_div32(w1, kU8Magic) * sl32;
+          const float u0 = u8_offset_units(w0), u1 = u8_offset_units(w1);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          sc[mt][nt][0] = fmaf(acc[nt][0], s0, fmaf(f0.y, qs_sl[nt][0], -mu[nt][0]));
-          sc[mt][nt][1] = fmaf(acc[nt][1], s0, fmaf(f0.y, qs_sl[nt][1], -mu[nt][1]));
-          sc[mt][nt][2] = fmaf(acc[nt][2], s1, fmaf(f1.y, qs_sl[nt][0], -mu[nt][0]));
-          sc[mt][nt][3] = fmaf(acc[nt][3], s1, fmaf(f1.y, qs_sl[nt][1], -mu[nt][1]));
+          for (int nt = 0; nt < NT; ++nt) {
+            sc[mt][nt][0] = fmaf(fmaf(u0, qs_sl[nt][0], acc[nt][0]), s0, -mu[nt][0]);
+            sc[mt][nt][1] = fmaf(fmaf(u0, qs_sl[nt][1], acc[nt][1]), s0, -mu[nt][1]);
+            sc[mt][nt][2] = fmaf(fmaf(u1, qs_sl[nt][0], acc[nt][2]), s1, -mu[nt][0]);
+            sc[mt][nt][3] = fmaf(fmaf(u1, qs_sl[nt][1], acc[nt][3]), s1, -mu[nt][1]);
+          }
+        } else {
+          const float2 f0 = __half22float2(*reinterpret_cast<const __half2*>(sKP + r0 * 4));
+          const float2 f1 = __half22float2(*reinterpret_cast<const __half2*>(sKP + r1 * 4));
+          const float s0 = f0.x * p.scale_log2, s1 = f1.x * p.scale_log2;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            sc[mt][nt][0] = fmaf(acc[nt][0], s0, fmaf(f0.y, qs_sl[nt][0], -mu[nt][0]));
+            sc[mt][nt][1] = fmaf(acc[nt][1], s0, fmaf(f0.y, qs_sl[nt][1], -mu[nt][1]));
+            sc[mt][nt][2] = fmaf(acc[nt][2], s1, fmaf(f1.y, qs_sl[nt][0], -mu[nt][0]));
+            sc[mt][nt][3] = fmaf(acc[nt][3], s1, fmaf(f1.y, qs_sl[nt][1], -mu[nt][1]));
+          }
         }
       }
       if (!full) {  // rows outside [lo, hi) were not loaded: their scores are garbage
@@ -752,13 +775,23 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
       for (int mt = 0; mt < TM; ++mt) {
         const int rbase = (warp * TM + mt) * 16;
         const int r0 = rbase + tau(g), r1 = r0 + 8;
-        const float2 e0 = __half22float2(*reinterpret_cast<const __half2*>(sVP + r0 * 4));
-        const float2 e1 = __half22float2(*reinterpret_cast<const __half2*>(sVP + r1 * 4));
-        float sv0 = e0.x, ofs0 = e0.y, sv1 = e1.x, ofs1 = e1.y;
-        if (!full) {  // p is 0 there, but the unloaded (scale, offset) may be inf or NaN: 0 * NaN
-          const int p0 = pos_base + r0, p1 = pos_base + r1;
-          if (!(p0 >= lo && p0 < hi)) sv0 = ofs0 = 0.f;
-          if (!(p1 >= lo && p1 < hi)) sv1 = ofs1 = 0.f;
+        float sv0, ofs0, sv1, ofs1;  // u8 params: scale / 32 and u - 152
+        if constexpr (kU8) {  // any two bytes decode to finite values and p is 0 outside [lo, hi): no masking
+          const uint32_t w0 = *reinterpret_cast<const uint16_t*>(sVP + r0 * 2);
+          const uint32_t w1 = *reinterpret_cast<const uint16_t*>(sVP + r1 * 2);
+          sv0 = u8_scale_div32(w0, kU8Magic);
+          sv1 = u8_scale_div32(w1, kU8Magic);
+          ofs0 = u8_offset_units(w0);
+          ofs1 = u8_offset_units(w1);
+        } else {
+          const float2 e0 = __half22float2(*reinterpret_cast<const __half2*>(sVP + r0 * 4));
+          const float2 e1 = __half22float2(*reinterpret_cast<const __half2*>(sVP + r1 * 4));
+          sv0 = e0.x, ofs0 = e0.y, sv1 = e1.x, ofs1 = e1.y;
+          if (!full) {  // p is 0 there, but the unloaded (scale, offset) may be inf or NaN: 0 * NaN
+            const int p0 = pos_base + r0, p1 = pos_base + r1;
+            if (!(p0 >= lo && p0 < hi)) sv0 = ofs0 = 0.f;
+            if (!(p1 >= lo && p1 < hi)) sv1 = ofs1 = 0.f;
+          }
         }
         uint32_t pb[NT][2];
 #pragma unroll
@@ -769,10 +802,16 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
           const float x3 = fast_exp2(sc[mt][nt][3]);
           l_run[nt][0] += x0 + x2;
           l_run[nt][1] += x1 + x3;
-          ov_run[nt][0] = fmaf(x0, ofs0, fmaf(x2, ofs1, ov_run[nt][0]));
-          ov_run[nt][1] = fmaf(x1, ofs0, fmaf(x3, ofs1, ov_run[nt][1]));
+          const float y0 = x0 * sv0, y1 = x1 * sv0, y2 = x2 * sv1, y3 = x3 * sv1;  // P' = p * scale (u8: / 32)
+          if constexpr (kU8) {  // p * offset = 2 * (p * scale / 32) * (u - 152): the 2 comes in at the end
+            ov_run[nt][0] = fmaf(y0, ofs0, fmaf(y2, ofs1, ov_run[nt][0]));
+            ov_run[nt][1] = fmaf(y1, ofs0, fmaf(y3, ofs1, ov_run[nt][1]));
+          } else {
+            ov_run[nt][0] = fmaf(x0, ofs0, fmaf(x2, ofs1, ov_run[nt][0]));
+            ov_run[nt][1] = fmaf(x1, ofs0, fmaf(x3, ofs1, ov_run[nt][1]));
+          }
           // P'^T rows (tokens) x cols (heads) -> B operand (k = tokens, n = heads) of the PV MMA
-          const uint32_t p01 = pack_bf16x2(x0 * sv0, x1 * sv0), p23 = pack_bf16x2(x2 * sv1, x3 * sv1);
+          const uint32_t p01 = pack_bf16x2(y0, y1), p23 = pack_bf16x2(y2, y3);
           pb[nt][0] = movmatrix_trans(p01);
           pb[nt][1] = movmatrix_trans(p23);
           mma_bf16(vb_acc[nt], kOnesBf16x2, kOnesBf16x2, kOnesBf16x2, kOnesBf16x2, pb[nt][0], pb[nt][1]);
@@ -802,7 +841,7 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         l_run[nt][j] = warp_sum_xor_g(l_run[nt][j]);
-        ov_run[nt][j] = warp_sum_xor_g(ov_run[nt][j]);
+        ov_run[nt][j] = warp_sum_xor_g(ov_run[nt][j]) * (kU8 ? 2.f : 1.f);
         vb_acc[nt][j] *= kInt2PairBias;  // already summed over the warp's tokens by the MMA
       }
 #pragma unroll
@@ -811,7 +850,7 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT>::kMinBlocks) decode_k
         for (int half = 0; half < 2; ++half) {
           const int q = 2 * (i & 1) + half;
           const int dim = g * BV + (i >> 1) + q * QB;  // byte g*BV + (i>>1): parity (i>>1)&1 (BV is even)
-          const float inv = int2_inv_weight((i >> 1) & 1, q);
+          const float inv = int2_inv_weight((i >> 1) & 1, q) * (kU8 ? 32.f : 1.f);  // u8: P' was p * scale / 32
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             const int head = 2 * t + j + 8 * nt;

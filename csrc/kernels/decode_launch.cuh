@@ -46,10 +46,10 @@ inline dim3 decode_grid(const DecodeParams& p) {
 // pdl: launch with programmatic stream serialization (sm_90+), so that the CTAs start while the kernel
 // launched just before on the same stream (rotate_q_kernel, or the store kernel in store_and_decode)
 // is still running.
-template <int D, int NT>
+template <int D, int NT, int PB>
 void launch_decode(const DecodeParams& p, cudaStream_t stream, bool pdl) {
-  using Tr = DecodeTraits<D, NT>;
-  auto kern = decode_kernel<D, NT>;
+  using Tr = DecodeTraits<D, NT, PB>;
+  auto kern = decode_kernel<D, NT, PB>;
   static std::atomic<uint64_t> smem_set{0};
   set_smem_once(kern, Tr::kSmem, smem_set);
   static std::atomic<int> resident[64];

@@ -53,8 +53,14 @@ __global__ void __launch_bounds__(256) gather_kernel(const GatherParams p) {
   const uint8_t* page = p.kv + blk * p.kv_s0 + hh * p.kv_s1;
   const uint32_t word =
       *reinterpret_cast<const uint32_t*>(page + (kvsel ? p.block_size * QB : 0) + off * QB + 4 * w);
-  const float2 so =
-      __half22float2(*reinterpret_cast<const __half2*>(page + 2 * p.block_size * QB + (kvsel ? 4 * p.block_size : 0) + off * 4));
+  float2 so;  // (scale, offset) as fp32, exact in both formats
+  if (p.params_u8) {
+    const uint32_t pw = *reinterpret_cast<const uint16_t*>(page + 2 * p.block_size * QB + (kvsel ? 2 * p.block_size : 0) + off * 2);
+    so.x = u8_scale_div32(pw, kU8ScaleMagic) * 32.f;
+    so.y = __fmul_rn(so.x, __fmul_rn(u8_offset_units(pw), 0.0625f));  // reference.decode_params' order
+  } else {
+    so = __half22float2(*reinterpret_cast<const __half2*>(page + 2 * p.block_size * QB + (kvsel ? 4 * p.block_size : 0) + off * 4));
+  }
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     __nv_bfloat16 v[4];

@@ -10,6 +10,11 @@ namespace oscar {
 constexpr int kLevelsMinmax = 0;
 constexpr int kLevelsMse = 1;
 
+// How a row's (scale, offset) is stored (vllm_oscar.layout.PARAM_FORMATS; the ops' `params_u8`):
+// 0 = two fp16 (4 bytes), 1 = "u8" (2 bytes: 8-bit float scale code, offset in sixteenths of the scale).
+constexpr int kParamBytesFp16 = 4;
+constexpr int kParamBytesU8 = 2;
+
 struct StoreParams {
   const void* key;  // [T, Hkv, d] bf16 or fp16
   const void* value;
@@ -22,6 +27,7 @@ struct StoreParams {
   const float* rot_v;
   int k_idx, v_idx;  // clip index (reference.clip_index) or -1 for no clipping
   int levels;        // kLevelsMinmax or kLevelsMse (reference.LEVELS); MSE implies no clipping
+  int params_u8;     // 1: (scale, offset) rounded to and stored as the u8 pair (reference.round_params_u8)
   void* win;         // nullptr: no window write
   int64_t w_s0, w_s1, w_s2, w_s3;  // elements of [blocks, 2, block_size, Hkv, d]
   bool win_fp16;
@@ -56,6 +62,7 @@ struct DecodeParams {
   float* part_lse;     // [B * Hkv, S, G]   (log2 domain), then new_rows
   int32_t* sem;        // [B * Hkv], zero between calls
   int batch, num_q_heads, num_kv_heads, group, block_size, win_block_size, sink, recent, s_win, s_int;
+  int params_u8;    // the cache's (scale, offset) format: selects decode_kernel's PB (launch_decode_kernel_for)
   int block_shift;  // log2(block_size) when it is a power of two, else -1 (integer division is ~20
                     // instructions and runs 3x per stage per thread)
   float scale_log2;
@@ -88,6 +95,7 @@ struct GatherParams {
   int64_t wbt_s0;
   const int32_t* wstarts;  // [num_seqs]
   int num_seqs, total_rows, num_kv_heads, block_size, win_block_size, sink;
+  int params_u8;  // the cache's (scale, offset) format
 };
 
 }  // namespace oscar

@@ -7,6 +7,8 @@
 //   levels "mse" (1, reference.quantize_int2_mse): no clipping; (scale, offset) fitted by alternating
 //     least squares from a few starting grids (mse_grid below), same fp16 clamps
 //   code   = clamp(floor((x - offset) / scale + 0.5), 0, 3)   (IEEE fp32, no contraction)
+//   params "u8" (StoreParams::params_u8): every fp16 rounding above is round_pair_u8 instead
+//     (reference.round_params_u8), and the pair is stored as 2 bytes
 // Raw pointers only; the launcher is csrc/store.cu.
 #pragma once
 
@@ -63,6 +65,30 @@ OSCAR_DEVICE float nearest_code(float x, float s, float o) {
 OSCAR_DEVICE float round_scale(float s) { return __half2float(__float2half_rn(fminf(fmaxf(s, 6.103515625e-05f), 65504.f))); }
 OSCAR_DEVICE float round_offset(float o) { return __half2float(__float2half_rn(fminf(fmaxf(o, -65504.f), 65504.f))); }
 
+// The stored u8 pair as fp32 (reference.round_params_u8): the scale clamped to [2^-10, 62] and rounded
+// to 4 mantissa bits (ties away from zero), the offset to sixteenths of that scale in [-152, 103].
+OSCAR_DEVICE void round_pair_u8(float s, float o, float& rs, float& ro) {
+  const float c = fminf(fmaxf(s, 0x1p-10f), 62.f);
+  rs = __uint_as_float((__float_as_uint(c) + 0x40000u) & ~0x7FFFFu);
+  const float u = fminf(fmaxf(floorf(__fadd_rn(__fmul_rn(__fdiv_rn(o, rs), 16.f), 0.5f)), -152.f), 103.f);
+  ro = __fmul_rn(rs, __fmul_rn(u, 0.0625f));
+}
+// The stored pair of either format as fp32 (params_u8 is warp-uniform: a kernel argument).
+OSCAR_DEVICE void round_pair(float s, float o, int params_u8, float& rs, float& ro) {
+  if (params_u8) {
+    round_pair_u8(s, o, rs, ro);
+  } else {
+    rs = round_scale(s);
+    ro = round_offset(o);
+  }
+}
+// Bytes of a u8 pair already on the grid: m | u << 8 (exact: ro / rs * 16 is the integer u - 152).
+OSCAR_DEVICE uint16_t encode_pair_u8(float rs, float ro) {
+  const uint32_t m = (__float_as_uint(rs) - (117u << 23)) >> 19;
+  const int u = static_cast<int>(__fmul_rn(__fdiv_rn(ro, rs), 16.f)) + 152;
+  return static_cast<uint16_t>(m | (static_cast<uint32_t>(u) << 8));
+}
+
 // sum((code * s + o - x)^2) over the row, each op rounded, in the reference's order.
 template <int E, int L>
 OSCAR_DEVICE float grid_sq_error(const float (&x)[E], float s, float o) {
@@ -104,8 +130,8 @@ constexpr int kMseCandidates = 1 + kMseFracs + (kMseLloydMax ? 1 : 0);
 // Warp-uniform control flow: a pass loop ends early only when no code of the warp changed, which is a
 // fixed point (the next fit would see the same sums), so the result equals kMsePasses passes.
 template <int E, int L>
-OSCAR_DEVICE bool mse_grid(const float (&x)[E], float lo, float hi, int first, int step, float& s_out,
-                           float& o_out, float& err_out) {
+OSCAR_DEVICE bool mse_grid(const float (&x)[E], float lo, float hi, int first, int step, int params_u8,
+                           float& s_out, float& o_out, float& err_out) {
   constexpr float kD = static_cast<float>(E * L);
   constexpr float kInvD = 1.f / static_cast<float>(E * L);  // a power of two: exact
   const float sx = group_sum<L>(lane_sum(x));
@@ -115,8 +141,7 @@ OSCAR_DEVICE bool mse_grid(const float (&x)[E], float lo, float hi, int first, i
   for (int cand = first; cand < kMseCandidates; cand += step) {
     float rs, ro;
     if (cand == 0) {
-      rs = round_scale(__fdiv_rn(rng, 3.f));
-      ro = round_offset(lo);
+      round_pair(__fdiv_rn(rng, 3.f), lo, params_u8, rs, ro);
     } else {
       const int st = cand - 1;
       float s, o;
@@ -172,8 +197,7 @@ OSCAR_DEVICE bool mse_grid(const float (&x)[E], float lo, float hi, int first, i
         }
         if (!__any_sync(0xffffffffu, changed)) break;
       }
-      rs = round_scale(s);
-      ro = round_offset(o);
+      round_pair(s, o, params_u8, rs, ro);
     }
     const float err = grid_sq_error<E, L>(x, rs, ro);
     if (!have || err < err_out) {
@@ -410,11 +434,12 @@ __global__ void __launch_bounds__(256) store_kernel(const StoreParams p) {
     }
     lo = group_min<L>(lo);
     hi = group_max<L>(hi);
-    __half sch, offh;
+    float scf, offf;  // the stored pair's values (already rounded to its format)
     if constexpr (kTeam) {  // levels "mse" (the launcher's choice): candidate `warp`, then warp 0 picks
       float* cand = xs_all + Tr::kWarps * Tr::kRows * XS;  // [kMseCandidates][3][P]
       float ms, mo, me;
-      if (warp < kMseCandidates && mse_grid<E, L>(x, lo, hi, warp, kMseCandidates, ms, mo, me) && li == 0) {
+      if (warp < kMseCandidates && mse_grid<E, L>(x, lo, hi, warp, kMseCandidates, p.params_u8, ms, mo, me) &&
+          li == 0) {
         cand[(warp * 3 + 0) * P + rg] = me;
         cand[(warp * 3 + 1) * P + rg] = ms;
         cand[(warp * 3 + 2) * P + rg] = mo;
@@ -431,19 +456,18 @@ __global__ void __launch_bounds__(256) store_kernel(const StoreParams p) {
           bo = cand[(c * 3 + 2) * P + rg];
         }
       }
-      sch = __float2half_rn(bs);  // already fp16 values: exact
-      offh = __float2half_rn(bo);
+      scf = bs;
+      offf = bo;
     } else if (p.levels == kLevelsMse) {  // warp-uniform (a kernel argument)
-      float ms, mo, me;
-      mse_grid<E, L>(x, lo, hi, 0, 1, ms, mo, me);
-      sch = __float2half_rn(ms);  // already fp16 values: exact
-      offh = __float2half_rn(mo);
+      float me;
+      mse_grid<E, L>(x, lo, hi, 0, 1, p.params_u8, scf, offf, me);
+    } else if (p.params_u8) {
+      round_pair_u8(__fdiv_rn(__fsub_rn(hi, lo), 3.f), lo, scf, offf);
     } else {
       const float sc = fminf(fmaxf(__fdiv_rn(__fsub_rn(hi, lo), 3.f), 6.103515625e-05f), 65504.f);
-      sch = __float2half_rn(sc);
-      offh = __float2half_rn(fminf(fmaxf(lo, -65504.f), 65504.f));
+      scf = __half2float(__float2half_rn(sc));
+      offf = __half2float(__float2half_rn(fminf(fmaxf(lo, -65504.f), 65504.f)));
     }
-    const float scf = __half2float(sch), offf = __half2float(offh);
     uint32_t bytes[BPL];
 #pragma unroll
     for (int k = 0; k < BPL; ++k) bytes[k] = 0;
@@ -464,8 +488,13 @@ __global__ void __launch_bounds__(256) store_kernel(const StoreParams p) {
 #pragma unroll
         for (int k = 0; k < BPL; ++k) codes[li + k * L] = static_cast<uint8_t>(bytes[k]);
         if (li == 0) {
-          *reinterpret_cast<__half2*>(page + 2 * p.block_size * QB + (is_v ? 4 * p.block_size : 0) + off * 4) =
-              __halves2half2(sch, offh);
+          if (p.params_u8) {
+            *reinterpret_cast<uint16_t*>(page + 2 * p.block_size * QB + (is_v ? 2 * p.block_size : 0) + off * 2) =
+                encode_pair_u8(scf, offf);
+          } else {  // fp16 values already: the casts are exact
+            *reinterpret_cast<__half2*>(page + 2 * p.block_size * QB + (is_v ? 4 * p.block_size : 0) + off * 4) =
+                __halves2half2(__float2half_rn(scf), __float2half_rn(offf));
+          }
         }
       }
       if (p.win != nullptr) {

@@ -41,7 +41,8 @@ def kv_rows(t: int, hkv: int, d: int, gen: torch.Generator, dtype=torch.bfloat16
 
 
 def poisoned_int2_cache(layout: Int2PageLayout, num_blocks: int, device="cpu") -> torch.Tensor:
-    """All bytes 0xFF: every fp16 (scale, offset) reads as NaN, every code as 3."""
+    """All bytes 0xFF: every fp16 (scale, offset) reads as NaN (u8: scale 62, offset +6.44 scales), every
+    code as 3."""
     return torch.full(layout.cache_shape(num_blocks), 0xFF, dtype=torch.uint8, device=device)
 
 
@@ -78,9 +79,9 @@ class DecodeCase:
     """
 
     def __init__(self, *, batch, num_q_heads, num_kv_heads, head_dim, block_size, seq_lens, sink, recent,
-                 window=True, window_block_size=None, rot_k=True, rot_v=True, seed=0, q_scale=2.0):
+                 window=True, window_block_size=None, rot_k=True, rot_v=True, seed=0, q_scale=2.0, params="fp16"):
         gen = torch.Generator().manual_seed(seed)
-        self.layout = Int2PageLayout(head_dim, block_size, num_kv_heads)
+        self.layout = Int2PageLayout(head_dim, block_size, num_kv_heads, params=params)
         self.seq_lens = list(seq_lens)
         assert len(self.seq_lens) == batch
         self.batch, self.hq, self.hkv, self.d = batch, num_q_heads, num_kv_heads, head_dim
@@ -139,6 +140,7 @@ class DecodeCase:
             window_block_table=None if self.window_block_table is None else self.window_block_table.to(dev),
             rotation_k=None if self.rot_k is None else self.rot_k.to(dev),
             rotation_v=None if self.rot_v is None else self.rot_v.to(dev),
+            params=self.layout.params,
         )
 
     def reference(self, q: torch.Tensor | None = None) -> torch.Tensor:

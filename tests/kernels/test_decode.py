@@ -77,6 +77,31 @@ CASES = [
     ("b48-d256-g8", dict(batch=48, num_q_heads=16, num_kv_heads=2, head_dim=256, block_size=16,
                          seq_lens=_random_lens(48, 700, 3, must=(1, 321)), **W), None),
 ]
+# params "u8" (2-byte (scale, offset), the decode's kParamBytesU8 instantiations): every head_dim and NT,
+# block sizes 16/32/64/128 (one 16-byte chunk holds 8 tokens' pairs), partial stages, no window.
+U8 = dict(params="u8")
+CASES += [
+    ("u8-ctx63-g3-d64", dict(batch=7, num_q_heads=24, num_kv_heads=8, head_dim=64, block_size=32,
+                             seq_lens=_lens(63, 1, 64, 65, 63, 2, 40), **W, **U8), None),
+    ("u8-ctx64-65-smallwin-g4", dict(batch=7, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=64,
+                                     seq_lens=_lens(64, 65, 63, 320, 321, 1, 100), sink=16, recent=32,
+                                     window_block_size=16, **U8), None),
+    ("u8-ctx4097-g4-bs48", dict(batch=3, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=48,
+                                seq_lens=_lens(4097, 1000, 65), **W, **U8), None),
+    ("u8-b7-ctx33000-g8-bs128-norotv", dict(batch=7, num_q_heads=16, num_kv_heads=2, head_dim=128, block_size=128,
+                                            window_block_size=16, rot_v=False, **W, **U8,
+                                            seq_lens=_lens(33000, 32999, 16000, 1, 320, 500, 8191)), None),
+    ("u8-nowindow-g4", dict(batch=7, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=32, window=False,
+                            seq_lens=_lens(1, 63, 64, 65, 320, 4097, 2000), sink=0, recent=0, **U8), None),
+    ("u8-g16-nt2-d64", dict(batch=2, num_q_heads=32, num_kv_heads=2, head_dim=64, block_size=16,
+                            seq_lens=_lens(4097, 100), **W, **U8), None),
+    ("u8-g16-nt2", dict(batch=2, num_q_heads=32, num_kv_heads=2, head_dim=128, block_size=16,
+                        seq_lens=_lens(4097, 100), **W, **U8), None),
+    ("u8-d256-g4", dict(batch=2, num_q_heads=8, num_kv_heads=2, head_dim=256, block_size=16,
+                        seq_lens=_lens(4097, 321), **W, **U8), None),
+    ("u8-b64-ctx4097-g3-d64", dict(batch=64, num_q_heads=9, num_kv_heads=3, head_dim=64, block_size=32,
+                                   seq_lens=_random_lens(64, 1500, 1, must=(4097, 1, 64, 65)), **W, **U8), None),
+]
 
 
 def _run(case: DecodeCase, num_splits, q=None):
@@ -246,6 +271,12 @@ OVERLAP_CASES = [
     # partial block.
     ("b37-large-rotate-g8", dict(batch=37, num_q_heads=24, num_kv_heads=3, head_dim=128, block_size=64,
                                  seq_lens=_random_lens(37, 800, 2, must=(4097, 1, 321, 65)), **W), "mse", 100),
+    ("u8-b1-ctx33000-g4", dict(batch=1, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
+                               seq_lens=[33000], **W, **U8), "mse", 0),
+    ("u8-b7-nowindow-g4", dict(batch=7, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=32, window=False,
+                               seq_lens=_lens(1, 63, 64, 65, 320, 4097, 2000), sink=0, recent=0, **U8), "minmax", 4096),
+    ("u8-b64-ctx4097-g3-d64", dict(batch=64, num_q_heads=9, num_kv_heads=3, head_dim=64, block_size=32,
+                                   seq_lens=_random_lens(64, 1500, 1, must=(4097, 1, 64, 65)), **W, **U8), "mse", 1024),
 ]
 
 
@@ -268,8 +299,8 @@ class _Step:
             if s >= 0:
                 kc[s // bs, :, s % bs] = 0xFF
                 vc[s // bs, :, s % bs] = 0xFF
-                kp[s // bs, :, s % bs] = float("nan")
-                vp[s // bs, :, s % bs] = float("nan")
+                kp[s // bs, :, s % bs] = float("nan") if lay.params == "fp16" else 0xFF
+                vp[s // bs, :, s % bs] = float("nan") if lay.params == "fp16" else 0xFF
         self.window_cache, self.window_slots = case.window_cache, None
         if case.window:
             wbs = case.wbs
@@ -308,7 +339,7 @@ class _Step:
                      args["rotation_v"], k_clip_ratio=self.clip[0], v_clip_ratio=self.clip[1],
                      window_cache=args["window_cache"],
                      window_slot_mapping=None if self.window_slots is None else self.window_slots.cuda(),
-                     levels=self.levels)
+                     levels=self.levels, params=c.layout.params)
         return ops.decode(q, workspace=ws, out=out, sink=c.sink, recent=c.recent, scale=c.scale, **args)
 
     def fused(self, q, args, ws, out, key=None, value=None, slots=None, window_slots=None):
@@ -320,7 +351,7 @@ class _Step:
             ws, window_cache=args["window_cache"], window_slot_mapping=ws_slots,
             window_block_table=args["window_block_table"], rotation_k=args["rotation_k"],
             rotation_v=args["rotation_v"], rotate_output=args["rotation_v"] is not None, k_clip_ratio=self.clip[0], v_clip_ratio=self.clip[1],
-            levels=self.levels, sink=c.sink, recent=c.recent, scale=c.scale, out=out)
+            levels=self.levels, params=c.layout.params, sink=c.sink, recent=c.recent, scale=c.scale, out=out)
 
 
 def _bits(x: torch.Tensor | None) -> torch.Tensor | None:

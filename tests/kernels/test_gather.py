@@ -13,9 +13,9 @@ from vllm_oscar.ops import reference as ref
 pytestmark = requires_gpu
 
 
-def _build(d, bs, wbs, hkv, prefix_lens, sink, recent, window, seed):
+def _build(d, bs, wbs, hkv, prefix_lens, sink, recent, window, seed, params="fp16"):
     gen = torch.Generator().manual_seed(seed)
-    layout = Int2PageLayout(d, bs, hkv)
+    layout = Int2PageLayout(d, bs, hkv, params=params)
     n_seq = len(prefix_lens)
     max_len = max(prefix_lens)
     bps = -(-max_len // bs)
@@ -43,12 +43,15 @@ def _build(d, bs, wbs, hkv, prefix_lens, sink, recent, window, seed):
     return layout, cache, bt, win, wbt, starts
 
 
-@pytest.mark.parametrize("d,bs,wbs,window", [(128, 16, 16, True), (64, 64, 32, True), (128, 32, 16, False),
-                                             (64, 128, 16, False)])
-def test_gather_prefix_bit_exact(d, bs, wbs, window):
+@pytest.mark.parametrize("d,bs,wbs,window,params", [
+    (128, 16, 16, True, "fp16"), (64, 64, 32, True, "fp16"), (128, 32, 16, False, "fp16"), (64, 128, 16, False, "fp16"),
+    (128, 16, 16, True, "u8"), (64, 128, 16, False, "u8"), (256, 32, 16, True, "u8"),
+])
+def test_gather_prefix_bit_exact(d, bs, wbs, window, params):
     prefix_lens = [1, 63, 64, 65, 320, 4097]
     hkv, sink, recent, gap = 4, 64, 256, 5
-    layout, cache, bt, win, wbt, starts = _build(d, bs, wbs, hkv, prefix_lens, sink, recent, window, seed=d + bs)
+    layout, cache, bt, win, wbt, starts = _build(d, bs, wbs, hkv, prefix_lens, sink, recent, window, seed=d + bs,
+                                                 params=params)
     # each sequence gets `gap` extra rows after its prefix (room for the new chunk): they stay untouched
     cu = torch.tensor([0] + list(torch.cumsum(torch.tensor([n + gap for n in prefix_lens]), 0)), dtype=torch.int32)
     rows = int(cu[-1])
@@ -60,6 +63,7 @@ def test_gather_prefix_bit_exact(d, bs, wbs, window):
         prefix_lens=torch.tensor(prefix_lens, dtype=torch.int32, device=dev),
         window_cache=None if win is None else win.to(dev), window_block_table=None if wbt is None else wbt.to(dev),
         window_starts=starts.to(dev) if window else None, sink=sink, key_out=k_out, value_out=v_out,
+        params=params,
     )
     torch.cuda.synchronize()
     want_k = torch.full((rows, hkv, d), float("nan"), dtype=torch.bfloat16)

@@ -62,6 +62,13 @@ def test_fake_store_kv():
         assert torch.ops.oscar.store_kv(k, k, cache, slots, r, r, 0.0, 0.0, win, slots, 1) is None
         with pytest.raises(RuntimeError, match="levels must be 0 \\(minmax\\) or 1 \\(mse\\), got 5"):
             torch.ops.oscar.store_kv(k, k, cache, slots, r, r, 0.0, 0.0, win, slots, 5)
+        # params: 0 = fp16 pairs (the default), 1 = u8 pairs: 68-byte tokens at d=128, so 16 x 68 pages
+        u8_cache = _cuda(4, 2, 16 * 68, dtype=torch.uint8)
+        assert torch.ops.oscar.store_kv(k, k, u8_cache, slots, r, r, 0.0, 0.0, win, slots, 1, 1) is None
+        with pytest.raises(RuntimeError, match="head page of 1088 bytes is not block_size \\* 72 bytes"):
+            torch.ops.oscar.store_kv(k, k, u8_cache, slots, r, r, 0.0, 0.0, win, slots, 1, 0)
+        with pytest.raises(RuntimeError, match="params must be 0 \\(fp16 scale and offset\\) or 1 \\(u8\\), got 2"):
+            torch.ops.oscar.store_kv(k, k, cache, slots, r, r, 0.0, 0.0, win, slots, 1, 2)
 
 
 def test_levels_codes_match_the_kernel_constants():
@@ -75,6 +82,13 @@ def test_levels_codes_match_the_kernel_constants():
     assert tuple(ops.LEVELS_CODES) == ref.LEVELS
     with pytest.raises(ValueError, match="unknown levels 'lm'; valid: \\['minmax', 'mse'\\]"):
         ops.levels_code("lm")
+    # the params codes: the layout's formats in order, and the decode's PB per format
+    from vllm_oscar.layout import PARAM_FORMATS
+
+    assert list(ops.PARAMS_CODES) == list(PARAM_FORMATS) and ops.PARAMS_CODES == {"fp16": 0, "u8": 1}
+    assert "constexpr int kParamBytesFp16 = 4;" in params and "constexpr int kParamBytesU8 = 2;" in params
+    with pytest.raises(ValueError, match="unknown params 'fp8'; valid: \\['fp16', 'u8'\\]"):
+        ops.params_code("fp8")
 
 
 @needs_extension

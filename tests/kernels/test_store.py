@@ -53,6 +53,7 @@ def _run_both(key, value, layout, num_blocks, rot_k, rot_v, clip, window, gen, w
         None if rot_k is None else rot_k.to(dev), None if rot_v is None else rot_v.to(dev),
         k_clip_ratio=clip[0], v_clip_ratio=clip[1],
         window_cache=win, window_slot_mapping=None if wslots is None else wslots.to(dev), levels=levels,
+        params=layout.params,
     )
     torch.cuda.synchronize()
     out = cache.cpu(), cache_ref, (None if win is None else win.cpu()), win_ref
@@ -167,6 +168,47 @@ def test_store_mse_bit_exact(d, bs, dtype, t, rot, window, strided):
         rows_bad = [(codes != codes_ref).any(-1).sum().item() for codes, codes_ref in zip(got[:2], want[:2])]
         raise AssertionError(f"{(cache != cache_ref).sum().item()} cache bytes differ; rows with differing codes "
                              f"K/V {rows_bad}")
+    if window:
+        assert torch.equal(win.view(torch.int16), win_ref.view(torch.int16)), "window cache differs"
+
+
+U8_CASES = [
+    # head_dim, block_size, dtype, tokens, levels, (k_clip, v_clip), rotation, window
+    (64, 16, torch.bfloat16, 300, "mse", (0.0, 0.0), "identity", True),  # team mode below 128 CTAs
+    (128, 32, torch.float16, 700, "mse", (0.0, 0.0), None, False),  # 5600 rows: 4 rows per pass
+    (256, 16, torch.bfloat16, 33, "mse", (0.0, 0.0), None, True),
+    (128, 64, torch.bfloat16, 65, "minmax", (0.96, 0.92), "identity", True),
+    (64, 128, torch.float16, 600, "minmax", (0.0, 0.0), None, False),
+]
+
+
+@pytest.mark.parametrize(
+    "d,bs,dtype,t,levels,clip,rot,window", U8_CASES,
+    ids=[f"d{c[0]}-bs{c[1]}-{str(c[2])[6:]}-T{c[3]}-{c[4]}-{c[6]}-win{int(c[7])}" for c in U8_CASES],
+)
+def test_store_u8_params_bit_exact(d, bs, dtype, t, levels, clip, rot, window):
+    """params="u8" (2-byte (scale, offset), reference.round_params_u8): every byte equals the reference's,
+    for both grids, with rows at and beyond the u8 range (constant, zero, tiny, 1e5-sized, a mean far
+    outside the offset's reach) and skipped slots left poisoned."""
+    gen = torch.Generator().manual_seed(7000 * d + t)
+    hkv = 8 if d < 256 else 2
+    layout = Int2PageLayout(d, bs, hkv, params="u8")
+    num_blocks = -(-t // bs) + 3
+    key, value = kv_rows(t, hkv, d, gen, dtype), kv_rows(t, hkv, d, gen, dtype)
+    if t > 8:
+        key[1], key[2], value[3] = 1.25, 0.0, 3e-7
+        key[4] = (torch.randn(hkv, d, generator=gen) * 1e4 + 7e3).to(dtype)  # scale clamps to 62
+        value[5] = (torch.randn(hkv, d, generator=gen) * 0.01 + 5.0).to(dtype)  # offset clamps at +6.44 scales
+        value[6] = (torch.randn(hkv, d, generator=gen) * 0.01 - 5.0).to(dtype)  # and at -9.5
+    r = torch.eye(d) if rot == "identity" else None
+    cache, cache_ref, win, win_ref = _run_both(key, value, layout, num_blocks, r, r, clip, window, gen,
+                                               levels=levels)
+    assert (cache_ref != 0xFF).any(), "nothing was stored"
+    if not torch.equal(cache, cache_ref):
+        got, want = unpack_cache(cache, layout), unpack_cache(cache_ref, layout)
+        rows_bad = [(a != b).any(-1).sum().item() for a, b in zip(got, want)]
+        raise AssertionError(f"{(cache != cache_ref).sum().item()} cache bytes differ; rows differing in K codes, "
+                             f"V codes, K params, V params: {rows_bad}")
     if window:
         assert torch.equal(win.view(torch.int16), win_ref.view(torch.int16)), "window cache differs"
 

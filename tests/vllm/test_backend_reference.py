@@ -21,6 +21,7 @@ import torch
 from oscar_testing import build_attention_layers, collect_specs, engine_config, make_manager
 
 from vllm_oscar.attention.specs import OscarFullAttentionSpec
+from vllm_oscar.layout import params_for_scale_dtype
 from vllm_oscar.ops import reference as ref
 
 SINK, RECENT = 32, 64
@@ -31,7 +32,7 @@ VOCAB = 97
 class Stack:
     """One engine's worth of OSCAR state on CPU, driven step by step like vLLM's scheduler + runner."""
 
-    def __init__(self, model: str, *, folded: bool = False):
+    def __init__(self, model: str, *, folded: bool = False, scale_dtype: str = "float16"):
         from vllm.config import set_current_vllm_config
         from vllm.utils.hashing import sha256
         from vllm.v1.core.kv_cache_utils import get_kv_cache_configs, get_request_block_hasher
@@ -39,8 +40,8 @@ class Stack:
         from vllm.v1.worker.utils import bind_kv_cache
         from vllm.v1.worker.workspace import init_workspace_manager
 
-        cfg = engine_config(model, max_model_len=1024,
-                            additional_config={"oscar": {"sink_tokens": SINK, "recent_tokens": RECENT}})
+        cfg = engine_config(model, max_model_len=1024, additional_config={
+            "oscar": {"sink_tokens": SINK, "recent_tokens": RECENT, "scale_dtype": scale_dtype}})
         cfg.compilation_config.static_forward_context.clear()
         self.cfg = cfg
         self.layers = build_attention_layers(cfg)
@@ -169,8 +170,9 @@ class Stack:
                 cache[li, rid] = dict(
                     q=q, k=k, v=v,
                     kw=(k.float() @ rk).to(bf).float(), vw=(v.float() @ rv).to(bf).float(),  # window copies
-                    kq=ref.fake_quantize_rows(k, rk, r["k_clip_ratio"], r["levels"]),  # INT2 copies, rotated
-                    vq=ref.fake_quantize_rows(v, rv, r["v_clip_ratio"], r["levels"]),
+                    # INT2 copies, rotated
+                    kq=ref.fake_quantize_rows(k, rk, r["k_clip_ratio"], r["levels"], params_for_scale_dtype(r["scale_dtype"])),
+                    vq=ref.fake_quantize_rows(v, rv, r["v_clip_ratio"], r["levels"], params_for_scale_dtype(r["scale_dtype"])),
                     kc=torch.matmul(k, layer.oscar_rotation_k_act).float(),  # chunk rows: the backend's bf16 GEMM
                     vc=torch.matmul(v, layer.oscar_rotation_v_act).float(),
                 )
@@ -235,6 +237,24 @@ def test_chunked_prefill_decode_mixed_batches_and_prefix_hit(stack):
     stats = stack.check()
     assert stats["tokens_with_int2"] > 100
     assert stats["int2_effect"] > 5 * stats["max_err"]  # the check can tell INT2 history from exact history
+
+
+def test_u8_scale_dtype_pages_through_the_backend(model_factory, monkeypatch):
+    """"scale_dtype": "u8": the backend stores, decodes and gathers 2-byte (scale, offset) pages (the page
+    size, the layer args and every kernel call carry the format) and matches the spec's u8 quantizer."""
+    reference_kernels.install(monkeypatch)
+    stack = Stack(model_factory("backend-u8", num_layers=NUM_LAYERS, num_heads=HQ, num_kv_heads=HKV, head_dim=D),
+                  scale_dtype="u8")
+    assert stack.kv.kv_cache_groups[0].kv_cache_spec.layout.params == "u8"
+    a = stack.request("a", _tokens(7, 400))
+    b = stack.request("b", _tokens(8, 200))
+    stack.step([(a, 200, None)])
+    stack.step([(a, 200, None), (b, 100, None)])  # continuation (gather) + a first chunk
+    for _ in range(4):
+        stack.step([(a, 1, None), (b, 1, None)])  # decodes, odd and even batches: both decode paths
+    stats = stack.check()
+    assert stats["tokens_with_int2"] > 100
+    assert stats["int2_effect"] > 5 * stats["max_err"]
 
 
 def test_folded_value_rotation_leaves_every_output_rotated(model_factory, monkeypatch):

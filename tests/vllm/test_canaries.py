@@ -58,6 +58,17 @@ def test_selector_calls_the_cached_function_by_module_global_name():
             "use_kv_connector", "use_pcp"} <= set(selector.AttentionSelectorConfig._fields)
 
 
+def test_backend_class_choice_sees_the_engine_config():
+    """The wrapped selector picks the backend class by the engine's resolved scale_dtype (its
+    get_kv_cache_shape gets sizes only), reading the config Attention.__init__ runs under."""
+    from vllm.config import get_current_vllm_config_or_none, set_current_vllm_config
+    from vllm.model_executor.layers.attention import attention
+
+    assert get_current_vllm_config_or_none() is None  # outside any engine config: None, no assertion
+    assert "get_attn_backend(" in inspect.getsource(attention.Attention.__init__)
+    assert "vllm_config" in _params(set_current_vllm_config)
+
+
 def test_attention_layer_contract():
     from vllm.model_executor.layers.attention.attention import Attention
 

@@ -105,6 +105,35 @@ def test_qwen3_8b_shape_capacity_at_32k_with_windows(model_factory):
     assert 6.3 <= ratio < 512 / 72
 
 
+@pytest.mark.parametrize("d, ratio", [(128, 512 / 68), (64, 256 / 36)])
+def test_u8_scale_dtype_pages_hold_7_5x_and_7_1x_bf16_tokens(model_factory, d, ratio):
+    """``"scale_dtype": "u8"``: 2-byte (scale, offset) pairs. The spec, the window padding and the backend's
+    tensor shape all take the smaller page, and vLLM's capacity follows (68 instead of 72 bytes per token
+    and KV head at d=128, 36 instead of 40 at d=64)."""
+    from vllm_oscar.attention.backend import OscarAttentionBackendU8
+    from vllm_oscar.attention.specs import OscarFullAttentionSpecU8
+
+    model = model_factory(f"capu8{d}", head_dim=d, num_kv_heads=2)
+    u8 = {"oscar": {"scale_dtype": "u8"}}
+    specs, kv, _, _ = _kv_config(engine_config(model, additional_config={"oscar": {**u8["oscar"], "sink_tokens": 0,
+                                                                                    "recent_tokens": 0}}), GIB)
+    _, kv_bf16, _, _ = _kv_config(engine_config(model, kv_cache_dtype="auto"), GIB)
+    assert kv.num_blocks * 128 / (kv_bf16.num_blocks * 16) == pytest.approx(ratio, rel=2e-3)
+    cfg = engine_config(model, additional_config=u8)
+    specs, kv, _, _ = _kv_config(cfg, GIB)
+    int2 = specs["model.layers.0.self_attn.attn"]
+    win = specs["model.layers.0.self_attn.attn.oscar_window"]
+    layout = Int2PageLayout(head_dim=d, block_size=128, num_kv_heads=2, params="u8")
+    assert type(int2) is OscarFullAttentionSpecU8 and int2.layout == layout
+    assert int2.page_size_bytes == layout.page_bytes == win.page_size_bytes
+    assert type(int2).merge([int2, int2]).layout == layout  # vLLM merges specs by cls(...): the format stays
+    cfg.compilation_config.static_forward_context.clear()
+    layers = build_attention_layers(cfg)
+    assert all(layer.attn_backend is OscarAttentionBackendU8 for layer in layers)
+    shape = OscarAttentionBackendU8.get_kv_cache_shape(7, 128, 2, d)
+    assert shape == (7, 2, layout.head_page_bytes)
+
+
 def test_skip_layer_backend_that_cannot_pad_is_refused(model_factory):
     # vLLM's CPU backend cannot read padded pages; on CUDA the BF16 layers run FlashAttention, which can.
     cfg = engine_config(model_factory("skip-cpu", head_dim=128), additional_config={"oscar": {"skip_layers": [0]}})

@@ -212,6 +212,25 @@ def test_levels_errors_list_the_options_and_refuse_clipping_with_mse(tmp_path):
     assert (resolved.levels, resolved.v_clip_ratio) == ("minmax", 0.8)  # with a paper artifact: minmax clips
 
 
+def test_scale_dtype_precedence_and_errors(tmp_path):
+    """scale_dtype: user > artifact > defaults file > DEFAULT_SCALE_DTYPE; it names the pages' layout and is
+    recorded in the data-free artifact; a bad value lists the options."""
+    resolved, art = rc.resolve(_facts(), rc.OscarUserConfig(), warn=False)
+    assert resolved.scale_dtype == rc.DEFAULT_SCALE_DTYPE and art.config.quantization.scale_dtype == rc.DEFAULT_SCALE_DTYPE
+    resolved, art = rc.resolve(_facts(), rc.OscarUserConfig(scale_dtype="u8"), warn=False)
+    assert (resolved.scale_dtype, resolved.layout_params, art.config.quantization.scale_dtype) == ("u8", "u8", "u8")
+    assert rc.ResolvedOscarConfig.from_dict(resolved.to_dict()) == resolved
+    old = {k: v for k, v in resolved.to_dict().items() if k != "scale_dtype"}  # recorded before scale_dtype existed
+    assert rc.ResolvedOscarConfig.from_dict(old).layout_params == "fp16"
+    paper = _calibrated_artifact(tmp_path / "paper", "tiny")  # records "float16", as every earlier artifact
+    resolved, _ = rc.resolve(_facts("tiny"), rc.OscarUserConfig(rotations=paper), warn=False)
+    assert (resolved.scale_dtype, resolved.layout_params) == ("float16", "fp16")
+    resolved, _ = rc.resolve(_facts("tiny"), rc.OscarUserConfig(rotations=paper, scale_dtype="u8"), warn=False)
+    assert resolved.scale_dtype == "u8"  # the user's value wins
+    with pytest.raises(rc.OscarConfigError, match=r"scale_dtype: Input should be 'float16' or 'u8'"):
+        rc.parse_user_config({"oscar": {"scale_dtype": "fp8"}})
+
+
 def test_artifact_config_versions_and_levels():
     from vllm_oscar.config import FORMAT_VERSION
 

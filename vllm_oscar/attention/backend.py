@@ -81,13 +81,17 @@ class OscarAttentionBackend(AttentionBackend):
     def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
         return [MultipleOf(16)]  # Int2PageLayout keeps each page region 16-byte aligned
 
-    @staticmethod
-    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+    #: The INT2 pages' (scale, offset) format: this class fp16 pairs, :class:`OscarAttentionBackendU8` u8.
+    #: vLLM asks the backend class for the cache shape with nothing but sizes, so the class carries it.
+    LAYOUT_PARAMS: ClassVar[str] = "fp16"
+
+    @classmethod
+    def get_kv_cache_shape(cls, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
                            cache_dtype_str: str = "auto") -> tuple[int, ...]:
         # `cache_dtype_str` is ignored on purpose: both model runners pass "auto" for specs whose
         # kv_quant_mode is NONE (the trap that breaks TurboQuant on the V1 runner in 0.26).
-        return Int2PageLayout(head_dim=head_size, block_size=block_size, num_kv_heads=num_kv_heads).cache_shape(
-            num_blocks)
+        return Int2PageLayout(head_dim=head_size, block_size=block_size, num_kv_heads=num_kv_heads,
+                              params=cls.LAYOUT_PARAMS).cache_shape(num_blocks)
 
     @staticmethod
     def get_kv_cache_stride_order(include_num_layers_dimension: bool = False) -> tuple[int, ...]:
@@ -112,6 +116,17 @@ class OscarAttentionBackend(AttentionBackend):
     @classmethod
     def supports_pcp(cls) -> bool:
         return False
+
+
+class OscarAttentionBackendU8(OscarAttentionBackend):
+    """The same backend over INT2 pages with 2-byte (scale, offset) pairs (``scale_dtype: "u8"``)."""
+
+    LAYOUT_PARAMS: ClassVar[str] = "u8"
+
+
+def backend_for_params(params: str) -> type[OscarAttentionBackend]:
+    """The backend class of INT2 pages with ``params`` pairs (:data:`vllm_oscar.layout.PARAM_FORMATS`)."""
+    return OscarAttentionBackendU8 if params == "u8" else OscarAttentionBackend
 
 
 # ------------------------------------------------------------------------------------------------
@@ -482,10 +497,11 @@ class OscarLayerArgsCache:
         page = kv_cache.shape[-1]
         key = (id(rk), id(rv), page, rotate_output)
         if self._cached is None or self._cached[:4] != key:
-            token_bytes = Int2PageLayout(head_dim=self.head_dim, block_size=16).token_bytes_per_head
-            layout = Int2PageLayout(head_dim=self.head_dim, block_size=page // token_bytes,
-                                    num_kv_heads=self.num_kv_heads)
             r = self.resolved
+            params = r.layout_params
+            token_bytes = Int2PageLayout(head_dim=self.head_dim, block_size=16, params=params).token_bytes_per_head
+            layout = Int2PageLayout(head_dim=self.head_dim, block_size=page // token_bytes,
+                                    num_kv_heads=self.num_kv_heads, params=params)
             args = kernels.OscarLayerArgs(
                 layout=layout, rotation_k=rk, rotation_v=rv, k_clip_ratio=r.k_clip_ratio,
                 v_clip_ratio=r.v_clip_ratio, sink_tokens=r.sink_tokens, recent_tokens=r.recent_tokens,

@@ -84,7 +84,8 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_m
 
     ops.store_kv(key, value, kv_cache, slot_mapping, args.rotation_k, args.rotation_v,
                  k_clip_ratio=args.k_clip_ratio, v_clip_ratio=args.v_clip_ratio,
-                 window_cache=window_cache, window_slot_mapping=window_slot_mapping, levels=args.levels)
+                 window_cache=window_cache, window_slot_mapping=window_slot_mapping, levels=args.levels,
+                 params=args.layout.params)
 
 
 class DecodePlan:
@@ -161,7 +162,7 @@ def decode(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, block_tab
 
     ops.decode(q, kv_cache, block_table, seq_lens, workspace, window_cache=window_cache,
                window_block_table=window_block_table, rotation_k=args.rotation_k, rotation_v=args.output_rotation_v,
-               sink=args.sink_tokens, recent=args.recent_tokens, scale=args.scale, out=out)
+               sink=args.sink_tokens, recent=args.recent_tokens, scale=args.scale, out=out, params=args.layout.params)
 
 
 def store_and_decode(out: torch.Tensor, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -181,7 +182,7 @@ def store_and_decode(out: torch.Tensor, q: torch.Tensor, key: torch.Tensor, valu
                          window_block_table=window_block_table, rotation_k=args.rotation_k,
                          rotation_v=args.rotation_v, rotate_output=args.rotate_output,
                          k_clip_ratio=args.k_clip_ratio, v_clip_ratio=args.v_clip_ratio, levels=args.levels,
-                         sink=args.sink_tokens, recent=args.recent_tokens, scale=args.scale, out=out)
+                         params=args.layout.params, sink=args.sink_tokens, recent=args.recent_tokens, scale=args.scale, out=out)
 
 
 def gather_prefix(kv_cache: torch.Tensor, block_table: torch.Tensor, context_lens: torch.Tensor,
@@ -197,7 +198,7 @@ def gather_prefix(kv_cache: torch.Tensor, block_table: torch.Tensor, context_len
     ops.gather_prefix(kv_cache, block_table, cu_seqlens_k, head_dim=args.layout.head_dim, prefix_lens=context_lens,
                       window_cache=window_cache, window_block_table=window_block_table,
                       window_starts=window_starts if window_cache is not None else None, sink=args.sink_tokens,
-                      key_out=k_out, value_out=v_out)
+                      key_out=k_out, value_out=v_out, params=args.layout.params)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,

@@ -51,14 +51,15 @@ def unsupported_reasons(cfg) -> list[str]:
     return reasons
 
 
-def select_oscar_backend(cfg, num_heads: int | None = None):
-    """The OSCAR backend class for an ``oscar_int2`` layer, or a ``ValueError`` listing what blocks it."""
+def select_oscar_backend(cfg, num_heads: int | None = None, params: str = "fp16"):
+    """The OSCAR backend class for an ``oscar_int2`` layer whose INT2 pages store ``params`` pairs
+    (:data:`vllm_oscar.layout.PARAM_FORMATS`), or a ``ValueError`` listing what blocks it."""
     reasons = unsupported_reasons(cfg)
     if reasons:
         raise ValueError(
             "--kv-cache-dtype oscar_int2 cannot serve a layer of this model: " + "; ".join(reasons) + ". "
             + _SKIP_HINT
         )
-    from vllm_oscar.attention.backend import OscarAttentionBackend
+    from vllm_oscar.attention.backend import backend_for_params
 
-    return OscarAttentionBackend
+    return backend_for_params(params)

@@ -21,6 +21,7 @@ the INT2 pages (which would waste up to 7x).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec
@@ -38,9 +39,9 @@ def int2_block_size(cache_block_size: int) -> int:
     return INT2_BLOCK_MULTIPLIER * cache_block_size
 
 
-def int2_layout(head_dim: int, num_kv_heads: int, cache_block_size: int) -> Int2PageLayout:
+def int2_layout(head_dim: int, num_kv_heads: int, cache_block_size: int, params: str = "fp16") -> Int2PageLayout:
     return Int2PageLayout(head_dim=head_dim, block_size=int2_block_size(cache_block_size),
-                          num_kv_heads=num_kv_heads)
+                          num_kv_heads=num_kv_heads, params=params)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,16 +51,31 @@ class OscarFullAttentionSpec(FullAttentionSpec):
     vLLM's own ``FullAttentionSpec`` math would charge ``2 * head_dim`` bytes per token for a uint8
     cache (4x the INT2 size); the page size here comes from :class:`Int2PageLayout`, so vLLM's block
     counts and its logged capacity are the real ones. ``FullAttentionSpec.merge`` builds ``cls(...)``,
-    and this class adds no fields, so merging keeps the subclass.
+    and this class adds no fields, so merging keeps the subclass: the (scale, offset) format is a class
+    constant for that reason (:class:`OscarFullAttentionSpecU8`), not a field merge would drop.
     """
+
+    LAYOUT_PARAMS: ClassVar[str] = "fp16"
 
     @property
     def layout(self) -> Int2PageLayout:
-        return Int2PageLayout(head_dim=self.head_size, block_size=self.block_size, num_kv_heads=self.num_kv_heads)
+        return Int2PageLayout(head_dim=self.head_size, block_size=self.block_size, num_kv_heads=self.num_kv_heads,
+                              params=self.LAYOUT_PARAMS)
 
     @property
     def real_page_size_bytes(self) -> int:
         return self.layout.page_bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class OscarFullAttentionSpecU8(OscarFullAttentionSpec):
+    """The INT2 pages with 2-byte (scale, offset) pairs (``scale_dtype: "u8"``)."""
+
+    LAYOUT_PARAMS: ClassVar[str] = "u8"
+
+
+def oscar_spec_class(params: str) -> type[OscarFullAttentionSpec]:
+    return OscarFullAttentionSpecU8 if params == "u8" else OscarFullAttentionSpec
 
 
 def oscar_layer_spec(layer, vllm_config) -> OscarFullAttentionSpec:
@@ -77,7 +93,9 @@ def oscar_layer_spec(layer, vllm_config) -> OscarFullAttentionSpec:
             f"this layer has head_size={layer.head_size}, head_size_v={layer.head_size_v}. "
             "List the layer in --kv-cache-dtype-skip-layers or serve with another --kv-cache-dtype."
         )
-    return OscarFullAttentionSpec(
+    from vllm_oscar.runtime_config import get_resolved
+
+    return oscar_spec_class(get_resolved(vllm_config).layout_params)(
         block_size=int2_block_size(vllm_config.cache_config.block_size),
         num_kv_heads=layer.num_kv_heads,
         head_size=layer.head_size,

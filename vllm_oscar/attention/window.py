@@ -360,9 +360,12 @@ class OscarWindowLayer(AttentionLayerBase):
         return OscarWindowBackend
 
     def get_kv_cache_spec(self, vllm_config) -> OscarWindowSpec:
+        from vllm_oscar.runtime_config import get_resolved
+
         bs = vllm_config.cache_config.block_size
         # Pad the BF16 page to the INT2 page of the primary layer: one page size for the whole pool.
-        int2_page = int2_layout(self.head_size, self.num_kv_heads, bs).page_bytes
+        params = get_resolved(vllm_config).layout_params
+        int2_page = int2_layout(self.head_size, self.num_kv_heads, bs, params).page_bytes
         spec = OscarWindowSpec(
             block_size=window_block_size(bs),
             num_kv_heads=self.num_kv_heads,

@@ -9,7 +9,8 @@ package never loads the extension; the first kernel call does, and raises
 Cache layouts (see :mod:`vllm_oscar.layout`):
 
 * INT2 cache, per layer: ``uint8 [num_blocks, num_kv_heads, head_page_bytes]``; a head page holds
-  ``block_size`` tokens as ``k_codes | v_codes | k (scale, offset) fp16 | v (scale, offset) fp16``.
+  ``block_size`` tokens as ``k_codes | v_codes | k (scale, offset) | v (scale, offset)`` (two fp16 per
+  row, or two bytes with ``params="u8"``).
 * Window cache, per layer: ``[num_blocks, 2, window_block_size, num_kv_heads, head_dim]`` bf16 (K then
   V), rows in the rotated space. Decode reads position ``j`` of a sequence of length ``n`` from it
   when ``j < sink`` or ``j >= n - recent`` and from INT2 otherwise (:func:`reference.paged_decode`).
@@ -26,6 +27,7 @@ import torch
 
 __all__ = [
     "LEVELS_CODES",
+    "PARAMS_CODES",
     "DecodeWorkspace",
     "KernelsUnavailableError",
     "decode",
@@ -101,11 +103,29 @@ def _ops():
 LEVELS_CODES = {"minmax": 0, "mse": 1}
 
 
+#: ``params`` names (:data:`vllm_oscar.layout.PARAM_FORMATS`) -> the ops' ``int params``.
+PARAMS_CODES = {"fp16": 0, "u8": 1}
+
+
+def _op_code(codes: dict[str, int], what: str, name: str) -> int:
+    if name not in codes:
+        raise ValueError(f"unknown {what} {name!r}; valid: {list(codes)}")
+    return codes[name]
+
+
 def levels_code(levels: str) -> int:
-    try:
-        return LEVELS_CODES[levels]
-    except KeyError:
-        raise ValueError(f"unknown levels {levels!r}; valid: {list(LEVELS_CODES)}") from None
+    return _op_code(LEVELS_CODES, "levels", levels)
+
+
+def params_code(params: str) -> int:
+    return _op_code(PARAMS_CODES, "params", params)
+
+
+def _token_bytes(head_dim: int, params: str) -> int:
+    """INT2 cache bytes of one (token, KV head): :attr:`vllm_oscar.layout.Int2PageLayout.token_bytes_per_head`."""
+    from vllm_oscar.layout import Int2PageLayout
+
+    return Int2PageLayout(head_dim=head_dim, block_size=16, params=params).token_bytes_per_head
 
 
 def store_kv(
@@ -121,6 +141,7 @@ def store_kv(
     window_cache: torch.Tensor | None = None,
     window_slot_mapping: torch.Tensor | None = None,
     levels: str = "minmax",
+    params: str = "fp16",
 ) -> None:
     """Rotate, clip, INT2-quantize and pack K/V rows into the paged cache, in place.
 
@@ -129,7 +150,7 @@ def store_kv(
             strides free, so views of a fused qkv tensor work). Only the first
             ``slot_mapping.shape[0]`` tokens are read.
         kv_cache: ``uint8 [num_blocks, num_kv_heads, head_page_bytes]``; ``block_size`` is
-            ``head_page_bytes / (2 * (head_dim / 4 + 4))``.
+            ``head_page_bytes / (2 * (head_dim / 4 + 4))`` (``+ 2`` with ``params="u8"``).
         slot_mapping: ``int64 [T]``, ``block * block_size + offset``; ``-1`` skips the token.
         rotation_k, rotation_v: ``float32 [head_dim, head_dim]`` (``x_rot = x @ R``), ``None`` = identity.
         k_clip_ratio, v_clip_ratio: row clip quantile (``<= 0`` disables clipping; must be 0 with
@@ -140,6 +161,9 @@ def store_kv(
         levels: ``"minmax"`` (clip, then the min-max grid: :func:`reference.quantize_int2`) or
             ``"mse"`` (no clipping, the MSE-fitted grid: :func:`reference.quantize_int2_mse`, the same
             fp32 summation order); the page layout is the same.
+        params: how each row's (scale, offset) is stored (:data:`vllm_oscar.layout.PARAM_FORMATS`):
+            ``"fp16"``, or ``"u8"`` (2 bytes: :func:`reference.round_params_u8`). Every op reading this
+            cache must be given the same value.
 
     Matches :func:`reference.store_kv` + :func:`reference.store_window`: fp32 rotation, the exact
     ``sort(|x|)[idx]`` clip threshold, fp16 (scale, offset), ``floor((x - offset) / scale + 0.5)``.
@@ -153,7 +177,7 @@ def store_kv(
     code = levels_code(levels)
     _ops().store_kv(
         key, value, kv_cache, slot_mapping, rotation_k, rotation_v, float(k_clip_ratio), float(v_clip_ratio),
-        window_cache, window_slot_mapping, code,
+        window_cache, window_slot_mapping, code, params_code(params),
     )
 
 
@@ -286,6 +310,7 @@ def decode(
     recent: int = 0,
     scale: float | None = None,
     out: torch.Tensor | None = None,
+    params: str = "fp16",
 ) -> torch.Tensor:
     """Decode attention of one query token per sequence over the OSCAR cache.
 
@@ -306,12 +331,13 @@ def decode(
             in the rotated space (use it when R_V is folded into o_proj).
         scale: softmax scale, default ``head_dim ** -0.5``.
         out: optional ``[batch, num_q_heads, head_dim]`` bf16 destination.
+        params: the cache's (scale, offset) format, as given to :func:`store_kv`.
 
     Returns ``out``. Matches :func:`reference.paged_decode` to bf16 accuracy.
     """
     batch, num_q_heads, head_dim = q.shape
     if workspace is None:
-        bs = kv_cache.shape[2] // (2 * (head_dim // 4 + 4))
+        bs = kv_cache.shape[2] // _token_bytes(head_dim, params)
         workspace = make_decode_workspace(
             batch, num_q_heads, kv_cache.shape[1], head_dim, block_table.shape[1] * bs,
             sink=sink, recent=recent, window=window_cache is not None, device=q.device,
@@ -322,6 +348,7 @@ def decode(
     _ops().decode(
         out, q, kv_cache, block_table, seq_lens, window_cache, window_block_table, rotation_k, rotation_v,
         int(sink), int(recent), scale, workspace.buffer, workspace.semaphores, int(workspace.num_splits),
+        params_code(params),
     )
     return out
 
@@ -360,6 +387,7 @@ def store_and_decode(
     k_clip_ratio: float,
     v_clip_ratio: float,
     levels: str = "minmax",
+    params: str = "fp16",
     sink: int = 0,
     recent: int = 0,
     scale: float | None = None,
@@ -378,7 +406,7 @@ def store_and_decode(
 
     Arguments are those of :func:`store_kv` (``key``, ``value``, ``slot_mapping``,
     ``window_slot_mapping``, ``rotation_k``/``rotation_v`` for the rows, ``k_clip_ratio``,
-    ``v_clip_ratio``, ``levels``) and of :func:`decode` (``q``, ``block_table``, ``seq_lens``,
+    ``v_clip_ratio``, ``levels``, ``params``) and of :func:`decode` (``q``, ``block_table``, ``seq_lens``,
     ``workspace``, ``window_block_table``, ``sink``, ``recent``, ``scale``, ``out``); the output is
     ``o @ rotation_v.T`` when ``rotate_output``, else left in the rotated space.
 
@@ -396,7 +424,7 @@ def store_and_decode(
         out, q, key, value, kv_cache, slot_mapping, block_table, seq_lens, window_cache, window_slot_mapping,
         window_block_table, rotation_k, rotation_v, rotation_v if rotate_output else None, float(k_clip_ratio),
         float(v_clip_ratio), levels_code(levels), int(sink), int(recent), scale, workspace.buffer,
-        workspace.semaphores, int(workspace.num_splits),
+        workspace.semaphores, int(workspace.num_splits), params_code(params),
     )
     return out
 
@@ -420,6 +448,7 @@ def gather_prefix(
     total_tokens: int | None = None,
     key_out: torch.Tensor | None = None,
     value_out: torch.Tensor | None = None,
+    params: str = "fp16",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantize the cached prefixes of several sequences into contiguous bf16 K and V (rotated space).
 
@@ -432,7 +461,8 @@ def gather_prefix(
     when a window cache is given and ``j < sink`` or ``j >= window_starts[i]`` (``int32 [num_seqs]``,
     typically the first position whose BF16 copy is still held); otherwise it is dequantized from
     INT2 as ``bf16(code * scale + offset)`` (product and sum rounded separately in fp32, exactly
-    :func:`reference.dequantize_int2` then a bf16 cast).
+    :func:`reference.dequantize_int2` then a bf16 cast). ``params``: the cache's (scale, offset) format,
+    as given to :func:`store_kv`.
 
     Returns ``(key_out, value_out)`` ``[total_tokens, num_kv_heads, head_dim]`` bf16. Without
     ``total_tokens`` (and without outputs) this reads ``cu_seqlens[-1]`` on the host (a sync).
@@ -447,7 +477,7 @@ def gather_prefix(
         )
     _ops().gather_prefix(
         key_out, value_out, kv_cache, block_table, cu_seqlens, prefix_lens, window_cache, window_block_table,
-        window_starts, int(sink),
+        window_starts, int(sink), params_code(params),
     )
     return key_out, value_out
 

@@ -19,24 +19,29 @@ def _check_head_dim(d: int, what: str) -> None:
     torch._check(d in _HEAD_DIMS, lambda: f"oscar: unsupported head_dim {d} (from {what}); supported: 64, 128, 256")
 
 
-def _int2_block_size(kv_cache: torch.Tensor, d: int) -> int:
-    per_token = 2 * (d // 4 + 4)
+def _check_params(params: int) -> None:
+    torch._check(params in (0, 1), lambda: f"oscar: params must be 0 (fp16 scale and offset) or 1 (u8), got {params}")
+
+
+def _int2_block_size(kv_cache: torch.Tensor, d: int, params: int = 0) -> int:
+    per_token = 2 * (d // 4 + (2 if params == 1 else 4))
     page = kv_cache.shape[2]
     torch._check(
         page % per_token == 0 and (page // per_token) % 16 == 0,
         lambda: f"oscar: kv_cache head page of {page} bytes is not block_size * {per_token} bytes "
-        f"with block_size a multiple of 16 (head_dim {d})",
+        f"with block_size a multiple of 16 (head_dim {d}, {'u8' if params == 1 else 'fp16'} params)",
     )
     return page // per_token
 
 
-def _check_cache(kv_cache: torch.Tensor, hkv: int, d: int) -> None:
+def _check_cache(kv_cache: torch.Tensor, hkv: int, d: int, params: int = 0) -> None:
+    _check_params(params)
     torch._check(kv_cache.dtype == torch.uint8, lambda: f"oscar: kv_cache must be uint8, got {kv_cache.dtype}")
     torch._check(kv_cache.dim() == 3, lambda: f"oscar: kv_cache must be 3-D, got {tuple(kv_cache.shape)}")
     torch._check(
         kv_cache.shape[1] == hkv, lambda: f"oscar: kv_cache has {kv_cache.shape[1]} kv heads, expected {hkv}"
     )
-    _int2_block_size(kv_cache, d)
+    _int2_block_size(kv_cache, d, params)
 
 
 def _check_window(window_cache: torch.Tensor | None, hkv: int, d: int) -> None:
@@ -70,7 +75,7 @@ def register_fakes() -> None:
     @torch.library.register_fake("oscar::store_kv")
     def _store_kv_fake(
         key, value, kv_cache, slot_mapping, rotation_k, rotation_v, k_clip_ratio, v_clip_ratio,
-        window_cache=None, window_slot_mapping=None, levels=0,
+        window_cache=None, window_slot_mapping=None, levels=0, params=0,
     ):
         torch._check(
             key.dtype in (torch.bfloat16, torch.float16), lambda: f"oscar: key must be bf16/fp16, got {key.dtype}"
@@ -83,7 +88,7 @@ def register_fakes() -> None:
         )
         hkv, d = key.shape[1], key.shape[2]
         _check_head_dim(d, "key.shape[2]")
-        _check_cache(kv_cache, hkv, d)
+        _check_cache(kv_cache, hkv, d, params)
         torch._check(
             slot_mapping.dtype == torch.int64 and slot_mapping.dim() == 1,
             lambda: f"oscar: slot_mapping must be 1-D int64, got {slot_mapping.dtype} {tuple(slot_mapping.shape)}",
@@ -100,7 +105,7 @@ def register_fakes() -> None:
     @torch.library.register_fake("oscar::decode")
     def _decode_fake(
         out, q, kv_cache, block_table, seq_lens, window_cache, window_block_table, rotation_k, rotation_v,
-        sink, recent, scale, workspace, semaphores, num_splits,
+        sink, recent, scale, workspace, semaphores, num_splits, params=0,
     ):
         torch._check(q.dtype == torch.bfloat16, lambda: f"oscar: q must be bfloat16, got {q.dtype}")
         torch._check(q.dim() == 3, lambda: f"oscar: q must be [batch, Hq, d], got {tuple(q.shape)}")
@@ -112,7 +117,7 @@ def register_fakes() -> None:
         _check_head_dim(d, "q.shape[2]")
         torch._check(kv_cache.dim() == 3, lambda: f"oscar: kv_cache must be 3-D, got {tuple(kv_cache.shape)}")
         hkv = kv_cache.shape[1]
-        _check_cache(kv_cache, hkv, d)
+        _check_cache(kv_cache, hkv, d, params)
         torch._check(
             q.shape[1] % hkv == 0, lambda: f"oscar: num_q_heads {q.shape[1]} is not a multiple of {hkv} kv heads"
         )
@@ -135,12 +140,12 @@ def register_fakes() -> None:
     def _store_and_decode_fake(
         out, q, key, value, kv_cache, slot_mapping, block_table, seq_lens, window_cache, window_slot_mapping,
         window_block_table, rotation_k, rotation_v, output_rotation_v, k_clip_ratio, v_clip_ratio, levels, sink,
-        recent, scale, workspace, semaphores, num_splits,
+        recent, scale, workspace, semaphores, num_splits, params=0,
     ):
         _store_kv_fake(key, value, kv_cache, slot_mapping, rotation_k, rotation_v, k_clip_ratio, v_clip_ratio,
-                       window_cache, window_slot_mapping, levels)
+                       window_cache, window_slot_mapping, levels, params)
         _decode_fake(out, q, kv_cache, block_table, seq_lens, window_cache, window_block_table, rotation_k,
-                     output_rotation_v, sink, recent, scale, workspace, semaphores, num_splits)
+                     output_rotation_v, sink, recent, scale, workspace, semaphores, num_splits, params)
         torch._check(
             key.shape[2] == q.shape[2],
             lambda: f"oscar: key's head_dim {key.shape[2]} must equal q's {q.shape[2]}",
@@ -155,7 +160,7 @@ def register_fakes() -> None:
     @torch.library.register_fake("oscar::gather_prefix")
     def _gather_prefix_fake(
         key_out, value_out, kv_cache, block_table, cu_seqlens, prefix_lens, window_cache, window_block_table,
-        window_starts, sink,
+        window_starts, sink, params=0,
     ):
         torch._check(
             key_out.dtype == torch.bfloat16 and key_out.dim() == 3,
@@ -167,7 +172,7 @@ def register_fakes() -> None:
         )
         hkv, d = key_out.shape[1], key_out.shape[2]
         _check_head_dim(d, "key_out.shape[2]")
-        _check_cache(kv_cache, hkv, d)
+        _check_cache(kv_cache, hkv, d, params)
         torch._check(
             cu_seqlens.dtype == torch.int32 and cu_seqlens.dim() == 1,
             lambda: f"oscar: cu_seqlens must be 1-D int32, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}",

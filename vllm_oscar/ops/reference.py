@@ -24,6 +24,10 @@ Quantizer, exactly (``d = head_dim``), ``levels="minmax"`` (the paper's)::
 ``levels="mse"`` stores the same ``(scale, offset, code)`` but fits the fp16 pair to the unclipped
 row by alternating least squares (:func:`quantize_int2_mse`, spelled out in the kernel's fp32
 summation order so that the store kernel reproduces it bit for bit).
+
+``params="u8"`` (both grids) stores the pair in 2 bytes instead of 4 (:mod:`vllm_oscar.layout`): every
+fp16 rounding above becomes :func:`round_params_u8` of the unrounded pair, and the codes are computed
+against the rounded pair as before.
 """
 
 from __future__ import annotations
@@ -32,13 +36,23 @@ import math
 
 import torch
 
-from vllm_oscar.layout import Int2PageLayout
+from vllm_oscar.layout import PARAM_FORMATS, Int2PageLayout
 
 # Smallest normal fp16: a constant row (all elements equal) gets this scale instead of 0, so that the
 # code computation never divides by zero and the row dequantizes to its value exactly (code 0).
 SCALE_FLOOR = 2.0**-14
 FP16_MAX = 65504.0
 INT2_LEVELS = 4
+# params="u8" (vllm_oscar.layout): scale = 2**(m//16 - 10) * (1 + (m%16)/16), offset = scale * (u - 152) / 16.
+U8_SCALE_MIN = 2.0**-10  # m = 0
+U8_SCALE_MAX = 62.0  # m = 255: 2**5 * 31/16
+U8_OFFSET_ZERO = 152  # u of offset 0; u in 0..255 covers -9.5 .. +6.4375 scales
+_U8_SCALE_BIAS_BITS = 117 << 23  # fp32 bits of the scale = (m << 19) + this
+
+
+def check_params(params: str) -> None:
+    if params not in PARAM_FORMATS:
+        raise ValueError(f"unknown params {params!r}; valid: {list(PARAM_FORMATS)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,11 +186,16 @@ def clip_rows(x: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.minimum(torch.maximum(x, -thr), thr)
 
 
-def quantize_int2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric min-max INT2 per row: ``(codes uint8 [..., d], scale fp16 [...], offset fp16 [...])``."""
+def quantize_int2(x: torch.Tensor, params: str = "fp16") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max INT2 per row: ``(codes uint8 [..., d], scale fp16 [...], offset fp16 [...])``;
+    with ``params="u8"`` scale and offset are fp32 values on the u8 grid (:func:`round_params_u8`)."""
+    check_params(params)
     x = x.to(torch.float32)
     lo = x.amin(-1)
     hi = x.amax(-1)
+    if params == "u8":
+        scale, offset = round_params_u8((hi - lo) / _f32(3.0), lo)
+        return _codes(x, scale, offset).to(torch.uint8), scale, offset
     scale = torch.clamp((hi - lo) / 3.0, min=SCALE_FLOOR, max=FP16_MAX).to(torch.float16)
     offset = torch.clamp(lo, -FP16_MAX, FP16_MAX).to(torch.float16)
     codes = torch.floor((x - offset.float()[..., None]) / scale.float()[..., None] + 0.5)
@@ -269,6 +288,52 @@ def _round_params(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tens
             _clamp(offset, -FP16_MAX, FP16_MAX).to(torch.float16).float())
 
 
+def round_params_u8(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored u8 pair as fp32 (``params="u8"``), exactly (fp32, IEEE ops, fmin/fmax clamps)::
+
+        s = fmin(fmax(scale, 2**-10), 62);  bits(s) = (bits(s) + 2**18) & ~(2**19 - 1)   (4 mantissa bits,
+                                                                                     ties away from 0)
+        u = fmin(fmax(floor((offset / s) * 16 + 0.5), -152), 103);  offset = s * (u * 0.0625)
+
+    ``s`` has 5 significant bits and ``u`` 8, so ``offset`` is exact. The codes are
+    ``m = (bits(s) - (117 << 23)) >> 19`` and ``u + 152`` (:func:`encode_params`)."""
+    s = _clamp(scale.to(torch.float32), U8_SCALE_MIN, U8_SCALE_MAX)
+    bits = s.view(torch.int32)
+    s = ((bits + (1 << 18)) & ~((1 << 19) - 1)).view(torch.float32)
+    u = _clamp(torch.floor((offset.to(torch.float32) / s) * _f32(16.0) + _f32(0.5)), -U8_OFFSET_ZERO,
+               255 - U8_OFFSET_ZERO)
+    return s, s * (u * _f32(0.0625))
+
+
+def round_params(scale: torch.Tensor, offset: torch.Tensor, params: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored pair as fp32: :func:`_round_params` (fp16, min-max's clamps) or :func:`round_params_u8`."""
+    return round_params_u8(scale, offset) if params == "u8" else _round_params(scale, offset)
+
+
+def encode_params(scale: torch.Tensor, offset: torch.Tensor, params: str) -> torch.Tensor:
+    """A stored pair (values already on the format's grid) as its bytes' dtype: ``[..., 2]`` fp16, or
+    uint8 ``[scale code, offset code]`` for ``"u8"``."""
+    check_params(params)
+    if params == "fp16":
+        return torch.stack([scale.to(torch.float16), offset.to(torch.float16)], -1)
+    s = scale.to(torch.float32)
+    m = (s.view(torch.int32) - _U8_SCALE_BIAS_BITS) >> 19
+    u = torch.round(offset.to(torch.float32) / s * 16.0) + U8_OFFSET_ZERO
+    if not (((m >= 0) & (m <= 255)).all() and ((u >= 0) & (u <= 255)).all()):
+        raise ValueError("encode_params: a (scale, offset) pair is not on the u8 grid (round_params_u8 first)")
+    return torch.stack([m.to(torch.uint8), u.to(torch.uint8)], -1)
+
+
+def decode_params(raw: torch.Tensor, params: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`encode_params`: ``raw [..., 2]`` -> ``(scale, offset)`` fp32."""
+    check_params(params)
+    if params == "fp16":
+        return raw[..., 0].float(), raw[..., 1].float()
+    m = raw[..., 0].to(torch.int32)
+    s = ((m << 19) + _U8_SCALE_BIAS_BITS).view(torch.float32)
+    return s, s * ((raw[..., 1].to(torch.float32) - U8_OFFSET_ZERO) * 0.0625)
+
+
 def _sq_error(x, codes, scale, offset, perm, lanes):
     """``sum((code * scale + offset - x)^2)`` per row, fp32, each op rounded, kernel order."""
     e = codes * scale[..., None] + offset[..., None] - x
@@ -281,9 +346,12 @@ def quantize_int2_mse(
     start_fractions: tuple[float, ...] = MSE_START_FRACTIONS,
     lloyd_max_start: bool = MSE_LLOYD_MAX_START,
     passes: int = MSE_PASSES,
+    params: str = "fp16",
     _trace: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MSE-fitted affine INT2 per row: ``(codes uint8 [..., d], scale fp16 [...], offset fp16 [...])``.
+    """MSE-fitted affine INT2 per row: ``(codes uint8 [..., d], scale fp16 [...], offset fp16 [...])``
+    (``params="u8"``: scale and offset fp32 on the u8 grid, every fp16 rounding below is
+    :func:`round_params_u8`).
 
     ``d`` must be a multiple of 4 (the kernel's lanes hold whole code bytes). Exactly, in fp32 with
     every operation rounded to nearest (``Σ`` = :func:`_lane_sum`, the kernel's summation order;
@@ -303,6 +371,7 @@ def quantize_int2_mse(
     Finite inputs only: a NaN/inf element gives some grid, not necessarily the kernel's.
     ``_trace`` (tests): receives ``(scale, offset, err)`` fp32 per candidate, the pair before rounding.
     """
+    check_params(params)
     x = x.to(torch.float32)
     d = x.shape[-1]
     if d % 4:
@@ -317,7 +386,7 @@ def quantize_int2_mse(
     sx = row_sum(x)
     inv_d = _f32(1.0 / d)
 
-    best_s, best_o = _round_params((hi - lo) / _f32(3.0), lo)
+    best_s, best_o = round_params((hi - lo) / _f32(3.0), lo, params)
     best_err = _sq_error(x, _codes(x, best_s, best_o), best_s, best_o, perm, lanes)
     if _trace is not None:
         _trace.append((best_s, best_o, best_err))
@@ -346,7 +415,7 @@ def quantize_int2_mse(
             ok = (det > 0) & (s_new > 0)
             s, o = torch.where(ok, s_new, s), torch.where(ok, o_new, o)
             c = _codes(x, s, o)
-        sr, orr = _round_params(s, o)
+        sr, orr = round_params(s, o, params)
         err = _sq_error(x, _codes(x, sr, orr), sr, orr, perm, lanes)
         if _trace is not None:
             _trace.append((s, o, err))
@@ -354,6 +423,8 @@ def quantize_int2_mse(
         best_err = torch.where(better, err, best_err)
         best_s, best_o = torch.where(better, sr, best_s), torch.where(better, orr, best_o)
     codes = _codes(x, best_s, best_o)
+    if params == "u8":
+        return codes.to(torch.uint8), best_s, best_o
     return codes.to(torch.uint8), best_s.to(torch.float16), best_o.to(torch.float16)
 
 
@@ -368,10 +439,12 @@ def check_levels(levels: str, k_clip_ratio: float = 0.0, v_clip_ratio: float = 0
         )
 
 
-def quantize_int2_levels(x: torch.Tensor, levels: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int2_levels(
+    x: torch.Tensor, levels: str, params: str = "fp16"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`quantize_int2` (``"minmax"``) or :func:`quantize_int2_mse` (``"mse"``)."""
     check_levels(levels)
-    return quantize_int2(x) if levels == "minmax" else quantize_int2_mse(x)
+    return quantize_int2(x, params) if levels == "minmax" else quantize_int2_mse(x, params=params)
 
 
 def dequantize_int2(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -395,7 +468,7 @@ def unpack_int2(packed: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_rows(
-    x: torch.Tensor, rotation: torch.Tensor | None, clip_ratio: float, levels: str = "minmax"
+    x: torch.Tensor, rotation: torch.Tensor | None, clip_ratio: float, levels: str = "minmax", params: str = "fp16"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rotate (fp32), clip, quantize and pack rows: ``(packed [..., d/4], scale, offset)``.
 
@@ -405,15 +478,15 @@ def quantize_rows(
     xr = x.to(torch.float32)
     if rotation is not None:
         xr = xr @ rotation.to(torch.float32)
-    codes, scale, offset = quantize_int2_levels(clip_rows(xr, clip_ratio), levels)
+    codes, scale, offset = quantize_int2_levels(clip_rows(xr, clip_ratio), levels, params)
     return pack_int2(codes), scale, offset
 
 
 def fake_quantize_rows(
-    x: torch.Tensor, rotation: torch.Tensor | None, clip_ratio: float, levels: str = "minmax"
+    x: torch.Tensor, rotation: torch.Tensor | None, clip_ratio: float, levels: str = "minmax", params: str = "fp16"
 ) -> torch.Tensor:
     """Quantize then dequantize rows, returned **in the rotated space** as fp32."""
-    packed, scale, offset = quantize_rows(x, rotation, clip_ratio, levels)
+    packed, scale, offset = quantize_rows(x, rotation, clip_ratio, levels, params)
     return dequantize_int2(unpack_int2(packed), scale, offset)
 
 
@@ -428,8 +501,9 @@ def _head_page_views(kv_cache: torch.Tensor, layout: Int2PageLayout):
     bs, pr = layout.block_size, layout.packed_row_bytes
     k_codes = kv_cache[..., layout.k_codes_offset : layout.v_codes_offset].view(nb, hkv, bs, pr)
     v_codes = kv_cache[..., layout.v_codes_offset : layout.k_params_offset].view(nb, hkv, bs, pr)
-    k_params = kv_cache[..., layout.k_params_offset : layout.v_params_offset].view(torch.float16)
-    v_params = kv_cache[..., layout.v_params_offset : layout.head_page_bytes].view(torch.float16)
+    pdt = torch.float16 if layout.params == "fp16" else torch.uint8  # raw pairs: decode_params reads them
+    k_params = kv_cache[..., layout.k_params_offset : layout.v_params_offset].view(pdt)
+    v_params = kv_cache[..., layout.v_params_offset : layout.head_page_bytes].view(pdt)
     return k_codes, v_codes, k_params.view(nb, hkv, bs, 2), v_params.view(nb, hkv, bs, 2)
 
 
@@ -471,9 +545,9 @@ def store_kv(
         (key, rotation_k, k_clip_ratio, kc, kp),
         (value, rotation_v, v_clip_ratio, vc, vp),
     ):
-        packed, scale, offset = quantize_rows(src[keep], rot, ratio, levels)  # [n, Hkv, ...]
+        packed, scale, offset = quantize_rows(src[keep], rot, ratio, levels, layout.params)  # [n, Hkv, ...]
         codes_v[blocks, :, offs] = packed
-        params_v[blocks, :, offs] = torch.stack([scale, offset], -1)
+        params_v[blocks, :, offs] = encode_params(scale, offset, layout.params)
 
 
 def gather_kv(
@@ -487,8 +561,8 @@ def gather_kv(
     offs = pos % layout.block_size
     out = []
     for codes_v, params_v in ((kc, kp), (vc, vp)):
-        p = params_v[blocks, :, offs]  # [T, Hkv, 2]
-        out.append(dequantize_int2(unpack_int2(codes_v[blocks, :, offs]), p[..., 0], p[..., 1]))
+        scale, offset = decode_params(params_v[blocks, :, offs], layout.params)  # [T, Hkv]
+        out.append(dequantize_int2(unpack_int2(codes_v[blocks, :, offs]), scale, offset))
     return out[0], out[1]
 
 
@@ -572,13 +646,14 @@ def oscar_attention(
     window_dtype: torch.dtype | None = torch.bfloat16,
     scale: float | None = None,
     levels: str = "minmax",
+    params: str = "fp16",
     exact_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """End-to-end OSCAR attention for one sequence, in the model's space.
 
     ``q [Tq, Hq, d]`` at ``q_positions``; ``k, v [Tkv, Hkv, d]`` (post-RoPE). K/V are rotated, the
     INT2 copy is quantized (``levels="minmax"``: clipped min-max grid; ``"mse"``: the MSE-fitted grid,
-    clip ratios must be 0), the window copy is the rotated row rounded to ``window_dtype`` (``None``
+    clip ratios must be 0; ``params``: how the pair is stored), the window copy is the rotated row rounded to ``window_dtype`` (``None``
     keeps it exact); ``q @ R_K`` attends over the mixed cache and the output is rotated back with
     ``R_V^T``. Identity rotations are ``None``. ``exact_mask [Tq, Tkv]`` overrides which keys are read
     from the window copy (see :func:`mixed_window_attention`).
@@ -592,8 +667,8 @@ def oscar_attention(
     k_rot, v_rot = rot(k, rotation_k), rot(v, rotation_v)
     k_win = k_rot if window_dtype is None else k_rot.to(window_dtype)
     v_win = v_rot if window_dtype is None else v_rot.to(window_dtype)
-    k_q = dequantize_int2(*quantize_int2_levels(clip_rows(k_rot.float(), k_clip_ratio), levels))
-    v_q = dequantize_int2(*quantize_int2_levels(clip_rows(v_rot.float(), v_clip_ratio), levels))
+    k_q = dequantize_int2(*quantize_int2_levels(clip_rows(k_rot.float(), k_clip_ratio), levels, params))
+    v_q = dequantize_int2(*quantize_int2_levels(clip_rows(v_rot.float(), v_clip_ratio), levels, params))
     o = mixed_window_attention(rot(q, rotation_k), k_win, v_win, k_q, v_q, q_positions, sink, recent, scale,
                                exact_mask=exact_mask)
     return o if rotation_v is None else o @ rotation_v.to(o.dtype).T
