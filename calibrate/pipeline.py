@@ -116,6 +116,7 @@ def model_card(artifact: RotationArtifact, repo_id: str | None = None) -> str:
         "num_kv_heads": m.num_kv_heads,
         "head_dim": m.head_dim,
         "levels": q.levels,
+        "scale_dtype": q.scale_dtype,
         "k_clip": q.k_clip_ratio,
         "v_clip": q.v_clip_ratio,
         "sink": w.sink_tokens,

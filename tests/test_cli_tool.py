@@ -54,6 +54,15 @@ def test_calibrate_levels_mse_records_no_clipping(tiny, tmp_path, capsys):
     q = RotationArtifact.load(tmp_path / "art").config.quantization
     assert (q.levels, q.k_clip_ratio, q.v_clip_ratio) == ("mse", 0.0, 0.0)
     assert "| INT2 grid (`levels`) | mse" in (tmp_path / "art" / "README.md").read_text()
+    assert q.scale_dtype == "float16"  # the paper's 4-byte pair unless asked otherwise
+
+
+def test_calibrate_scale_dtype_u8_is_recorded(tiny, tmp_path, capsys):
+    rc = cli.main(["calibrate", "--model", "tiny", "--tokens", "256", "--seq-len", "128", "--output",
+                   str(tmp_path / "art"), "--levels", "mse", "--scale-dtype", "u8"])
+    assert rc == 0, capsys.readouterr().err
+    assert RotationArtifact.load(tmp_path / "art").config.quantization.scale_dtype == "u8"
+    assert "| scale and offset (`scale_dtype`) | u8" in (tmp_path / "art" / "README.md").read_text()
 
 
 def test_eval_ppl_command_writes_results(tiny, tmp_path, capsys):
