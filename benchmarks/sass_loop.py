@@ -1,6 +1,6 @@
 """Count the SASS instructions of the decode kernel's INT2 loop (one warp, one 256-token stage).
 
-Compiles ``decode_kernel<D, 1>`` for sm_90a with nvcc (no GPU needed), disassembles it with
+Compiles ``decode_kernel<D, 1, PB>`` (``--params``: the fp16 or u8 (scale, offset) pairs) for sm_90a with nvcc (no GPU needed), disassembles it with
 ``nvdisasm`` (on PATH, or the copy Triton ships), finds the innermost loop holding the stage's MMAs
 and lists its branches with their source lines. With ``--take`` it walks one path through the loop
 (unconditional branches always, the listed conditional ones taken, the others not) and counts the
@@ -41,18 +41,23 @@ def find_tool(name: str) -> str:
     raise SystemExit(f"{name} not found: put it on PATH (CUDA toolkit) or install triton, which ships a copy")
 
 
-def disassemble(head_dim: int) -> str:
+def disassemble(head_dim: int, params: str = "fp16") -> str:
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     if not os.path.exists(nvcc):
         raise SystemExit("nvcc not found (CUDA toolkit): needed to compile the kernel")
     with tempfile.TemporaryDirectory() as tmp:
         src, cubin = Path(tmp, "k.cu"), Path(tmp, "k.cubin")
         src.write_text('#include "kernels/decode.cuh"\nnamespace oscar {\n'
-                       f"template __global__ void decode_kernel<{head_dim}, 1>(const DecodeParams p);\n}}\n")
+                       f"template __global__ void decode_kernel<{head_dim}, 1, {PB_CONSTANTS[params]}>"
+                       "(const DecodeParams p);\n}\n")
         subprocess.run([nvcc, "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-arch=sm_90a", "-cubin",
                         f"-I{ROOT / 'csrc'}", "-o", str(cubin), str(src)], check=True)
         return subprocess.run([find_tool("nvdisasm"), "-gi", "-c", str(cubin)], check=True, capture_output=True,
                               text=True).stdout
+
+
+#: --params -> decode_kernel's PB (csrc/kernels/params.h)
+PB_CONSTANTS = {"fp16": "kParamBytesFp16", "u8": "kParamBytesU8"}
 
 
 def parse(sass: str) -> list[tuple[int, str, str]]:
@@ -85,9 +90,10 @@ def loop_body(ins, min_mma: int):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--head-dim", type=int, default=128, choices=(64, 128, 256))
+    ap.add_argument("--params", default="fp16", choices=tuple(PB_CONSTANTS), help="the (scale, offset) format")
     ap.add_argument("--take", default="", help="comma list of hex addresses of conditional branches to take")
     args = ap.parse_args()
-    sass = disassemble(args.head_dim)
+    sass = disassemble(args.head_dim, args.params)
     # nvdisasm prints label targets; rewrite `(.L_x_N) into the label's address.
     labels = {}
     cur = None
