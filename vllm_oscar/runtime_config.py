@@ -494,9 +494,10 @@ def data_free_artifact(resolved: ResolvedOscarConfig, facts: ModelFacts):
     with fork_safe_torch():
         from vllm_oscar.config import QuantizationConfig
 
-        q = QuantizationConfig(group_size=facts.head_dim, levels=resolved.levels, k_clip_ratio=resolved.k_clip_ratio,
+        info = _base_model_info(facts)
+        q = QuantizationConfig(group_size=info.head_dim, levels=resolved.levels, k_clip_ratio=resolved.k_clip_ratio,
                                v_clip_ratio=resolved.v_clip_ratio, scale_dtype=resolved.scale_dtype)
-        return hadamard_artifact(_base_model_info(facts), mode=resolved.mode, quantization=q)
+        return hadamard_artifact(info, mode=resolved.mode, quantization=q)
 
 
 def load_artifact(source: str, subfolder: str | None, facts: ModelFacts):

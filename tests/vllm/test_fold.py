@@ -109,6 +109,7 @@ def test_folded_layers_get_no_output_rotation():
     class Resolved:
         k_clip_ratio = v_clip_ratio = 0.0
         sink_tokens, recent_tokens, levels = 64, 256, "mse"
+        layout_params = "fp16"
 
     layer = nn.Module()
     layer.oscar_rotation_k = torch.eye(64)

@@ -15,7 +15,9 @@ from vllm_oscar.config import BaseModelInfo, RotationMode
 info = BaseModelInfo(id="m", architecture="LlamaForCausalLM", num_layers=30, num_attention_heads=9,
                      num_kv_heads=3, head_dim=64)
 rc._base_model_info = lambda f: info
-art = rc.data_free_artifact(type("R", (), {"mode": RotationMode.HADAMARD})(), None)
+resolved = type("R", (), {"mode": RotationMode.HADAMARD, "levels": "mse", "k_clip_ratio": 0.0, "v_clip_ratio": 0.0,
+                          "scale_dtype": "float16"})()
+art = rc.data_free_artifact(resolved, None)
 assert art.k_rotation.shape == (30, 64, 64)
 def child():
     assert float(torch.zeros(20_000_000).sum()) == 0.0  # parallel fill: hangs on a forked OpenMP pool
