@@ -617,7 +617,7 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT, PB>::kMinBlocks) deco
     // FMA that adds the offset term, so exp2 takes the score as is (16 FADDs per warp and stage less),
     // and only a rescale (rare, lazy) shifts a stage's scores. qs_sl: sum(q) * softmax scale * log2(e);
     // with u8 params sum(q) / 16 instead (the offset comes as (u - 152) / 16 scales: score =
-    // scale * (S' + (u - 152) * sum(q) / 16), one FMA more before the scale and none after).
+    // scale * (S' + (u - 152) * sum(q) / 16), the same two FMAs per score).
     float qs_sl[NT][2], kb_init[NT][4], ov_run[NT][2], vb_acc[NT][4], mu[NT][2];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
