@@ -461,12 +461,8 @@ __global__ void __launch_bounds__(256) store_kernel(const StoreParams p) {
     } else if (p.levels == kLevelsMse) {  // warp-uniform (a kernel argument)
       float me;
       mse_grid<E, L>(x, lo, hi, 0, 1, p.params_u8, scf, offf, me);
-    } else if (p.params_u8) {
-      round_pair_u8(__fdiv_rn(__fsub_rn(hi, lo), 3.f), lo, scf, offf);
-    } else {
-      const float sc = fminf(fmaxf(__fdiv_rn(__fsub_rn(hi, lo), 3.f), 6.103515625e-05f), 65504.f);
-      scf = __half2float(__float2half_rn(sc));
-      offf = __half2float(__float2half_rn(fminf(fmaxf(lo, -65504.f), 65504.f)));
+    } else {  // the min-max grid: mse_grid's candidate 0
+      round_pair(__fdiv_rn(__fsub_rn(hi, lo), 3.f), lo, p.params_u8, scf, offf);
     }
     uint32_t bytes[BPL];
 #pragma unroll
