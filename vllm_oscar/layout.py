@@ -131,6 +131,15 @@ class Int2PageLayout:
         """Bytes of one KV block of one layer (all KV heads): what vLLM's page-size math must see."""
         return self.num_kv_heads * self.head_page_bytes
 
+    @classmethod
+    def for_head_page(cls, head_dim: int, head_page_bytes: int, num_kv_heads: int = 1,
+                      params: str = "fp16") -> Int2PageLayout:
+        """The layout whose head pages are ``head_page_bytes`` long (a cache tensor's last dimension):
+        ``block_size = head_page_bytes // token_bytes_per_head`` (validated like any layout)."""
+        token_bytes = cls(head_dim=head_dim, block_size=16, params=params).token_bytes_per_head
+        return cls(head_dim=head_dim, block_size=head_page_bytes // token_bytes, num_kv_heads=num_kv_heads,
+                   params=params)
+
     def cache_shape(self, num_blocks: int) -> tuple[int, int, int]:
         """Shape of a layer's ``uint8`` cache tensor: ``[num_blocks, num_kv_heads, head_page_bytes]``."""
         return (num_blocks, self.num_kv_heads, self.head_page_bytes)

@@ -498,10 +498,7 @@ class OscarLayerArgsCache:
         key = (id(rk), id(rv), page, rotate_output)
         if self._cached is None or self._cached[:4] != key:
             r = self.resolved
-            params = r.layout_params
-            token_bytes = Int2PageLayout(head_dim=self.head_dim, block_size=16, params=params).token_bytes_per_head
-            layout = Int2PageLayout(head_dim=self.head_dim, block_size=page // token_bytes,
-                                    num_kv_heads=self.num_kv_heads, params=params)
+            layout = Int2PageLayout.for_head_page(self.head_dim, page, self.num_kv_heads, r.layout_params)
             args = kernels.OscarLayerArgs(
                 layout=layout, rotation_k=rk, rotation_v=rv, k_clip_ratio=r.k_clip_ratio,
                 v_clip_ratio=r.v_clip_ratio, sink_tokens=r.sink_tokens, recent_tokens=r.recent_tokens,

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_oscar.layout import Int2PageLayout
+
 __all__ = [
     "LEVELS_CODES",
     "PARAMS_CODES",
@@ -119,13 +121,6 @@ def levels_code(levels: str) -> int:
 
 def params_code(params: str) -> int:
     return _op_code(PARAMS_CODES, "params", params)
-
-
-def _token_bytes(head_dim: int, params: str) -> int:
-    """INT2 cache bytes of one (token, KV head): :attr:`vllm_oscar.layout.Int2PageLayout.token_bytes_per_head`."""
-    from vllm_oscar.layout import Int2PageLayout
-
-    return Int2PageLayout(head_dim=head_dim, block_size=16, params=params).token_bytes_per_head
 
 
 def store_kv(
@@ -337,7 +332,8 @@ def decode(
     """
     batch, num_q_heads, head_dim = q.shape
     if workspace is None:
-        bs = kv_cache.shape[2] // _token_bytes(head_dim, params)
+        # the op checks the page size itself (its error names the page and the token bytes)
+        bs = kv_cache.shape[2] // Int2PageLayout(head_dim=head_dim, block_size=16, params=params).token_bytes_per_head
         workspace = make_decode_workspace(
             batch, num_q_heads, kv_cache.shape[1], head_dim, block_table.shape[1] * bs,
             sink=sink, recent=recent, window=window_cache is not None, device=q.device,

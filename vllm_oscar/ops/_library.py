@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_oscar.layout import PARAM_FORMATS, Int2PageLayout
+
 _registered = False
 
 _HEAD_DIMS = (64, 128, 256)
@@ -24,12 +26,13 @@ def _check_params(params: int) -> None:
 
 
 def _int2_block_size(kv_cache: torch.Tensor, d: int, params: int = 0) -> int:
-    per_token = 2 * (d // 4 + (2 if params == 1 else 4))
+    name = list(PARAM_FORMATS)[params]  # the ops' params codes: PARAM_FORMATS in order
+    per_token = Int2PageLayout(head_dim=d, block_size=16, params=name).token_bytes_per_head
     page = kv_cache.shape[2]
     torch._check(
         page % per_token == 0 and (page // per_token) % 16 == 0,
         lambda: f"oscar: kv_cache head page of {page} bytes is not block_size * {per_token} bytes "
-        f"with block_size a multiple of 16 (head_dim {d}, {'u8' if params == 1 else 'fp16'} params)",
+        f"with block_size a multiple of 16 (head_dim {d}, {name} params)",
     )
     return page // per_token
 
