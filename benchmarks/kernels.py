@@ -429,7 +429,8 @@ PARAMS_CONFIGS = {"qwen3-8b": ((1, 32768), (1, 131072), (8, 32768), (64, 32768),
 def run_params(quick: bool, budget: Budget):
     """Decode (no R_V, with the window) over caches with fp16 and with u8 (scale, offset) pairs: 68 instead
     of 72 bytes per token and KV head at d=128, 36 instead of 40 at d=64, for a few more instructions per
-    row (the u8 decode). The two formats alternate twice per configuration; each keeps its faster run."""
+    row (the u8 decode), and the store of one token per sequence (MSE grid) into each. The two formats
+    alternate twice per configuration; each keeps its faster run."""
     rows = []
     for shape, configs in PARAMS_CONFIGS.items():
         hq, hkv, d = SHAPES[shape]
@@ -438,16 +439,20 @@ def run_params(quick: bool, budget: Budget):
                 continue
             ws = ops.make_decode_workspace(batch, hq, hkv, d, ctx, sink=SINK, recent=RECENT)
             us = {"fp16": float("inf"), "u8": float("inf")}
+            store_us = dict(us)
             for _ in range(2):
                 for params in ("fp16", "u8"):
                     nb = n_buffers(oscar_bytes(batch, hq, hkv, d, ctx, params=params))
                     inp = OscarInputs(batch, hq, hkv, d, ctx, nb, params=params)
+                    inp.add_newest_tokens()
                     fn = lambda i, inp=inp, ws=ws: inp.call(ws, i, rot_v=False)
                     us[params] = min(us[params], time_graph(fn, nb, estimate_ms(fn)) * 1e3)
+                    st = lambda i, inp=inp: inp.store(i)
+                    store_us[params] = min(store_us[params], time_graph(st, nb, estimate_ms(st)) * 1e3)
                     del inp
                     torch.cuda.empty_cache()
             row = dict(shape=shape, batch=batch, ctx=ctx, splits=ws.num_splits, fp16_us=us["fp16"], u8_us=us["u8"],
-                       speedup=us["fp16"] / us["u8"])
+                       speedup=us["fp16"] / us["u8"], fp16_store_us=store_us["fp16"], u8_store_us=store_us["u8"])
             for params, t_us in us.items():
                 row[f"{params}_tbps"] = oscar_bytes(batch, hq, hkv, d, ctx, params=params) / (t_us * 1e-6) / 1e12
             rows.append(row)
