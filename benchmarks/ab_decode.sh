@@ -8,17 +8,20 @@
 # Builds and tests this tree (benchmarks/gpu_kernels.sh), times its decode, then builds the old tree in
 # /tmp/oscar-ab-old and times its decode with the same benchmark (the old tree's benchmarks/kernels.py),
 # and prints old vs new per (shape, batch, context). Results: $OUT/new, $OUT/old (kernels-h100.json each).
-# BUDGET (seconds per decode benchmark, default 130) bounds the call.
+# BUDGET (seconds per benchmark run, default 130) bounds the call. PARTS (default decode) picks the
+# benchmark parts both trees run: decode and step (store_and_decode, what the vLLM backend runs at small
+# batch) are compared.
 set -uo pipefail
 old_tar="${1:?usage: bash benchmarks/ab_decode.sh OLD_TREE.tar}"
 cd "$(dirname "$0")/.."
 root=$(pwd)
 out="${OUT:-/tmp/oscar-ab}"
 budget="${BUDGET:-130}"
-OUT="$out/new" bash benchmarks/gpu_kernels.sh -- --parts decode --no-sweep --time-budget "$budget" || exit 1
+parts="${PARTS:-decode}"
+OUT="$out/new" bash benchmarks/gpu_kernels.sh -- --parts "$parts" --no-sweep --time-budget "$budget" || exit 1
 rm -rf /tmp/oscar-ab-old && mkdir -p /tmp/oscar-ab-old && tar -xf "$old_tar" -C /tmp/oscar-ab-old || exit 1
 [ -d .whl ] && cp -r .whl /tmp/oscar-ab-old/
-(cd /tmp/oscar-ab-old && OUT="$out/old" bash benchmarks/gpu_kernels.sh --skip-tests -- --parts decode --no-sweep \
+(cd /tmp/oscar-ab-old && OUT="$out/old" bash benchmarks/gpu_kernels.sh --skip-tests -- --parts "$parts" --no-sweep \
   --time-budget "$budget") || exit 1
 # Leave this tree installed again (the old build replaced the editable install).
 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}" \
@@ -27,10 +30,15 @@ python3 - "$out" <<'PY'
 import json, sys
 out = sys.argv[1]
 key = lambda r: (r["shape"], r["batch"], r["ctx"])
-new = {key(r): r for r in json.load(open(out + "/new/kernels-h100.json"))["decode"]}
-old = {key(r): r for r in json.load(open(out + "/old/kernels-h100.json"))["decode"]}
-print("| shape | B | ctx | old us | new us | change | new TB/s |\n|---|---|---|---|---|---|---|")
-for k in sorted(new.keys() & old.keys()):
-    n, o = new[k]["oscar_ms"] * 1e3, old[k]["oscar_ms"] * 1e3
-    print(f"| {k[0]} | {k[1]} | {k[2]} | {o:.1f} | {n:.1f} | {n / o - 1:+.1%} | {new[k]['oscar_tbps']:.2f} |")
+res = {side: json.load(open(f"{out}/{side}/kernels-h100.json")) for side in ("new", "old")}
+# (part, field, scale to us): decode rows time oscar_ms; step rows the backend's small-batch op
+for part, field, to_us in (("decode", "oscar_ms", 1e3), ("step", "store_and_decode_us", 1.0)):
+    new = {key(r): r for r in res["new"].get(part, [])}
+    old = {key(r): r for r in res["old"].get(part, [])}
+    if not new.keys() & old.keys():
+        continue
+    print(f"\n{part} ({field})\n| shape | B | ctx | old us | new us | change |\n|---|---|---|---|---|---|")
+    for k in sorted(new.keys() & old.keys()):
+        n, o = new[k][field] * to_us, old[k][field] * to_us
+        print(f"| {k[0]} | {k[1]} | {k[2]} | {o:.1f} | {n:.1f} | {n / o - 1:+.1%} |")
 PY

@@ -80,6 +80,10 @@ FORMATS: dict[str, dict] = {
     # oscar_int2 with 2-byte (scale, offset) pairs (vllm_oscar/layout.py): 68 instead of 72 bytes per token and
     # KV head at d=128
     "oscar_int2_u8": {"kv_cache_dtype": "oscar_int2", "additional_config": {"oscar": {"scale_dtype": "u8"}}},
+    # u8 pairs with the bytes they save spent on a 512-token recent window: about the default's bytes per
+    # token at 32K (68 * 32768 + 576 * 512 against 72 * 32768 + 320 * 512 per KV head at d=128)
+    "oscar_int2_u8_r512": {"kv_cache_dtype": "oscar_int2",
+                           "additional_config": {"oscar": {"scale_dtype": "u8", "recent_tokens": 512}}},
 }
 DEFAULT_PERF_FORMATS = "auto,fp8,turboquant_3bit_nc,oscar_int2"
 DEFAULT_ACC_FORMATS = "auto,fp8,turboquant_4bit_nc,turboquant_3bit_nc,int2_naive,int2_hadamard,oscar_int2"

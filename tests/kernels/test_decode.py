@@ -102,6 +102,18 @@ CASES += [
     ("u8-b64-ctx4097-g3-d64", dict(batch=64, num_q_heads=9, num_kv_heads=3, head_dim=64, block_size=32,
                                    seq_lens=_random_lens(64, 1500, 1, must=(4097, 1, 64, 65)), **W, **U8), None),
 ]
+# A 512-token recent window (`{"scale_dtype": "u8", "recent_tokens": 512}`: the bits the u8 pairs save spent
+# on BF16 rows): 5 window splits at d=128 (128-row window tiles), 9 at d=64; sequences shorter and longer
+# than the windows.
+R512 = dict(sink=64, recent=512)
+CASES += [
+    ("u8-r512-g4", dict(batch=4, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=128, window_block_size=16,
+                        seq_lens=_lens(33000, 577, 576, 300), **R512, **U8), None),
+    ("u8-r512-g3-d64", dict(batch=5, num_q_heads=9, num_kv_heads=3, head_dim=64, block_size=16,
+                            seq_lens=_lens(4097, 577, 576, 65, 1), **R512, **U8), None),
+    ("r512-g4", dict(batch=3, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
+                     seq_lens=_lens(4097, 1000, 513), **R512), None),
+]
 
 
 def _run(case: DecodeCase, num_splits, q=None):
@@ -277,6 +289,8 @@ OVERLAP_CASES = [
                                seq_lens=_lens(1, 63, 64, 65, 320, 4097, 2000), sink=0, recent=0, **U8), "minmax", 4096),
     ("u8-b64-ctx4097-g3-d64", dict(batch=64, num_q_heads=9, num_kv_heads=3, head_dim=64, block_size=32,
                                    seq_lens=_random_lens(64, 1500, 1, must=(4097, 1, 64, 65)), **W, **U8), "mse", 1024),
+    ("u8-r512-b3-g4", dict(batch=3, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=128,
+                           window_block_size=16, seq_lens=_lens(33000, 577, 200), **R512, **U8), "mse", 0),
 ]
 
 
