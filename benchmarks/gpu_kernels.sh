@@ -59,8 +59,8 @@ status=0
 if [ "$sanitize" = 1 ]; then
   # The decode cases cover a split's boundary and whole stages, block sizes 16, 32 and 128, no window, and
   # store_and_decode (the store kernel's PDL gate, the decode's waits) with and without a window, the
-  # u8-params variants of decode, store_and_decode, store and gather, and 512-token recent windows (5 and
-  # 9 window splits).
+  # u8-params variants of decode, store_and_decode, store and gather, and 512-token recent windows (5
+  # window splits of 128 rows).
   stamp "compute-sanitizer memcheck on store/decode/gather tests"
   timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q -x -p no:cacheprovider \
     "tests/kernels/test_decode.py::test_decode_matches_reference[ctx64-65-smallwin-g4]" \

@@ -103,8 +103,8 @@ CASES += [
                                    seq_lens=_random_lens(64, 1500, 1, must=(4097, 1, 64, 65)), **W, **U8), None),
 ]
 # A 512-token recent window (`{"scale_dtype": "u8", "recent_tokens": 512}`: the bits the u8 pairs save spent
-# on BF16 rows): 5 window splits at d=128 (128-row window tiles), 9 at d=64; sequences shorter and longer
-# than the windows.
+# on BF16 rows): 5 window splits of 128 rows each (the window tile at d <= 128); sequences shorter and
+# longer than the windows.
 R512 = {"sink": 64, "recent": 512}
 CASES += [
     ("u8-r512-g4", dict(batch=4, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=128, window_block_size=16,
