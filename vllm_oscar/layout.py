@@ -132,13 +132,18 @@ class Int2PageLayout:
         return self.num_kv_heads * self.head_page_bytes
 
     @classmethod
+    def token_bytes(cls, head_dim: int, params: str = "fp16") -> int:
+        """:attr:`token_bytes_per_head` of every layout with this ``head_dim`` and ``params`` (it depends on
+        neither the block size nor the head count)."""
+        return cls(head_dim=head_dim, block_size=16, params=params).token_bytes_per_head
+
+    @classmethod
     def for_head_page(cls, head_dim: int, head_page_bytes: int, num_kv_heads: int = 1,
                       params: str = "fp16") -> Int2PageLayout:
         """The layout whose head pages are ``head_page_bytes`` long (a cache tensor's last dimension):
         ``block_size = head_page_bytes // token_bytes_per_head`` (validated like any layout)."""
-        token_bytes = cls(head_dim=head_dim, block_size=16, params=params).token_bytes_per_head
-        return cls(head_dim=head_dim, block_size=head_page_bytes // token_bytes, num_kv_heads=num_kv_heads,
-                   params=params)
+        return cls(head_dim=head_dim, block_size=head_page_bytes // cls.token_bytes(head_dim, params),
+                   num_kv_heads=num_kv_heads, params=params)
 
     def cache_shape(self, num_blocks: int) -> tuple[int, int, int]:
         """Shape of a layer's ``uint8`` cache tensor: ``[num_blocks, num_kv_heads, head_page_bytes]``."""

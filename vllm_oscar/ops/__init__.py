@@ -333,7 +333,7 @@ def decode(
     batch, num_q_heads, head_dim = q.shape
     if workspace is None:
         # the op checks the page size itself (its error names the page and the token bytes)
-        bs = kv_cache.shape[2] // Int2PageLayout(head_dim=head_dim, block_size=16, params=params).token_bytes_per_head
+        bs = kv_cache.shape[2] // Int2PageLayout.token_bytes(head_dim, params)
         workspace = make_decode_workspace(
             batch, num_q_heads, kv_cache.shape[1], head_dim, block_table.shape[1] * bs,
             sink=sink, recent=recent, window=window_cache is not None, device=q.device,

@@ -27,7 +27,7 @@ def _check_params(params: int) -> None:
 
 def _int2_block_size(kv_cache: torch.Tensor, d: int, params: int = 0) -> int:
     name = list(PARAM_FORMATS)[params]  # the ops' params codes: PARAM_FORMATS in order
-    per_token = Int2PageLayout(head_dim=d, block_size=16, params=name).token_bytes_per_head
+    per_token = Int2PageLayout.token_bytes(d, name)
     page = kv_cache.shape[2]
     torch._check(
         page % per_token == 0 and (page // per_token) % 16 == 0,
