@@ -157,6 +157,17 @@ def test_decode_matches_reference(name, kwargs, num_splits):
     assert torch.equal(out, out2)
 
 
+@pytest.mark.parametrize("name", ["u8-r512-g3-d64", "r512-g4"])
+def test_decode_without_a_workspace_sizes_its_own(name):
+    """``ops.decode(workspace=None)`` reads the block size off the cache's head page
+    (``Int2PageLayout.token_bytes``, per params format) and allocates what ``make_decode_workspace`` gives
+    for the block table's capacity: bitwise the same output."""
+    case = DecodeCase(seed=zlib.crc32(name.encode()) % 1000, **{c[0]: c[1] for c in CASES}[name])
+    out, _, args = _run(case, None)
+    got = ops.decode(case.q.cuda(), sink=case.sink, recent=case.recent, scale=case.scale, **args)
+    assert torch.equal(out, got)
+
+
 @pytest.mark.parametrize("window", [True, False])
 def test_decode_cuda_graph(window):
     """Captured once, replayed with new queries (and, without a window cache, new lengths)."""
