@@ -9,8 +9,8 @@
 # /tmp/oscar-ab-old and times its decode with the same benchmark (the old tree's benchmarks/kernels.py),
 # and prints old vs new per (shape, batch, context). Results: $OUT/new, $OUT/old (kernels-h100.json each).
 # BUDGET (seconds per benchmark run, default 130) bounds the call. PARTS (default decode) picks the
-# benchmark parts both trees run: decode and step (store_and_decode, what the vLLM backend runs at small
-# batch) are compared.
+# benchmark parts both trees run: decode, step (store_and_decode, what the vLLM backend runs at small
+# batch) and store are compared.
 set -uo pipefail
 old_tar="${1:?usage: bash benchmarks/ab_decode.sh OLD_TREE.tar}"
 cd "$(dirname "$0")/.."
@@ -29,16 +29,20 @@ TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}" 
 python3 - "$out" <<'PY'
 import json, sys
 out = sys.argv[1]
-key = lambda r: (r["shape"], r["batch"], r["ctx"])
 res = {side: json.load(open(f"{out}/{side}/kernels-h100.json")) for side in ("new", "old")}
-# (part, field, scale to us): decode rows time oscar_ms; step rows the backend's small-batch op
-for part, field, to_us in (("decode", "oscar_ms", 1e3), ("step", "store_and_decode_us", 1.0)):
+decode_key = ("shape", "batch", "ctx")
+# (part, row key, field, scale to us): decode rows time oscar_ms; step rows the backend's small-batch op;
+# store rows one store_kv call
+for part, fields, field, to_us in (("decode", decode_key, "oscar_ms", 1e3),
+                                   ("step", decode_key, "store_and_decode_us", 1.0),
+                                   ("store", ("shape", "tokens", "levels", "window"), "us", 1.0)):
+    key = lambda r: tuple(r[f] for f in fields)  # noqa: E731
     new = {key(r): r for r in res["new"].get(part, [])}
     old = {key(r): r for r in res["old"].get(part, [])}
     if not new.keys() & old.keys():
         continue
-    print(f"\n{part} ({field})\n| shape | B | ctx | old us | new us | change |\n|---|---|---|---|---|---|")
+    print(f"\n{part} ({field})\n| {' | '.join(fields)} | old us | new us | change |\n|" + "---|" * (len(fields) + 3))
     for k in sorted(new.keys() & old.keys()):
         n, o = new[k][field] * to_us, old[k][field] * to_us
-        print(f"| {k[0]} | {k[1]} | {k[2]} | {o:.1f} | {n:.1f} | {n / o - 1:+.1%} |")
+        print(f"| {' | '.join(map(str, k))} | {o:.1f} | {n:.1f} | {n / o - 1:+.1%} |")
 PY
