@@ -458,8 +458,13 @@ def _merge(path: Path, fresh: dict, merge: bool, upgrade=None, combine=None) -> 
             fresh = {**fresh, "results": [combine(before[r["format"]], r) if r["format"] in before else r
                                           for r in fresh["results"]]}
         kept = [r for r in old.get("results", []) if r["format"] not in now]
-        runs = old.get("runs", []) + [{"command": fresh["command"], "environment": fresh["environment"],
-                                       "formats": sorted(now)}]
+        runs = list(old.get("runs") or [])
+        if "command" in old and all(r.get("command") != old["command"] for r in runs):
+            # a file from a single call (or an older shape): its own command is the first run
+            covered = {f for r in runs for f in r.get("formats", [])}
+            runs.insert(0, {"command": old["command"], "environment": old.get("environment", {}),
+                            "formats": sorted(r["format"] for r in old.get("results", []) if r["format"] not in covered)})
+        runs.append({"command": fresh["command"], "environment": fresh["environment"], "formats": sorted(now)})
         fresh = {**fresh, "results": kept + fresh["results"], "runs": runs}
     order = list(FORMATS)
     fresh["results"].sort(key=lambda r: order.index(r["format"]) if r["format"] in order else len(order))

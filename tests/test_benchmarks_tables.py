@@ -74,7 +74,9 @@ def test_results_of_a_later_call_merge_by_format(tmp_path):
     second = {"command": "b", "environment": {}, "results": [{"format": "oscar_int2", "x": 2}]}
     merged = _merge(path, second, merge=True)
     assert [(r["format"], r["x"]) for r in merged["results"]] == [("auto", 1), ("oscar_int2", 2)]
-    assert [r["command"] for r in merged["runs"]] == ["b"]
+    assert [(r["command"], r["formats"]) for r in merged["runs"]] == [("a", ["auto", "oscar_int2"]), ("b", ["oscar_int2"])]
+    third = _merge(path, {"command": "c", "environment": {}, "results": [{"format": "fp8"}]}, merge=True)
+    assert [r["command"] for r in third["runs"]] == ["a", "b", "c"]
     replaced = _merge(path, {"command": "c", "environment": {}, "results": [{"format": "fp8"}]}, merge=False)
     assert [r["format"] for r in replaced["results"]] == ["fp8"]
 
