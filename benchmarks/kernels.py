@@ -29,7 +29,11 @@ import torch
 from vllm_oscar import ops
 from vllm_oscar.layout import INT2_BLOCK_MULTIPLIER, Int2PageLayout
 
-SHAPES = {"qwen3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}
+# (query heads, KV heads, head_dim). The default run times the first two; --shapes picks others, e.g. the
+# head_dim-256 global layers of Gemma 3 12B (16 query / 8 KV heads).
+ALL_SHAPES = {"qwen3-8b": (32, 8, 128), "smollm2": (9, 3, 64), "gemma3-12b": (16, 8, 256)}
+DEFAULT_SHAPES = ("qwen3-8b", "smollm2")
+SHAPES = {k: ALL_SHAPES[k] for k in DEFAULT_SHAPES}
 BATCHES = (1, 8, 64, 256)
 CONTEXTS = (4096, 16384, 32768, 65536, 131072)
 SINK, RECENT = 64, 256
@@ -347,6 +351,12 @@ SPLIT_SWEEP = (
     ("smollm2", 1, 131072, (24, 33, 48, 64, 85)),
     ("smollm2", 8, 32768, (4, 6, 8, 11, 16)),
     ("smollm2", 64, 32768, (1, 2, 3, 4)),
+    # --shapes gemma3-12b: head_dim 256, one CTA per SM
+    ("gemma3-12b", 1, 4096, (4, 8, 11, 13, 16, 20, 24, 28)),
+    ("gemma3-12b", 1, 32768, (8, 11, 13, 16, 20, 24, 28, 33)),
+    ("gemma3-12b", 1, 131072, (11, 13, 16, 20, 24, 28, 33)),
+    ("gemma3-12b", 8, 32768, (1, 2, 3, 4, 6)),
+    ("gemma3-12b", 64, 32768, (1, 2)),
 )
 
 
@@ -354,7 +364,7 @@ def run_split_sweep(quick: bool, budget: Budget):
     """Decode time per split count (no R_V, as the vLLM plugin runs it), next to the default's choice."""
     rows = []
     for shape, batch, ctx, splits in SPLIT_SWEEP:
-        if (quick and ctx > 32768) or not budget.left():
+        if shape not in SHAPES or (quick and ctx > 32768) or not budget.left():
             continue
         hq, hkv, d = SHAPES[shape]
         nb = n_buffers(oscar_bytes(batch, hq, hkv, d, ctx))
@@ -433,6 +443,8 @@ def run_params(quick: bool, budget: Budget):
     alternate twice per configuration; each keeps its faster run."""
     rows = []
     for shape, configs in PARAMS_CONFIGS.items():
+        if shape not in SHAPES:
+            continue
         hq, hkv, d = SHAPES[shape]
         for batch, ctx in configs[:1] if quick else configs:
             if not budget.left():
@@ -481,7 +493,8 @@ def step_config(shape, hq, hkv, d, batch, ctx):
           for fn in (decode, store_then_decode, store_and_decode)}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     return dict(shape=shape, batch=batch, ctx=ctx, splits=ws.num_splits,
-                overlap=ops.store_overlaps_decode(batch, hkv, ws.num_splits, sms), decode_us=us["decode"],
+                overlap=ops.store_overlaps_decode(batch, hkv, ws.num_splits, sms, head_dim=d, num_q_heads=hq),
+                decode_us=us["decode"],
                 store_then_decode_us=us["store_then_decode"], store_and_decode_us=us["store_and_decode"],
                 saved_us=us["store_then_decode"] - us["store_and_decode"])
 
@@ -550,12 +563,20 @@ def main():
     ap.add_argument("--time-budget", type=float, default=1e9, help="seconds; later measurements are skipped")
     ap.add_argument("--int2-block-size", type=int, default=INT2_BLOCK_SIZE,
                     help=f"tokens per INT2 page (default {INT2_BLOCK_SIZE}, what the vLLM backend allocates)")
+    ap.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
+                    help=f"comma list of {', '.join(ALL_SHAPES)} (default: {', '.join(DEFAULT_SHAPES)})")
     ap.add_argument("--parts", default="decode,store,gather,sweep,step",
                     help="comma list of decode, store, gather, sweep, step, params (default: all but params)")
     args = ap.parse_args()
     if args.int2_block_size <= 0 or args.int2_block_size % 16:
         ap.error(f"--int2-block-size must be a positive multiple of 16, got {args.int2_block_size}")
     INT2_BLOCK_SIZE = args.int2_block_size
+    shapes = [x for x in args.shapes.split(",") if x]
+    unknown_shapes = [x for x in shapes if x not in ALL_SHAPES]
+    if unknown_shapes or not shapes:
+        ap.error(f"unknown --shapes {unknown_shapes or shapes}; choose from {', '.join(ALL_SHAPES)}")
+    SHAPES.clear()
+    SHAPES.update({k: ALL_SHAPES[k] for k in shapes})
     parts = set(args.parts.split(","))
     unknown = parts - {"decode", "store", "gather", "sweep", "step", "params"}
     if unknown:

@@ -8,6 +8,8 @@ template <int D>
 void launch_rotate_q(const DecodeParams& p, cudaStream_t stream);
 template <int D, int NT, int PB>
 void launch_decode(const DecodeParams& p, cudaStream_t stream, bool pdl);
+template <int D, int NT, int PB>
+int decode_occupancy();
 
 int decode_window_tile_for(int head_dim) {
   return head_dim <= 128 ? DecodeTraits<128, 1>::kWinTile : DecodeTraits<256, 1>::kWinTile;
@@ -31,6 +33,32 @@ int decode_max_split_heads_for(int head_dim, int group) {
     case 64: return nt2 ? DecodeTraits<64, 2>::kMaxSplitHeads : DecodeTraits<64, 1>::kMaxSplitHeads;
     case 128: return nt2 ? DecodeTraits<128, 2>::kMaxSplitHeads : DecodeTraits<128, 1>::kMaxSplitHeads;
     default: return DecodeTraits<256, 1>::kMaxSplitHeads;
+  }
+}
+
+// Query heads per KV head above 8 take the two-tile variant (NT = 2), as launch_decode_kernel_for.
+int decode_ctas_per_sm_for(int head_dim, int group) {
+  const bool nt2 = group > 8;
+  switch (head_dim) {
+    case 64: return nt2 ? DecodeTraits<64, 2>::kMinBlocks : DecodeTraits<64, 1>::kMinBlocks;
+    case 128: return nt2 ? DecodeTraits<128, 2>::kMinBlocks : DecodeTraits<128, 1>::kMinBlocks;
+    default: return DecodeTraits<256, 1>::kMinBlocks;
+  }
+}
+
+namespace {
+template <int D, int NT>
+int decode_occupancy_pb(bool params_u8) {
+  return params_u8 ? decode_occupancy<D, NT, kParamBytesU8>() : decode_occupancy<D, NT, kParamBytesFp16>();
+}
+}  // namespace
+
+int decode_occupancy_for(int head_dim, int group, bool params_u8) {
+  const bool nt2 = group > 8;
+  switch (head_dim) {
+    case 64: return nt2 ? decode_occupancy_pb<64, 2>(params_u8) : decode_occupancy_pb<64, 1>(params_u8);
+    case 128: return nt2 ? decode_occupancy_pb<128, 2>(params_u8) : decode_occupancy_pb<128, 1>(params_u8);
+    default: return decode_occupancy_pb<256, 1>(params_u8);
   }
 }
 

@@ -7,4 +7,8 @@ template void launch_decode<128, 1, kParamBytesFp16>(const DecodeParams&, cudaSt
 template void launch_decode<128, 1, kParamBytesU8>(const DecodeParams&, cudaStream_t, bool);
 template void launch_decode<128, 2, kParamBytesFp16>(const DecodeParams&, cudaStream_t, bool);
 template void launch_decode<128, 2, kParamBytesU8>(const DecodeParams&, cudaStream_t, bool);
+template int decode_occupancy<128, 1, kParamBytesFp16>();
+template int decode_occupancy<128, 1, kParamBytesU8>();
+template int decode_occupancy<128, 2, kParamBytesFp16>();
+template int decode_occupancy<128, 2, kParamBytesU8>();
 }  // namespace oscar

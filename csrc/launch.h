@@ -23,5 +23,8 @@ void launch_gather(const GatherParams& p, int head_dim, cudaStream_t stream);
 // DecodeTraits constants the op layer and Python need (head_dim must be 64, 128 or 256).
 int decode_window_tile_for(int head_dim);
 int decode_max_split_heads_for(int head_dim, int group);
+int decode_ctas_per_sm_for(int head_dim, int group);
+// Needs a CUDA device: the occupancy the current device gives the decode kernel of that variant.
+int decode_occupancy_for(int head_dim, int group, bool params_u8);
 
 }  // namespace oscar

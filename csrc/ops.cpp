@@ -1,6 +1,7 @@
 // The oscar:: op layer: argument checks (TORCH_CHECK messages name the argument and the expectation),
 // parameter blocks, dispatch to the CUDA launchers. Compiled by g++ only (see launch.h for why).
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -144,6 +145,20 @@ int64_t decode_window_tile(int64_t head_dim) {
 int64_t decode_max_split_heads(int64_t head_dim, int64_t group) {
   check_head_dim(head_dim, "head_dim");
   return decode_max_split_heads_for(static_cast<int>(head_dim), static_cast<int>(group));
+}
+
+int64_t decode_ctas_per_sm(int64_t head_dim, int64_t group) {
+  check_head_dim(head_dim, "head_dim");
+  TORCH_CHECK(group >= 1, "oscar: group (query heads per KV head) must be >= 1, got ", num(group));
+  return decode_ctas_per_sm_for(static_cast<int>(head_dim), static_cast<int>(group));
+}
+
+int64_t decode_occupancy(int64_t head_dim, int64_t group, int64_t params) {
+  check_head_dim(head_dim, "head_dim");
+  TORCH_CHECK(group >= 1, "oscar: group (query heads per KV head) must be >= 1, got ", num(group));
+  TORCH_CHECK(params == 0 || params == 1, "oscar: params must be 0 (fp16 pairs) or 1 (u8 pairs), got ", num(params));
+  TORCH_CHECK(c10::cuda::device_count() > 0, "oscar: decode_occupancy needs a CUDA device");
+  return decode_occupancy_for(static_cast<int>(head_dim), static_cast<int>(group), params == 1);
 }
 
 namespace {

@@ -47,5 +47,8 @@ void gather_prefix(torch::Tensor& key_out, torch::Tensor& value_out, const torch
 // Sizes the Python side mirrors (vllm_oscar/ops/__init__.py asserts they agree at load time).
 int64_t decode_window_tile(int64_t head_dim);
 int64_t decode_max_split_heads(int64_t head_dim, int64_t group);
+int64_t decode_ctas_per_sm(int64_t head_dim, int64_t group);
+// Not a mirror: the current CUDA device's occupancy of that decode kernel (tests compare the two).
+int64_t decode_occupancy(int64_t head_dim, int64_t group, int64_t params);
 
 }  // namespace oscar

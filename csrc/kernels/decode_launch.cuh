@@ -63,4 +63,18 @@ void launch_decode(const DecodeParams& p, cudaStream_t stream, bool pdl) {
   launch_pdl(kern, decode_grid(pp), dim3(Tr::kThreads), Tr::kSmem, stream, pp);
 }
 
+// decode_kernel CTAs one SM of the current device holds at once (cudaOccupancyMaxActiveBlocksPerMultiprocessor
+// with the kernel's threads and shared memory): what DecodeTraits::kMinBlocks, and so the split rule
+// (vllm_oscar.ops.decode_num_splits), assume; a GPU test compares the two for every variant.
+template <int D, int NT, int PB>
+int decode_occupancy() {
+  using Tr = DecodeTraits<D, NT, PB>;
+  auto kern = decode_kernel<D, NT, PB>;
+  static std::atomic<uint64_t> smem_set{0};
+  set_smem_once(kern, Tr::kSmem, smem_set);
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, Tr::kThreads, Tr::kSmem));
+  return per_sm;
+}
+
 }  // namespace oscar

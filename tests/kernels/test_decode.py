@@ -226,8 +226,14 @@ def test_decode_workspace_helpers():
     assert ops.decode_num_splits(64, 9, 3, 64, 32768, sink=64, recent=256, num_sms=132) == 2  # 192 items
     assert ops.decode_num_splits(8, 9, 3, 64, 32768, sink=64, recent=256, num_sms=132) == 8  # whole grid, one wave
     # store_and_decode while the INT2 CTAs fit in one wave: batch 1 (8 x 30), 8 (64 x 4); not 64 (512 x 1).
-    assert [ops.store_overlaps_decode(b, 8, splits.get(b, 1), 132) for b in (1, 8, 32, 64)] == [
-        True, True, True, False]
+    assert [ops.store_overlaps_decode(b, 8, splits.get(b, 1), 132, head_dim=128, num_q_heads=32)
+            for b in (1, 8, 32, 64)] == [True, True, True, False]
+    # One CTA per SM at head_dim 256 and above 8 query heads per KV head: half the slots.
+    assert [ops.decode_ctas_per_sm(d, 8 * g, 8) for d, g in ((64, 4), (128, 4), (128, 16), (256, 2))] == [2, 2, 1, 1]
+    d256 = {b: ops.decode_num_splits(b, 16, 8, 256, 131072, sink=64, recent=256, num_sms=132) for b in (1, 8, 64)}
+    assert d256 == {1: 16, 8: 2, 64: 1}, d256  # the gemma3-12b split sweep's (docs/kernels.md)
+    assert [ops.store_overlaps_decode(b, 8, d256[b], 132, head_dim=256, num_q_heads=16) for b in (1, 8, 64)] == [
+        True, True, False]  # 128, 128 and 512 INT2 CTAs against 132 slots
 
 
 def test_decode_errors():
@@ -472,3 +478,12 @@ def test_store_and_decode_opcheck_and_errors():
     with pytest.raises(RuntimeError, match="levels mse fits the grid to the whole row"):
         step.clip = (0.96, 0.92)
         step.fused(q, a, ws, torch.empty_like(q))
+
+
+@pytest.mark.parametrize("head_dim,group", [(64, 4), (64, 16), (128, 4), (128, 8), (128, 16), (256, 2), (256, 8)])
+@pytest.mark.parametrize("params", [0, 1])
+def test_decode_ctas_per_sm_is_the_devices_occupancy(head_dim, group, params):
+    """The split rule's CTAs per SM (DecodeTraits::kMinBlocks) must be what the device runs: a kernel that
+    grew past its register or shared-memory budget would leave the rule filling slots that do not exist
+    (head_dim 256 had been counted at 2 per SM and ran batch 1 in two waves)."""
+    assert torch.ops.oscar.decode_occupancy(head_dim, group, params) == ops.decode_ctas_per_sm(head_dim, 8 * group, 8)

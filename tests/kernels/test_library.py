@@ -209,3 +209,21 @@ def test_int2_code_extraction_table_is_exact(tmp_path):
             r = ((x >> sh) & (0x00030003 << (2 * k))) | 0x43004300
             for half, byte in ((r & 0xFFFF, (x >> (8 * p)) & 0xFF), (r >> 16, (x >> (8 * (p + 2))) & 0xFF)):
                 assert bf16(half) == 128 + w * ((byte >> (2 * q)) & 3), (p, q, hex(x))
+
+
+@needs_extension
+def test_decode_split_rule_counts_the_ctas_an_sm_holds():
+    """decode_num_splits fills ``decode_ctas_per_sm x SMs`` slots: 2 per SM at head_dim <= 128 with up to 8
+    query heads per KV head, 1 at head_dim 256 or above 8 (the GPU test
+    ``test_decode_ctas_per_sm_is_the_devices_occupancy`` checks these against the device). Counting 2 slots
+    at head_dim 256 had put batch 1 in two waves of CTAs (docs/kernels.md, *Head_dim 256*)."""
+    assert [ops.decode_ctas_per_sm(d, 8 * g, 8) for d, g in ((64, 4), (64, 16), (128, 8), (128, 16), (256, 1), (256, 4))] \
+        == [2, 1, 2, 1, 1, 1]
+    split = lambda b, hq, d, ctx=131072: ops.decode_num_splits(b, hq, 8, d, ctx, sink=64, recent=256, num_sms=132)
+    assert [split(b, 16, 256) for b in (1, 8, 64)] == [16, 2, 1]  # 16 x 8 = 128 and 2 x 64 = 128 INT2 CTAs <= 132
+    assert [split(b, 32, 128) for b in (1, 8, 64)] == [30, 4, 1]  # unchanged: 2 slots per SM
+    assert split(1, 128, 128) == 16  # 16 query heads per KV head: one slot per SM, as at head_dim 256
+    assert ops.store_overlaps_decode(8, 8, 2, 132, head_dim=256, num_q_heads=16)
+    assert not ops.store_overlaps_decode(8, 8, 4, 132, head_dim=256, num_q_heads=16)
+    with pytest.raises(RuntimeError, match="unsupported head_dim 96"):
+        torch.ops.oscar.decode_ctas_per_sm(96, 4)

@@ -105,7 +105,8 @@ def test_gather_call_matches_ops_signature(monkeypatch):
 
 def test_decode_plan_sizes_for_the_largest_batch_and_split_count(monkeypatch):
     # The split heuristic and sizing are the kernel library's; stand in for its two device queries.
-    fake_ops = types.SimpleNamespace(decode_window_tile=lambda d: 64, decode_max_split_heads=lambda d, g: 256)
+    fake_ops = types.SimpleNamespace(decode_window_tile=lambda d: 64, decode_max_split_heads=lambda d, g: 256,
+                                     decode_ctas_per_sm=lambda d, g: 2)
     monkeypatch.setattr(ops, "_ops", lambda: fake_ops)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace(multi_processor_count=132))
     plan = kernels.DecodePlan(256, 32, 8, 128, 32768, 64, 256, True, torch.device("cpu"))

@@ -140,7 +140,9 @@ class DecodePlan:
         if not self._window["window"] or self._window["recent"] <= 0:
             return False
         bucket = self._bucket(batch)
-        return ops.store_overlaps_decode(bucket, self._args["num_kv_heads"], self.num_splits(batch), self._num_sms)
+        a = self._args
+        return ops.store_overlaps_decode(bucket, a["num_kv_heads"], self.num_splits(batch), self._num_sms,
+                                         head_dim=a["head_dim"], num_q_heads=a["num_q_heads"])
 
     def workspace_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
         return [((self.buffer_numel,), torch.float32)]

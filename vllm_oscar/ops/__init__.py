@@ -180,10 +180,6 @@ def store_kv(
 # decode
 # --------------------------------------------------------------------------------------------------
 
-# Decode CTAs an SM holds at once (DecodeTraits::kMinBlocks at d <= 128: 78 KB of shared memory, 128
-# registers per thread): the slots decode_num_splits fills and store_overlaps_decode compares against.
-_DECODE_CTAS_PER_SM = 2
-
 # Mirrors of DecodeTraits in csrc/kernels/decode.cuh (checked against the extension in tests).
 _TILE = {64: 256, 128: 256, 256: 128}  # INT2 tokens per pipeline stage
 
@@ -194,6 +190,15 @@ def _window_tile(head_dim: int) -> int:
 
 def _window_splits(head_dim: int, sink: int, recent: int, window: bool) -> int:
     return -(-(sink + recent) // _window_tile(head_dim)) if window else 0
+
+
+def decode_ctas_per_sm(head_dim: int, num_q_heads: int, num_kv_heads: int) -> int:
+    """Decode CTAs one SM holds at once (``DecodeTraits::kMinBlocks``): 2 at head_dim <= 128 with up to 8
+    query heads per KV head (78 KB of shared memory, <= 128 registers per thread), else 1 (head_dim 256:
+    ~170 registers per thread; more than 8 query heads per KV head: ~200). The slots
+    :func:`decode_num_splits` fills and :func:`store_overlaps_decode` compares against; the GPU test
+    ``test_decode_ctas_per_sm_is_the_devices_occupancy`` checks it against the device's occupancy."""
+    return int(_ops().decode_ctas_per_sm(head_dim, max(num_q_heads // max(num_kv_heads, 1), 1)))
 
 
 def decode_num_splits(
@@ -211,25 +216,31 @@ def decode_num_splits(
     """INT2 split count for a batch size and maximum context: fixed per (batch, max_seq_len), so a
     CUDA graph captured with it stays valid for every shorter sequence.
 
-    Two CTAs fit on an SM (d <= 128: 78 KB of shared memory, <= 128 registers per thread), so there
-    are ``2 * num_sms`` slots. When the whole grid (INT2 and window splits) fits in them with at least
-    one INT2 CTA per SM, every split starts at once and nothing waits for a second wave (small batch).
+    An SM holds :func:`decode_ctas_per_sm` CTAs (2 at d <= 128 with up to 8 query heads per KV head,
+    else 1), so there are that many times ``num_sms`` slots. When the whole grid (INT2 and window
+    splits) fits in them with at least one INT2 CTA per SM, every split starts at once and nothing
+    waits for a second wave (small batch).
     Otherwise (medium batch) the INT2 splits alone fill one wave, ``slots // items`` of them per
     (sequence, KV head), and the short window splits run after them; a second, mostly empty wave of
     long INT2 CTAs costs a whole CTA length. Only when one wave cannot be nearly filled that way (items
-    between half and all of the slots) does it take two splits per item. At least one 256-token tile
-    per split.
+    between half and all of the slots) does it take two splits per item. At least one pipeline tile
+    (256 tokens, 128 at d=256) per split.
 
     Measured on one H100 (``python benchmarks/kernels.py --parts sweep``, no R_V, 2026-11-24): Qwen3-8B
     shape, batch 8, 32K: 4 splits 73.7 us against 88.3 us for the 5 (= ceil(264 / 64)) chosen before;
     batch 8, 128K: 240 against 293 us; batch 16, 32K: 2 splits 131 against 139 us (3 before); SmolLM2
-    batch 64 (192 items): 2 splits 142 us, 1 split 168 us.
+    batch 64 (192 items): 2 splits 142 us, 1 split 168 us. Head_dim 256 (Gemma 3 12B's global layers, 16
+    query / 8 KV heads, one CTA per SM; ``--shapes gemma3-12b``, same day): counted with two slots per SM,
+    batch 1 took 28 splits, two waves (25.7 / 42.5 / 94.1 us at 4K / 32K / 128K); with the one real slot,
+    16 (24.0 / 38.0 / 81.4 us); batch 8: 4 -> 2 splits, 166.5 -> 153.5 us. Fewer still were faster at
+    batch 1 and short context (11 splits: 17.1 us at 4K; 13: 35.0 us at 32K), not adopted: the count is
+    fixed by max_model_len, and 16 was the best at 128K.
     """
     if num_sms is None:
         num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     tiles = max(1, -(-max(max_seq_len - ((sink + recent) if window else 0), 1) // _TILE[head_dim]))
     items = max(1, batch * num_kv_heads)
-    slots = _DECODE_CTAS_PER_SM * num_sms
+    slots = decode_ctas_per_sm(head_dim, num_q_heads, num_kv_heads) * num_sms
     s_win = _window_splits(head_dim, sink, recent, window)
     s = slots // items - s_win
     if s * items < num_sms:  # too few INT2 CTAs to keep every SM streaming: INT2 fills one wave
@@ -349,10 +360,11 @@ def decode(
     return out
 
 
-def store_overlaps_decode(batch: int, num_kv_heads: int, num_splits: int, num_sms: int) -> bool:
+def store_overlaps_decode(batch: int, num_kv_heads: int, num_splits: int, num_sms: int, *, head_dim: int,
+                          num_q_heads: int) -> bool:
     """Whether a decode step should run :func:`store_and_decode` rather than :func:`store_kv` then
-    :func:`decode` (with a window cache): while the decode's INT2 CTAs fit in one wave of CTA slots (two
-    per SM).
+    :func:`decode` (with a window cache): while the decode's INT2 CTAs fit in one wave of CTA slots
+    (:func:`decode_ctas_per_sm` per SM).
 
     One H100, ``python benchmarks/kernels.py --parts step`` (one token per sequence stored, no R_V, MSE
     grid; two runs, 2026-11-24, the store behind the decode): the op saved 4.5-5.9 us per call at batch
@@ -361,7 +373,7 @@ def store_overlaps_decode(batch: int, num_kv_heads: int, num_splits: int, num_sm
     store can start only in the last one, it was 7-55 us slower than the two kernels in turn (32K: 489
     -> 495-530 us), while on SmolLM2's it was 2.5-6.8 us faster.
     """
-    return num_splits * batch * num_kv_heads <= _DECODE_CTAS_PER_SM * num_sms
+    return num_splits * batch * num_kv_heads <= decode_ctas_per_sm(head_dim, num_q_heads, num_kv_heads) * num_sms
 
 
 def store_and_decode(
