@@ -28,6 +28,10 @@ loudly in CI instead of silently at serve time.
 10     ``model_executor.model_loader.utils`` and ``.base_loader``   fold R_V into ``o_proj`` after the
        ``process_weights_after_loading``                            weights are processed
                                                                     (``attention/fold.py``)
+11     ``platforms.interface.Platform``                             skip-listed BF16 layers pad to the
+       ``._align_heterogeneous_kv_block_size``                      real INT2 page (vLLM sizes uint8 at
+                                                                    2d bytes a token and doubled the
+                                                                    block size)
 =====  ==========================================================  ====================================
 
 :func:`apply` is idempotent (every wrapper is marked, so a second call is a no-op) and spawn-safe (it
@@ -95,6 +99,8 @@ PATCH_TARGETS: tuple[PatchTarget, ...] = (
                 "folds R_V into o_proj once the weights are processed"),
     PatchTarget("vllm.model_executor.model_loader.base_loader", "process_weights_after_loading", "function",
                 "the same function, imported by name: what BaseModelLoader.load_model calls"),
+    PatchTarget("vllm.platforms.interface", "Platform._align_heterogeneous_kv_block_size", "classmethod",
+                "block size and padded page of skip-listed BF16 layers sharing the pool"),
 )
 
 _applied = False
@@ -151,6 +157,7 @@ def apply() -> None:
     _wrap_spec_registry()
     _wrap_kv_memory_check()
     _wrap_weight_processing()
+    _wrap_heterogeneous_block_alignment()
     _applied = True
 
 
@@ -390,3 +397,31 @@ def _wrap_weight_processing() -> None:
     loader_utils.process_weights_after_loading = wrapped
     # BaseModelLoader.load_model calls the name it imported, so that module's binding is replaced as well.
     base_loader.process_weights_after_loading = wrapped
+
+
+# ------------------------------------------------------------------------------------------------
+# 11. Skip-listed BF16 layers sharing the block pool with INT2 pages
+# ------------------------------------------------------------------------------------------------
+
+
+def _wrap_heterogeneous_block_alignment() -> None:
+    from vllm.platforms.interface import Platform
+
+    original = Platform.__dict__["_align_heterogeneous_kv_block_size"].__func__
+    if is_wrapped(original):
+        return
+
+    @functools.wraps(original)
+    def _align_heterogeneous_kv_block_size(cls, vllm_config, backend_cls):
+        # vLLM sizes the primary cache by its storage dtype (uint8: 2 * head_dim bytes a token and KV head),
+        # so with skip layers it doubled the block size to cover a BF16 page, and sliding-window skip layers
+        # (16-token pages either way) were padded to an INT2 page twice their size: 2.1x their memory on a
+        # Gemma 3 model, where they are 40 of 48 layers. OSCAR's pages already cover a BF16 page of the
+        # cache block size (attention/specs.py): keep the block size, pad the skip layers to the INT2 page.
+        if vllm_config.cache_config.cache_dtype != OSCAR_CACHE_DTYPE:
+            return original(cls, vllm_config, backend_cls)
+        from vllm_oscar.attention.specs import align_skip_layer_pages
+
+        align_skip_layer_pages(vllm_config)
+
+    Platform._align_heterogeneous_kv_block_size = classmethod(_mark(_align_heterogeneous_kv_block_size))

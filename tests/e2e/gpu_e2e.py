@@ -45,9 +45,14 @@ Cases (``--cases`` names):
 * ``gemma3``: a small random-weight Gemma 3 text model (head_dim 256, 4 query / 1 KV heads, 12 layers: five
   512-token sliding-window layers, then a global one, twice) with ``--kv-cache-dtype-skip-layers
   sliding_window``: the sliding-window layers stay in BF16 (FlashAttention on pages padded to the INT2 page,
-  one block pool) and only the two global layers run OSCAR at head_dim 256. Against vLLM's BF16 cache: the
+  one block pool) and only the two global layers run OSCAR at head_dim 256, with R_V folded into their
+  ``o_proj``. Against vLLM's BF16 cache: the
   same greedy tokens on a 200-token prompt (inside the BF16 windows); over a 3000-token prompt prefilled in
   256-token chunks (INT2 history), finite teacher-forced logprobs, reported next to the BF16 ones.
+* ``skip_layers``: SmolLM2 with its first and last layers kept in BF16 (``kv_cache_dtype_skip_layers=["0",
+  "29"]``: full-attention FlashAttention layers on 16-token pages padded to the INT2 page, one block pool):
+  ``generate``'s prompts and mixed batch; 28 OSCAR layers; compared with the BF16 control's and the all-INT2
+  run's tokens when those cases are in the JSON.
 * ``capacity``: the Qwen3-8B shape with dummy weights at ``max_model_len=32768``: the maximum
   concurrency vLLM logs for ``auto`` and for ``oscar_int2`` at the same ``gpu_memory_utilization``
   (bar: ratio >= 6.3), plus one generated request through the head_dim-128 kernels.
@@ -90,7 +95,7 @@ RESULT_TAG = "E2E_RESULT "
 ALL_CASES = ("control_graphs", "control_eager", "control_graphs_eager", "generate", "no_graphs", "eager",
              "graphs_eager", "v1_runner", "control_no_graphs",
              "chunks", "prefix", "preemption",
-             "serve", "capacity", "ppl", "tp2", "gemma3")
+             "serve", "capacity", "ppl", "tp2", "gemma3", "skip_layers")
 SMALL = dict(gpu_memory_utilization=0.35, max_model_len=4096)  # SmolLM2 engines: fast to start, room to spare
 
 QWEN3_8B_SHAPE = {
@@ -194,6 +199,20 @@ def case_generate(args, eager: bool = False, kv: str = "oscar_int2", graphs: boo
     res["ok"] = res["mixed_batch_completed"] and sum(same_prefix) >= 0.75 * len(prompts) and all(
         r in ("stop", "length") for r in res["finish_reasons"])
     return res
+
+
+def case_skip_layers(args) -> dict:
+    """``generate`` with layers 0 and 29 kept in BF16 next to 28 oscar_int2 layers."""
+    llm = _llm(args.model, kv_cache_dtype="oscar_int2", kv_cache_dtype_skip_layers=["0", "29"],
+               max_num_batched_tokens=512, long_prefill_token_threshold=256)
+    layers = llm.apply_model(_layer_kinds)[0]
+    prompts = _prompts(llm.get_tokenizer())
+    outs = llm.generate(prompts, _greedy())
+    ids = _token_ids(outs)
+    finish = [o.outputs[0].finish_reason for o in outs]
+    return {"layers": layers, "block_size": llm.llm_engine.vllm_config.cache_config.block_size, "tokens": ids,
+            "ok": layers.get("oscar_layers") == 28 and all(len(x) > 0 for x in ids)
+            and all(r in ("stop", "length") for r in finish)}
 
 
 def case_eager(args) -> dict:
@@ -482,7 +501,9 @@ def _layer_kinds(model) -> dict:
         kv = getattr(module, "kv_cache_dtype", None)
         if isinstance(kv, str) and hasattr(module, "impl"):
             kinds[kv] = kinds.get(kv, 0) + 1
-    return {"by_kv_cache_dtype": kinds, "oscar_layers": len(oscar_impls(model))}
+    impls = oscar_impls(model)
+    return {"by_kv_cache_dtype": kinds, "oscar_layers": len(impls),
+            "r_v_folded_into_o_proj": sum(i.value_rotation_folded for i in impls)}
 
 
 def case_gemma3_one(args) -> dict:
@@ -525,6 +546,7 @@ CASES = {
     "control_eager": case_control_eager, "chunks_one": case_chunks_one, "prefix": case_prefix,
     "preemption": case_preemption, "serve": case_serve, "capacity_one": case_capacity_one,
     "ppl_one": case_ppl_one, "calibrate": case_calibrate, "tp_one": case_tp_one, "gemma3_one": case_gemma3_one,
+    "skip_layers": case_skip_layers,
 }
 
 
@@ -614,8 +636,15 @@ def drive(args) -> int:
             res = _tp2(args)
         elif case == "gemma3":
             res = _gemma3(args)
+        elif case == "skip_layers":  # engine core in-process, for apply_model
+            res = _strip(_run_case(case, args, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}))
         else:
             res = _strip(_run_case(case, args))
+        if case == "skip_layers" and "tokens" in res:
+            for ref_case in ("control_graphs", "generate"):  # BF16 everywhere, INT2 everywhere
+                if "tokens" in report["cases"].get(ref_case, {}):
+                    res[f"first16_equal_{ref_case}"] = sum(a[:16] == b[:16] for a, b in
+                                                           zip(report["cases"][ref_case]["tokens"], res["tokens"]))
         if case == "v1_runner" and "tokens" in report["cases"].get("generate", {}) and "tokens" in res:
             res["first16_equal_v2_runner"] = sum(a[:16] == b[:16] for a, b in
                                                  zip(report["cases"]["generate"]["tokens"], res["tokens"]))
@@ -822,7 +851,9 @@ def _gemma3(args) -> dict:
     # The 200-token prompt and its 32 tokens stay inside the BF16 windows of the global layers, and the sliding
     # layers are BF16 in both runs: the same tokens as BF16 up to the rotation's rounding (tp2's rule: equal, or
     # parted at a near-tie, with logprobs within 0.1 before that). The 3000-token prompt is reported.
-    res["ok"] = (oscar["layers"].get("oscar_layers") == 2 and agree["parted_at_near_tie"][0]
+    # Gemma3Attention feeds the attention output straight into o_proj, so R_V folds there (attention/fold.py).
+    res["ok"] = (oscar["layers"].get("oscar_layers") == 2 and oscar["layers"].get("r_v_folded_into_o_proj") == 2
+                 and agree["parted_at_near_tie"][0]
                  and agree["max_abs_logprob_gap"][0] <= 0.1 and finite
                  and all(len(x) == 32 for r in runs.values() for x in r["tokens"]))
     res["status"] = "pass" if res["ok"] else "fail"

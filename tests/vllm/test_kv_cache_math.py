@@ -175,13 +175,66 @@ def test_skip_layers_share_the_pool_with_padded_bf16_pages(model_factory, monkey
     _, kv, _, _ = _kv_config(cfg, GIB)
     kinds = sorted(type(g.kv_cache_spec).__name__ for g in kv.kv_cache_groups)
     assert kinds == ["FullAttentionSpec", "OscarFullAttentionSpec", "OscarWindowSpec"]
-    # With skip layers vLLM's platform raises the block size so a quantized page covers a BF16 one (it
-    # assumes uint8 = 2*d bytes/token, hence 32); OSCAR follows: INT2 pages of 8 x 32 tokens.
-    assert cfg.cache_config.block_size == 32
+    # vLLM would double the block size here (it sizes a uint8 cache at 2*d bytes a token, so a 16-token
+    # quantized page would not cover a BF16 one); patch 11 keeps 16: the 128-token INT2 page already covers
+    # a 16-token BF16 page, which pads up to it (9216 against 8192 bytes per KV head at d=128).
+    assert cfg.cache_config.block_size == 16
     pages = {g.kv_cache_spec.page_size_bytes for g in kv.kv_cache_groups}
-    assert pages == {Int2PageLayout(head_dim=128, block_size=256, num_kv_heads=2).page_bytes}
+    assert pages == {Int2PageLayout(head_dim=128, block_size=128, num_kv_heads=2).page_bytes}
+    assert cfg.cache_config.skip_page_size_padded == Int2PageLayout(128, 128, 2).page_bytes
     bf16 = next(g for g in kv.kv_cache_groups if type(g.kv_cache_spec).__name__ == "FullAttentionSpec")
     assert sorted(bf16.layer_names) == ["model.layers.0.self_attn.attn", "model.layers.3.self_attn.attn"]
+
+
+def test_sliding_window_skip_layers_pad_to_the_int2_page_not_twice_it(tmp_path, monkeypatch):
+    """A Gemma 3-shaped model (head_dim 256, five sliding-window layers per global one): its sliding-window
+    layers stay BF16 (``--kv-cache-dtype-skip-layers sliding_window``) and pick their block within
+    ``skip_page_size_padded``. Before patch 11 that was vLLM's estimate (a 32-token uint8 page = a
+    16-token BF16 page) while OSCAR's pages followed the doubled block size (256 INT2 tokens), so every
+    sliding-window page was padded to 2.1x its size: on the H100 a Gemma 3 12B shape held 8.5 requests
+    of 8K against BF16's 15.4 (benchmarks/results/e2e-h100-gemma3-12b.json, earlier run)."""
+    import json
+
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity, get_kv_cache_configs
+
+    monkeypatch.setattr(CPUAttentionBackend, "indexes_kv_by_block_stride", classmethod(lambda cls: True))
+    layer_types = (["sliding_attention"] * 5 + ["full_attention"]) * 2
+    cfg_json = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 1024,
+                "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 16, "num_key_value_heads": 8,
+                "head_dim": 256, "vocab_size": 1024, "max_position_embeddings": 8192, "sliding_window": 1024,
+                "layer_types": layer_types, "query_pre_attn_scalar": 256, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg_json))
+
+    def kv_config(kv_cache_dtype, **kw):
+        cfg = engine_config(str(tmp_path), kv_cache_dtype=kv_cache_dtype, max_model_len=8192, **kw)
+        cfg.compilation_config.static_forward_context.clear()
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with set_current_vllm_config(cfg):
+                for i, kind in enumerate(layer_types):
+                    Attention(16, 256, 256**-0.5, 8, cache_config=cfg.cache_config, prefix=f"model.layers.{i}.self_attn.attn",
+                              per_layer_sliding_window=1024 if kind == "sliding_attention" else None)
+        finally:
+            torch.set_default_dtype(prev)
+        specs = collect_specs(cfg)
+        kv = get_kv_cache_configs(cfg, [specs], [GIB])[0]
+        return specs, kv, get_kv_cache_capacity(cfg, kv)[1]
+
+    specs, kv, conc = kv_config("oscar_int2", kv_cache_dtype_skip_layers=["sliding_window"])
+    int2_page = Int2PageLayout(head_dim=256, block_size=128, num_kv_heads=8).page_bytes
+    assert {type(s).__name__: (s.block_size, s.page_size_bytes) for s in specs.values()} == {
+        "SlidingWindowSpec": (16, int2_page), "OscarFullAttentionSpec": (128, int2_page),
+        "OscarWindowSpec": (16, int2_page)}
+    assert int2_page == 8 * 17408 and 16 * 8 * 256 * 4 == 8 * 16384  # BF16 pages padded by 6.25%
+    _, _, conc_bf16 = kv_config("auto")
+    # At 8K the sliding-window layers are charged min(window + a prefill chunk, 8K) = all 8K tokens (vLLM's
+    # sliding-window accounting, the same in both caches), 10 of 12 layers: OSCAR's 2 global layers alone
+    # cannot lift the total by much, but it must not fall below BF16.
+    assert conc > conc_bf16, (conc, conc_bf16)
 
 
 @pytest.mark.parametrize("change, reason", [

@@ -33,6 +33,13 @@ FOLDABLE_ATTENTION_CLASSES: dict[str, str] = {
     "Qwen2MoeAttention": "vllm.model_executor.models.qwen2_moe",
     "Qwen3Attention": "vllm.model_executor.models.qwen3",
     "Qwen3MoeAttention": "vllm.model_executor.models.qwen3_moe",
+    "MixtralAttention": "vllm.model_executor.models.mixtral",
+    "GemmaAttention": "vllm.model_executor.models.gemma",
+    "Gemma3Attention": "vllm.model_executor.models.gemma3",
+    "Glm4Attention": "vllm.model_executor.models.glm4",
+    "Exaone4Attention": "vllm.model_executor.models.exaone4",
+    "SeedOssAttention": "vllm.model_executor.models.seed_oss",
+    "StablelmAttention": "vllm.model_executor.models.stablelm",
 }
 
 # Set on the o_proj module: the weight's version counter right after folding. A second call with the same

@@ -44,6 +44,26 @@ def int2_layout(head_dim: int, num_kv_heads: int, cache_block_size: int, params:
                           num_kv_heads=num_kv_heads, params=params)
 
 
+def align_skip_layer_pages(vllm_config) -> None:
+    """Skip-listed BF16 layers pad their pages up to the INT2 page (``vllm_patches`` patch 11, in place of
+    vLLM's ``Platform._align_heterogeneous_kv_block_size``).
+
+    The cache block size stays what the backend chose (16 by default): the INT2 page of
+    :data:`INT2_BLOCK_MULTIPLIER` times that many tokens already covers a BF16 page of that many tokens
+    at every supported head_dim, so the skip layers and the window pad up by 6-25% (d=256: 17408 against
+    16384 bytes per KV head). vLLM's sliding-window layers read ``skip_page_size_padded`` to pick their
+    block and padded page; its full-attention layers take the cache block size and ``unify`` pads them.
+    """
+    cc = vllm_config.cache_config
+    if not cc.kv_cache_dtype_skip_layers:
+        return
+    from vllm_oscar.runtime_config import get_resolved
+
+    mc = vllm_config.model_config
+    cc.skip_page_size_padded = int2_layout(mc.get_head_size(), mc.get_num_kv_heads(vllm_config.parallel_config),
+                                           cc.block_size, get_resolved(vllm_config).layout_params).page_bytes
+
+
 @dataclass(frozen=True, kw_only=True)
 class OscarFullAttentionSpec(FullAttentionSpec):
     """The INT2 pages of an OSCAR layer: ``uint8 [num_blocks, num_kv_heads, head_page_bytes]``.
