@@ -118,11 +118,16 @@ def _save_partial(args, out: dict) -> None:
     Path(args.worker_out).write_text(json.dumps(out))
 
 
-def _engine(fmt: str, **kwargs):
+def _engine(fmt: str, skip_sliding_window: bool = False, **kwargs):
+    """``LLM`` for one format; ``skip_sliding_window`` keeps a model's sliding-window layers in BF16 in the
+    quantized formats (``--kv-cache-dtype-skip-layers sliding_window``: oscar_int2 cannot serve them)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in-process: its KV config is readable
     from vllm import LLM
 
-    return LLM(**kwargs, **FORMATS[fmt])
+    fmt_args = dict(FORMATS[fmt])
+    if skip_sliding_window and fmt_args["kv_cache_dtype"] != "auto":
+        fmt_args["kv_cache_dtype_skip_layers"] = ["sliding_window"]
+    return LLM(**kwargs, **fmt_args)
 
 
 def _oscar_layer_state(model) -> dict:
@@ -143,8 +148,9 @@ def worker_perf(args) -> dict:
     contexts = [int(c) for c in args.contexts.split(",")]
     max_len = max(contexts + [args.tp_in + args.tp_out, args.sat_context]) + 256
     t0 = time.time()
-    llm = _engine(args.format, model=str(args.model_dir), load_format="dummy", skip_tokenizer_init=True,
-                  max_model_len=max_len, gpu_memory_utilization=args.gpu_mem, enable_prefix_caching=False,
+    llm = _engine(args.format, args.skip_sliding_window, model=str(args.model_dir), load_format="dummy",
+                  skip_tokenizer_init=True, max_model_len=max_len, gpu_memory_utilization=args.gpu_mem,
+                  enable_prefix_caching=False,
                   max_num_seqs=256, seed=0,
                   **({"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}))
     out: dict = {"format": args.format, "startup_s": round(time.time() - t0, 1), "max_model_len": max_len,
@@ -767,6 +773,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all = perf + accuracy; serve (online, `vllm bench serve`) runs only when named")
     p.add_argument("--formats", default=None, help=f"comma list of {list(FORMATS)}")
     p.add_argument("--model-dir", default=str(DUMMY_QWEN3_8B), help="config folder for dummy-weight perf runs")
+    p.add_argument("--skip-sliding-window", action="store_true",
+                   help="perf: keep the model's sliding-window layers in BF16 in the quantized formats "
+                        "(--kv-cache-dtype-skip-layers sliding_window; e.g. benchmarks/models/gemma3-12b-dummy)")
     p.add_argument("--contexts", default="8192,32768,65536,131072", help="batch-1 latency contexts")
     p.add_argument("--gpu-mem", type=float, default=0.9)
     p.add_argument("--latency-reps", type=int, default=2, help="batch-1 runs per context (the lowest TPOT is kept)")
@@ -882,12 +891,16 @@ def main(argv=None) -> int:
               "--latency-reps", str(args.latency_reps), "--sat-context", str(args.sat_context),
               "--sat-out", str(args.sat_out),
               *(["--max-num-batched-tokens", str(args.max_num_batched_tokens)] if args.max_num_batched_tokens else []),
+              *(["--skip-sliding-window"] if args.skip_sliding_window else []),
               "--tp-requests", str(args.tp_requests), "--tp-in", str(args.tp_in), "--tp-out", str(args.tp_out)]
     e2e = acc = None
     if args.suite in ("all", "perf"):
         fmts = (args.formats or DEFAULT_PERF_FORMATS).split(",")
         e2e = {"environment": _environment(), "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
-               "settings": {"model": "Qwen3-8B shape, dummy weights", "gpu_memory_utilization": args.gpu_mem,
+               "settings": {"model": ("Qwen3-8B shape, dummy weights" if Path(args.model_dir) == DUMMY_QWEN3_8B
+                                      else f"{Path(args.model_dir).name} config, dummy weights"),
+                            "sliding_window_layers_bf16": args.skip_sliding_window,
+                            "gpu_memory_utilization": args.gpu_mem,
                             "contexts": args.contexts, "latency_reps": args.latency_reps,
                             "full_kv_decode": [args.sat_context, args.sat_out],
                             "throughput": [args.tp_requests, args.tp_in, args.tp_out]},

@@ -94,3 +94,21 @@ def test_plots_from_results(tmp_path):
     written = plots(e2e, acc, tmp_path)
     assert [p.name for p in written] == ["e2e-h100.png", "accuracy-gpu-smollm2.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+
+
+def test_skip_sliding_window_keeps_those_layers_bf16_in_quantized_formats_only(monkeypatch):
+    """``--skip-sliding-window`` (models such as Gemma 3, whose sliding-window layers oscar_int2 cannot serve):
+    every quantized format gets ``kv_cache_dtype_skip_layers=["sliding_window"]``, BF16 gets nothing."""
+    import vllm
+
+    from benchmarks import run
+
+    calls = []
+    monkeypatch.setattr(vllm, "LLM", lambda **kw: calls.append(kw))
+    for fmt in ("auto", "fp8", "oscar_int2_u8"):
+        run._engine(fmt, True, model="m")
+    run._engine("oscar_int2", False, model="m")
+    assert [c.get("kv_cache_dtype_skip_layers") for c in calls] == [None, ["sliding_window"], ["sliding_window"], None]
+    assert run.FORMATS["oscar_int2_u8"] == {"kv_cache_dtype": "oscar_int2",
+                                           "additional_config": {"oscar": {"scale_dtype": "u8"}}}  # not mutated
+    assert (run.ROOT / "benchmarks" / "models" / "gemma3-12b-dummy" / "config.json").exists()
