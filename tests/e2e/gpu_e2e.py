@@ -445,14 +445,21 @@ def _random_llama(folder: Path) -> Path:
 
 def case_tp_one(args) -> dict:
     """One engine of the tp case: ``--mode {auto,oscar_int2}-tp{1,2}``."""
-    from vllm import SamplingParams
-
     kv, tp = args.mode.split("-tp")
     model = _random_llama(Path(tempfile.gettempdir()) / "oscar-random-llama")
     # 256-token prefill chunks: later chunks of the 3000-token prompt read INT2 history, so its teacher-forced
     # prompt logprobs test the cache itself (a one-chunk prefill would attend exact K/V).
     llm = _llm(str(model), kv_cache_dtype=kv, tensor_parallel_size=int(tp), skip_tokenizer_init=True,
                gpu_memory_utilization=0.5, max_model_len=8192, long_prefill_token_threshold=256)
+    return {"mode": args.mode, **_agreement_probe(llm), "ok": True}
+
+
+def _agreement_probe(llm) -> dict:
+    """What tp_agreement compares between two engines on the same weights: a 200-token prompt (inside the BF16
+    windows) and a 3000-token one (INT2 history when prefilled in small chunks), 32 greedy tokens each with
+    their logprobs and top-2 gaps, and the 3000-token prompt's teacher-forced logprobs."""
+    from vllm import SamplingParams
+
     prompts = [[(i * 7919 + 13 * n) % 31000 + 500 for i in range(n)] for n in (200, 3000)]
     tf = llm.generate([{"prompt_token_ids": prompts[1]}],
                       SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False))[0]
@@ -469,8 +476,8 @@ def case_tp_one(args) -> dict:
             gaps.append(top[0] - top[1] if len(top) > 1 else float("inf"))
         logprobs.append(chosen)
         top2_gaps.append(gaps)
-    return {"mode": args.mode, "tokens": _token_ids(outs), "logprobs": logprobs, "top2_gaps": top2_gaps,
-            "teacher_forced_logprobs": teacher_forced, "ok": True}
+    return {"tokens": _token_ids(outs), "logprobs": logprobs, "top2_gaps": top2_gaps,
+            "teacher_forced_logprobs": teacher_forced}
 
 
 def _random_gemma3(folder: Path) -> Path:
@@ -509,8 +516,6 @@ def _layer_kinds(model) -> dict:
 def case_gemma3_one(args) -> dict:
     """One engine of the gemma3 case: ``--mode auto`` (vLLM's BF16 cache) or ``oscar_int2`` (sliding-window
     layers kept in BF16 through --kv-cache-dtype-skip-layers)."""
-    from vllm import SamplingParams
-
     model = _random_gemma3(Path(tempfile.gettempdir()) / "oscar-random-gemma3")
     kw = dict(skip_tokenizer_init=True, gpu_memory_utilization=0.5, max_model_len=8192,
               long_prefill_token_threshold=256)  # later chunks of the 3000-token prompt read INT2 history
@@ -520,23 +525,7 @@ def case_gemma3_one(args) -> dict:
     kvc = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_config
     groups = sorted(f"{type(g.kv_cache_spec).__name__} x{len(g.layer_names)}" for g in kvc.kv_cache_groups)
     layers = llm.apply_model(_layer_kinds)[0]
-    prompts = [[(i * 7919 + 13 * n) % 31000 + 500 for i in range(n)] for n in (200, 3000)]
-    tf = llm.generate([{"prompt_token_ids": prompts[1]}],
-                      SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False))[0]
-    teacher_forced = [lp[prompts[1][i]].logprob for i, lp in enumerate(tf.prompt_logprobs) if lp is not None]
-    sp = SamplingParams(temperature=0.0, max_tokens=32, logprobs=2, detokenize=False, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp)
-    logprobs, top2_gaps = [], []
-    for o in outs:
-        chosen, gaps = [], []
-        for tok, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs):
-            chosen.append(d[tok].logprob)
-            top = sorted((x.logprob for x in d.values()), reverse=True)
-            gaps.append(top[0] - top[1] if len(top) > 1 else float("inf"))
-        logprobs.append(chosen)
-        top2_gaps.append(gaps)
-    return {"mode": args.mode, "kv_cache_groups": groups, "layers": layers, "tokens": _token_ids(outs),
-            "logprobs": logprobs, "top2_gaps": top2_gaps, "teacher_forced_logprobs": teacher_forced, "ok": True}
+    return {"mode": args.mode, "kv_cache_groups": groups, "layers": layers, **_agreement_probe(llm), "ok": True}
 
 
 CASES = {
