@@ -26,24 +26,28 @@ void launch_decode_pb(const DecodeParams& p, cudaStream_t stream, bool pdl) {
 }
 }  // namespace
 
-int decode_max_split_heads_for(int head_dim, int group) {
+namespace {
+// One constant of the DecodeTraits variant launch_decode_kernel_for runs for (head_dim, group): more than 8
+// query heads per KV head take the two-tile variant (NT = 2); head_dim 256 has one. `get` reads it from a
+// value of that type, e.g. [](auto tr) { return decltype(tr)::kMinBlocks; }.
+template <typename Get>
+int decode_traits_constant(int head_dim, int group, Get get) {
   const bool nt2 = group > 8;
   switch (head_dim) {
-    // The same for both params formats (DecodeTraits::kRing).
-    case 64: return nt2 ? DecodeTraits<64, 2>::kMaxSplitHeads : DecodeTraits<64, 1>::kMaxSplitHeads;
-    case 128: return nt2 ? DecodeTraits<128, 2>::kMaxSplitHeads : DecodeTraits<128, 1>::kMaxSplitHeads;
-    default: return DecodeTraits<256, 1>::kMaxSplitHeads;
+    case 64: return nt2 ? get(DecodeTraits<64, 2>{}) : get(DecodeTraits<64, 1>{});
+    case 128: return nt2 ? get(DecodeTraits<128, 2>{}) : get(DecodeTraits<128, 1>{});
+    default: return get(DecodeTraits<256, 1>{});
   }
 }
+}  // namespace
 
-// Query heads per KV head above 8 take the two-tile variant (NT = 2), as launch_decode_kernel_for.
+// The same for both params formats (DecodeTraits::kRing).
+int decode_max_split_heads_for(int head_dim, int group) {
+  return decode_traits_constant(head_dim, group, [](auto tr) { return decltype(tr)::kMaxSplitHeads; });
+}
+
 int decode_ctas_per_sm_for(int head_dim, int group) {
-  const bool nt2 = group > 8;
-  switch (head_dim) {
-    case 64: return nt2 ? DecodeTraits<64, 2>::kMinBlocks : DecodeTraits<64, 1>::kMinBlocks;
-    case 128: return nt2 ? DecodeTraits<128, 2>::kMinBlocks : DecodeTraits<128, 1>::kMinBlocks;
-    default: return DecodeTraits<256, 1>::kMinBlocks;
-  }
+  return decode_traits_constant(head_dim, group, [](auto tr) { return decltype(tr)::kMinBlocks; });
 }
 
 namespace {
