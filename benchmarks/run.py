@@ -130,14 +130,6 @@ def _engine(fmt: str, skip_sliding_window: bool = False, **kwargs):
     return LLM(**kwargs, **fmt_args)
 
 
-def _oscar_layer_state(model) -> dict:
-    """How many attention layers the OSCAR backend serves, and in how many R_V is folded into o_proj."""
-    from vllm_oscar.attention.fold import oscar_impls
-
-    impls = oscar_impls(model)
-    return {"layers": len(impls), "r_v_folded_into_o_proj": sum(i.value_rotation_folded for i in impls)}
-
-
 def worker_perf(args) -> dict:
     """Capacity, batch-1 TPOT and offline throughput for one format on the Qwen3-8B shape."""
     import random
@@ -145,14 +137,16 @@ def worker_perf(args) -> dict:
     from vllm import SamplingParams
     from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity
 
-    contexts = [int(c) for c in args.contexts.split(",")]
-    max_len = max(contexts + [args.tp_in + args.tp_out, args.sat_context]) + 256
+    contexts = [int(c) for c in args.contexts.split(",") if c]
+    profile_contexts = list(_ints(args.profile_contexts)) if args.profile_contexts else []
+    max_len = max(contexts + profile_contexts + [args.tp_in + args.tp_out, args.sat_context]) + 256
     t0 = time.time()
     llm = _engine(args.format, args.skip_sliding_window, model=str(args.model_dir), load_format="dummy",
                   skip_tokenizer_init=True, max_model_len=max_len, gpu_memory_utilization=args.gpu_mem,
                   enable_prefix_caching=False,
                   max_num_seqs=256, seed=0,
-                  **({"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}))
+                  **({"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}),
+                  **({"quantization": args.quantization} if args.quantization else {}))
     out: dict = {"format": args.format, "startup_s": round(time.time() - t0, 1), "max_model_len": max_len,
                  "max_num_batched_tokens": llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens}
     vcfg = llm.llm_engine.vllm_config
@@ -175,7 +169,8 @@ def worker_perf(args) -> dict:
     out["num_blocks"] = kvc.num_blocks
     if FORMATS[args.format]["kv_cache_dtype"] == "oscar_int2":
         try:
-            out["oscar_layers"] = llm.apply_model(_oscar_layer_state)[0]
+            from vllm_oscar.attention.fold import layer_state
+            out["oscar_layers"] = llm.apply_model(layer_state)[0]
         except Exception as exc:  # noqa: BLE001 - a report, not the measurement: record why and go on
             out["oscar_layers"] = {"error": repr(exc)}
         print(f"[{args.format}] {out['oscar_layers']}", flush=True)
@@ -205,6 +200,22 @@ def worker_perf(args) -> dict:
                                                           for r in reps) + " ms", flush=True)
         out["latency_bs1"] = lat
         _save_partial(args, out)
+    if profile_contexts:
+        from benchmarks import step_profile
+
+        layers = vcfg.model_config.get_num_layers(vcfg.parallel_config)
+        prof = {}
+        for c in profile_contexts:
+            try:
+                run = step_profile.profile_decode(llm, prompt(c)["prompt_token_ids"], steps=args.profile_steps,
+                                                  rid=f"profile{c}")
+                prof[str(c)] = step_profile.summarize(run, layers)
+            except Exception as exc:  # noqa: BLE001 - a diagnosis beside the measurements: record why, go on
+                prof[str(c)] = {"error": repr(exc)}
+            print(f"[{args.format}] profile ctx {c}: " + json.dumps({k: v for k, v in prof[str(c)].items()
+                                                                      if k != "kernels"}), flush=True)
+            out["decode_profile"] = prof
+            _save_partial(args, out)
     if args.sat_context:
         conc = capacity(args.sat_context)[1]
         n = min(int(conc), 256)  # max_num_seqs
@@ -655,6 +666,11 @@ def markdown(e2e: dict | None, acc: dict | None, serve: dict | None = None) -> s
             ctx = next(iter(sat.values()))["context"]
             parts.append(f"Decode throughput with a full KV cache ({ctx // 1024}K-token requests, as many as "
                          "each format holds)\n\n" + _table(rows))
+        prof = {f: r["decode_profile"] for f, r in res.items() if "decode_profile" in r}
+        if prof:
+            from benchmarks import step_profile
+
+            parts.append(step_profile.markdown_table(prof))
     if acc:
         res = {r["format"]: r for r in upgrade_accuracy(acc)["results"]}
         parts += _perplexity_tables(res) + _recall_tables(res) + _passkey_tables(res)
@@ -778,7 +794,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(--kv-cache-dtype-skip-layers sliding_window; e.g. benchmarks/models/gemma3-12b-dummy)")
     p.add_argument("--contexts", default="8192,32768,65536,131072", help="batch-1 latency contexts")
     p.add_argument("--gpu-mem", type=float, default=0.9)
+    p.add_argument("--quantization", default=None,
+                   help="weight quantization of the perf engines (vLLM's `quantization`, e.g. fp8: online FP8 weights); "
+                        "default: BF16 weights")
     p.add_argument("--latency-reps", type=int, default=2, help="batch-1 runs per context (the lowest TPOT is kept)")
+    p.add_argument("--profile-contexts", default="",
+                   help="batch-1 contexts whose decode steps are profiled kernel by kernel (benchmarks/step_profile.py)")
+    p.add_argument("--profile-steps", type=int, default=32, help="engine steps in each profiled window")
     p.add_argument("--sat-context", type=int, default=32768,
                    help="full-KV decode: as many requests of this many tokens as the format's KV cache holds "
                         "(vLLM's maximum concurrency, at most 256), decode throughput while all of them decode; "
@@ -889,9 +911,11 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     shared = ["--model-dir", args.model_dir, "--contexts", args.contexts, "--gpu-mem", str(args.gpu_mem),
               "--latency-reps", str(args.latency_reps), "--sat-context", str(args.sat_context),
+              "--profile-contexts", args.profile_contexts, "--profile-steps", str(args.profile_steps),
               "--sat-out", str(args.sat_out),
               *(["--max-num-batched-tokens", str(args.max_num_batched_tokens)] if args.max_num_batched_tokens else []),
               *(["--skip-sliding-window"] if args.skip_sliding_window else []),
+              *(["--quantization", args.quantization] if args.quantization else []),
               "--tp-requests", str(args.tp_requests), "--tp-in", str(args.tp_in), "--tp-out", str(args.tp_out)]
     e2e = acc = None
     if args.suite in ("all", "perf"):
@@ -900,8 +924,11 @@ def main(argv=None) -> int:
                "settings": {"model": ("Qwen3-8B shape, dummy weights" if Path(args.model_dir) == DUMMY_QWEN3_8B
                                       else f"{Path(args.model_dir).name} config, dummy weights"),
                             "sliding_window_layers_bf16": args.skip_sliding_window,
+                            "weights": f"quantization={args.quantization}" if args.quantization else "bf16",
                             "gpu_memory_utilization": args.gpu_mem,
                             "contexts": args.contexts, "latency_reps": args.latency_reps,
+                            **({"profile_contexts": args.profile_contexts, "profile_steps": args.profile_steps}
+                               if args.profile_contexts else {}),
                             "full_kv_decode": [args.sat_context, args.sat_out],
                             "throughput": [args.tp_requests, args.tp_in, args.tp_out]},
                "results": [_run_worker("perf", f, args, shared) for f in fmts]}

@@ -16,54 +16,46 @@ int decode_window_tile_for(int head_dim) {
 }
 
 namespace {
-template <int D, int NT>
-void launch_decode_pb(const DecodeParams& p, cudaStream_t stream, bool pdl) {
-  if (p.params_u8) {
-    launch_decode<D, NT, kParamBytesU8>(p, stream, pdl);
-  } else {
-    launch_decode<D, NT, kParamBytesFp16>(p, stream, pdl);
-  }
-}
-}  // namespace
+// A decode kernel variant: head_dim D, NT 16-wide MMA tiles of query heads (2 for more than 8 query heads per
+// KV head; head_dim 256 has only NT = 1) and PB bytes per (scale, offset) pair (fp16 or u8 params).
+template <int D_, int NT_, int PB_>
+struct DecodeVariant {
+  static constexpr int D = D_, NT = NT_, PB = PB_;
+  using Traits = DecodeTraits<D_, NT_, PB_>;
+};
 
-namespace {
-// One constant of the DecodeTraits variant launch_decode_kernel_for runs for (head_dim, group): more than 8
-// query heads per KV head take the two-tile variant (NT = 2); head_dim 256 has one. `get` reads it from a
-// value of that type, e.g. [](auto tr) { return decltype(tr)::kMinBlocks; }.
-template <typename Get>
-int decode_traits_constant(int head_dim, int group, Get get) {
+template <int D, int NT, typename F>
+auto with_params(bool params_u8, F f) {
+  return params_u8 ? f(DecodeVariant<D, NT, kParamBytesU8>{}) : f(DecodeVariant<D, NT, kParamBytesFp16>{});
+}
+
+// f(DecodeVariant<...>{}) for the variant that serves (head_dim, group, params): the one place that maps
+// runtime arguments to template instances, for the launch, the occupancy query and the traits' constants.
+template <typename F>
+auto with_decode_variant(int head_dim, int group, bool params_u8, F f) {
   const bool nt2 = group > 8;
   switch (head_dim) {
-    case 64: return nt2 ? get(DecodeTraits<64, 2>{}) : get(DecodeTraits<64, 1>{});
-    case 128: return nt2 ? get(DecodeTraits<128, 2>{}) : get(DecodeTraits<128, 1>{});
-    default: return get(DecodeTraits<256, 1>{});
+    case 64: return nt2 ? with_params<64, 2>(params_u8, f) : with_params<64, 1>(params_u8, f);
+    case 128: return nt2 ? with_params<128, 2>(params_u8, f) : with_params<128, 1>(params_u8, f);
+    default: return with_params<256, 1>(params_u8, f);
   }
 }
 }  // namespace
 
-// The same for both params formats (DecodeTraits::kRing).
+// Both constants are the same for both params formats (DecodeTraits::kRing is sized for the fp16 stage).
 int decode_max_split_heads_for(int head_dim, int group) {
-  return decode_traits_constant(head_dim, group, [](auto tr) { return decltype(tr)::kMaxSplitHeads; });
+  return with_decode_variant(head_dim, group, false, [](auto v) { return decltype(v)::Traits::kMaxSplitHeads; });
 }
 
 int decode_ctas_per_sm_for(int head_dim, int group) {
-  return decode_traits_constant(head_dim, group, [](auto tr) { return decltype(tr)::kMinBlocks; });
+  return with_decode_variant(head_dim, group, false, [](auto v) { return decltype(v)::Traits::kMinBlocks; });
 }
-
-namespace {
-template <int D, int NT>
-int decode_occupancy_pb(bool params_u8) {
-  return params_u8 ? decode_occupancy<D, NT, kParamBytesU8>() : decode_occupancy<D, NT, kParamBytesFp16>();
-}
-}  // namespace
 
 int decode_occupancy_for(int head_dim, int group, bool params_u8) {
-  const bool nt2 = group > 8;
-  switch (head_dim) {
-    case 64: return nt2 ? decode_occupancy_pb<64, 2>(params_u8) : decode_occupancy_pb<64, 1>(params_u8);
-    case 128: return nt2 ? decode_occupancy_pb<128, 2>(params_u8) : decode_occupancy_pb<128, 1>(params_u8);
-    default: return decode_occupancy_pb<256, 1>(params_u8);
-  }
+  return with_decode_variant(head_dim, group, params_u8, [](auto v) {
+    using V = decltype(v);
+    return decode_occupancy<V::D, V::NT, V::PB>();
+  });
 }
 
 void launch_rotate_q_for(const DecodeParams& p, int head_dim, cudaStream_t stream) {
@@ -75,12 +67,10 @@ void launch_rotate_q_for(const DecodeParams& p, int head_dim, cudaStream_t strea
 }
 
 void launch_decode_kernel_for(const DecodeParams& p, int head_dim, bool pdl, cudaStream_t stream) {
-  const bool nt2 = p.group > 8;
-  switch (head_dim) {
-    case 64: nt2 ? launch_decode_pb<64, 2>(p, stream, pdl) : launch_decode_pb<64, 1>(p, stream, pdl); break;
-    case 128: nt2 ? launch_decode_pb<128, 2>(p, stream, pdl) : launch_decode_pb<128, 1>(p, stream, pdl); break;
-    default: launch_decode_pb<256, 1>(p, stream, pdl); break;
-  }
+  with_decode_variant(head_dim, p.group, p.params_u8, [&](auto v) {
+    using V = decltype(v);
+    launch_decode<V::D, V::NT, V::PB>(p, stream, pdl);
+  });
 }
 
 void launch_decode(const DecodeParams& p, int head_dim, bool pdl, cudaStream_t stream) {

@@ -205,7 +205,9 @@ def case_skip_layers(args) -> dict:
     """``generate`` with layers 0 and 29 kept in BF16 next to 28 oscar_int2 layers."""
     llm = _llm(args.model, kv_cache_dtype="oscar_int2", kv_cache_dtype_skip_layers=["0", "29"],
                max_num_batched_tokens=512, long_prefill_token_threshold=256)
-    layers = llm.apply_model(_layer_kinds)[0]
+    from vllm_oscar.attention.fold import layer_state
+
+    layers = llm.apply_model(layer_state)[0]
     prompts = _prompts(llm.get_tokenizer())
     outs = llm.generate(prompts, _greedy())
     ids = _token_ids(outs)
@@ -499,20 +501,6 @@ def _random_gemma3(folder: Path) -> Path:
     return folder
 
 
-def _layer_kinds(model) -> dict:
-    """Attention layers per KV-cache dtype, and how many the OSCAR backend serves (in the worker)."""
-    from vllm_oscar.attention.fold import oscar_impls
-
-    kinds: dict[str, int] = {}
-    for module in model.modules():
-        kv = getattr(module, "kv_cache_dtype", None)
-        if isinstance(kv, str) and hasattr(module, "impl"):
-            kinds[kv] = kinds.get(kv, 0) + 1
-    impls = oscar_impls(model)
-    return {"by_kv_cache_dtype": kinds, "oscar_layers": len(impls),
-            "r_v_folded_into_o_proj": sum(i.value_rotation_folded for i in impls)}
-
-
 def case_gemma3_one(args) -> dict:
     """One engine of the gemma3 case: ``--mode auto`` (vLLM's BF16 cache) or ``oscar_int2`` (sliding-window
     layers kept in BF16 through --kv-cache-dtype-skip-layers)."""
@@ -524,7 +512,9 @@ def case_gemma3_one(args) -> dict:
     llm = _llm(str(model), **kw)
     kvc = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_config
     groups = sorted(f"{type(g.kv_cache_spec).__name__} x{len(g.layer_names)}" for g in kvc.kv_cache_groups)
-    layers = llm.apply_model(_layer_kinds)[0]
+    from vllm_oscar.attention.fold import layer_state
+
+    layers = llm.apply_model(layer_state)[0]
     return {"mode": args.mode, "kv_cache_groups": groups, "layers": layers, **_agreement_probe(llm), "ok": True}
 
 

@@ -103,6 +103,22 @@ def test_fold_model_folds_only_where_exact_and_says_why():
     assert report.folded == [] and "LoRA" in report.skipped["ok"]
 
 
+def test_layer_state_counts_layers_by_kv_cache_dtype_and_folds():
+    """What benchmarks.run and the GPU end-to-end cases record about a served model."""
+    d = 64
+    rv = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0].float()
+    model = nn.Module()
+    model.a = _parent("Qwen3Attention", 4, d, rv)
+    model.b = _parent("Qwen3NextAttention", 4, d, rv)
+    model.bf16 = _parent("LlamaAttention", 4, d, rv)
+    model.bf16.attn.impl = object()  # a layer kept in BF16 (a skip layer): another backend's impl
+    for name, dtype in (("a", "oscar_int2"), ("b", "oscar_int2"), ("bf16", "auto")):
+        getattr(model, name).attn.kv_cache_dtype = dtype
+    fold.fold_model(model, lora_enabled=False)
+    assert fold.layer_state(model) == {"by_kv_cache_dtype": {"oscar_int2": 2, "auto": 1}, "oscar_layers": 2,
+                                       "r_v_folded_into_o_proj": 1}
+
+
 def test_folded_layers_get_no_output_rotation():
     from vllm_oscar.attention.backend import OscarLayerArgsCache
 

@@ -97,6 +97,20 @@ def oscar_impls(model: torch.nn.Module) -> list:
     return [m.impl for m in model.modules() if isinstance(getattr(m, "impl", None), OscarAttentionImpl)]
 
 
+def layer_state(model: torch.nn.Module) -> dict:
+    """What serves the attention of ``model``: layers per KV-cache dtype, how many the OSCAR backend serves,
+    and in how many of those R_V is folded into o_proj. For ``LLM.apply_model`` (runs in the worker);
+    the benchmarks and the GPU end-to-end cases record it."""
+    by_dtype: dict[str, int] = {}
+    for module in model.modules():
+        kv = getattr(module, "kv_cache_dtype", None)
+        if isinstance(kv, str) and hasattr(module, "impl"):
+            by_dtype[kv] = by_dtype.get(kv, 0) + 1
+    impls = oscar_impls(model)
+    return {"by_kv_cache_dtype": by_dtype, "oscar_layers": len(impls),
+            "r_v_folded_into_o_proj": sum(i.value_rotation_folded for i in impls)}
+
+
 def fold_model(model: torch.nn.Module, *, lora_enabled: bool) -> FoldReport:
     """Fold ``R_V`` into ``o_proj`` for every attention module served by the OSCAR backend."""
     from vllm_oscar.attention.backend import OscarAttentionImpl
