@@ -200,23 +200,32 @@ def worker_perf(args) -> dict:
                                                           for r in reps) + " ms", flush=True)
         out["latency_bs1"] = lat
         _save_partial(args, out)
-    if profile_contexts:
+    prof: dict = {}
+
+    def profiled(key: str, prompts: list[list[int]], warm_tokens: int, max_tokens: int | None = None) -> None:
+        """One profiled decode window into out["decode_profile"][key] (benchmarks/step_profile.py)."""
         from benchmarks import step_profile
 
-        layers = vcfg.model_config.get_num_layers(vcfg.parallel_config)
-        prof = {}
-        for c in profile_contexts:
-            try:
-                run = step_profile.profile_decode(llm, prompt(c)["prompt_token_ids"], steps=args.profile_steps,
-                                                  rid=f"profile{c}")
-                prof[str(c)] = step_profile.summarize(run, layers)
-            except Exception as exc:  # noqa: BLE001 - a diagnosis beside the measurements: record why, go on
-                prof[str(c)] = {"error": repr(exc)}
-            print(f"[{args.format}] profile ctx {c}: " + json.dumps({k: v for k, v in prof[str(c)].items()
-                                                                      if k != "kernels"}), flush=True)
-            out["decode_profile"] = prof
-            _save_partial(args, out)
-    if args.sat_context:
+        try:
+            run = step_profile.profile_decode(llm, prompts, steps=args.profile_steps, warm_tokens=warm_tokens,
+                                              prefix=f"profile{key}", max_tokens=max_tokens)
+            prof[key] = step_profile.summarize(run, vcfg.model_config.get_num_layers(vcfg.parallel_config))
+        except Exception as exc:  # noqa: BLE001 - a diagnosis beside the measurements: record why, go on
+            prof[key] = {"error": repr(exc)}
+        print(f"[{args.format}] profile {key}: " + json.dumps({k: v for k, v in prof[key].items() if k != "kernels"}),
+              flush=True)
+        out["decode_profile"] = prof
+        _save_partial(args, out)
+
+    for c in profile_contexts:
+        profiled(str(c), [prompt(c)["prompt_token_ids"]], warm_tokens=8)
+    if args.sat_context and args.profile_full_kv:
+        # The full-KV configuration below, profiled instead of timed: every request decoding, 2 tokens in.
+        n = min(int(capacity(args.sat_context)[1]), 256)
+        profiled(f"{args.sat_context}x{n}",
+                 [prompt(args.sat_context - args.sat_out)["prompt_token_ids"] for _ in range(n)], warm_tokens=2,
+                 max_tokens=args.sat_out)
+    if args.sat_context and not args.profile_full_kv:
         conc = capacity(args.sat_context)[1]
         n = min(int(conc), 256)  # max_num_seqs
         plen = args.sat_context - args.sat_out
@@ -801,6 +810,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-contexts", default="",
                    help="batch-1 contexts whose decode steps are profiled kernel by kernel (benchmarks/step_profile.py)")
     p.add_argument("--profile-steps", type=int, default=32, help="engine steps in each profiled window")
+    p.add_argument("--profile-full-kv", action="store_true",
+                   help="profile the --sat-context configuration (as many requests as the cache holds, all decoding) "
+                        "instead of timing its whole decode")
     p.add_argument("--sat-context", type=int, default=32768,
                    help="full-KV decode: as many requests of this many tokens as the format's KV cache holds "
                         "(vLLM's maximum concurrency, at most 256), decode throughput while all of them decode; "
@@ -912,6 +924,7 @@ def main(argv=None) -> int:
     shared = ["--model-dir", args.model_dir, "--contexts", args.contexts, "--gpu-mem", str(args.gpu_mem),
               "--latency-reps", str(args.latency_reps), "--sat-context", str(args.sat_context),
               "--profile-contexts", args.profile_contexts, "--profile-steps", str(args.profile_steps),
+              *(["--profile-full-kv"] if args.profile_full_kv else []),
               "--sat-out", str(args.sat_out),
               *(["--max-num-batched-tokens", str(args.max_num_batched_tokens)] if args.max_num_batched_tokens else []),
               *(["--skip-sliding-window"] if args.skip_sliding_window else []),
@@ -927,8 +940,9 @@ def main(argv=None) -> int:
                             "weights": f"quantization={args.quantization}" if args.quantization else "bf16",
                             "gpu_memory_utilization": args.gpu_mem,
                             "contexts": args.contexts, "latency_reps": args.latency_reps,
-                            **({"profile_contexts": args.profile_contexts, "profile_steps": args.profile_steps}
-                               if args.profile_contexts else {}),
+                            **({"profile_contexts": args.profile_contexts, "profile_steps": args.profile_steps,
+                                "profile_full_kv": args.profile_full_kv}
+                               if args.profile_contexts or args.profile_full_kv else {}),
                             "full_kv_decode": [args.sat_context, args.sat_out],
                             "throughput": [args.tp_requests, args.tp_in, args.tp_out]},
                "results": [_run_worker("perf", f, args, shared) for f in fmts]}

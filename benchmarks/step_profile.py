@@ -60,13 +60,15 @@ class Kernel:
         return self.end_us - self.start_us
 
 
-def profile_decode(llm, prompt_ids: list[int], steps: int = 32, warm_tokens: int = 8,
-                   rid: str = "profile") -> dict:
-    """Profile ``steps`` engine steps of one request decoding after a ``len(prompt_ids)``-token prompt.
+def profile_decode(llm, prompts: list[list[int]], steps: int = 32, warm_tokens: int = 8,
+                   prefix: str = "profile", max_tokens: int | None = None) -> dict:
+    """Profile ``steps`` engine steps in which every request of ``prompts`` (token ids) decodes.
 
-    Returns ``{"kernels": [Kernel, ...], "engine_steps": n, "tokens": n, "wall_s": s}`` for
-    :func:`summarize`. The request runs ``warm_tokens`` tokens before the window (prefill and the first
-    decode steps outside it) and is finished after it."""
+    Returns ``{"kernels": [Kernel, ...], "engine_steps": n, "tokens": n, "requests": n, "wall_s": s}``
+    for :func:`summarize`. The window opens once every request has ``warm_tokens`` tokens (all prefills
+    done: no prefill chunk in it); the requests are aborted after it. ``max_tokens`` (default
+    ``warm_tokens + steps + 8``) must keep the first requests decoding until the last one's prefill is
+    done: with many long prompts, about the output length of the full-KV run they stand for."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -77,16 +79,25 @@ def profile_decode(llm, prompt_ids: list[int], steps: int = 32, warm_tokens: int
     engine = llm.llm_engine
     if engine.has_unfinished_requests():
         raise RuntimeError("profile_decode() needs an idle engine")
-    sp = SamplingParams(max_tokens=warm_tokens + steps + 8, ignore_eos=True, temperature=0,
+    sp = SamplingParams(max_tokens=max_tokens or warm_tokens + steps + 8, ignore_eos=True, temperature=0,
                         output_kind=RequestOutputKind.DELTA)
-    engine.add_request(rid, tokens_input(list(prompt_ids)), sp)
+    rids = [f"{prefix}-{i}" for i in range(len(prompts))]
+    for rid, ids in zip(rids, prompts):
+        engine.add_request(rid, tokens_input(list(ids)), sp)
+    got = dict.fromkeys(rids, 0)
 
     def step() -> int:
-        return sum(len(o.outputs[0].token_ids) for o in engine.step() if o.request_id == rid and o.outputs)
+        n = 0
+        for o in engine.step():
+            if o.request_id in got and o.outputs:
+                got[o.request_id] += len(o.outputs[0].token_ids)
+                n += len(o.outputs[0].token_ids)
+        return n
 
-    got = 0
-    while got < warm_tokens:
-        got += step()
+    while min(got.values()) < warm_tokens:
+        if not engine.has_unfinished_requests():
+            raise RuntimeError(f"the requests finished before all of them decoded ({got}): raise max_tokens")
+        step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0, tokens = time.perf_counter(), 0
@@ -94,13 +105,14 @@ def profile_decode(llm, prompt_ids: list[int], steps: int = 32, warm_tokens: int
             tokens += step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
+    engine.abort_request(rids)
     while engine.has_unfinished_requests():
         engine.step()
     kernels = [Kernel(e.name, float(e.time_range.start), float(e.time_range.end))
                for e in prof.events() if e.device_type == DeviceType.CUDA]
     if not kernels:
         raise RuntimeError("torch.profiler recorded no CUDA kernels (CUPTI unavailable?)")
-    return {"kernels": kernels, "engine_steps": steps, "tokens": tokens, "wall_s": wall}
+    return {"kernels": kernels, "engine_steps": steps, "tokens": tokens, "requests": len(prompts), "wall_s": wall}
 
 
 def category(name: str) -> str:
@@ -153,6 +165,7 @@ def summarize(run: dict, num_layers: int, top: int = 12) -> dict:
         "steps": steps,
         "step_kernel": pattern,
         "engine_steps": run["engine_steps"],
+        "requests": run.get("requests", 1),
         "tokens": run["tokens"],
         "wall_ms_per_engine_step": round(1000 * run["wall_s"] / run["engine_steps"], 3),
         "gpu_span_ms_per_step": round(span / steps / 1000, 3),
@@ -170,20 +183,23 @@ def summarize(run: dict, num_layers: int, top: int = 12) -> dict:
 
 
 def markdown_table(profiles: dict[str, dict[str, dict]]) -> str:
-    """``{format: {context: summarize(...)}}`` as a markdown table (``benchmarks.run --markdown``)."""
+    """``{format: {key: summarize(...)}}`` as a markdown table (``benchmarks.run --markdown``); a key is the
+    context (batch 1) or ``"<context>x<requests>"``."""
     rows = [["format", "context", "GPU span / step (ms)", "GEMMs", "attention (µs per layer)", "other kernels",
              "gaps", "wall / engine step (profiled)"]]
     for fmt, by_ctx in profiles.items():
-        for ctx, p in sorted(by_ctx.items(), key=lambda kv: int(kv[0])):
+        for ctx, p in sorted(by_ctx.items(), key=lambda kv: tuple(int(x) for x in kv[0].split("x"))):
+            tokens, _, requests = ctx.partition("x")
+            label = f"{int(tokens) // 1024}K" + (f" × {requests} requests" if requests else "")
             if "error" in p:
-                rows.append([f"`{fmt}`", f"{int(ctx) // 1024}K", p["error"], "", "", "", "", ""])
+                rows.append([f"`{fmt}`", label, p["error"], "", "", "", "", ""])
                 continue
             cats = p["by_category_ms"]
             other = sum(v for c, v in cats.items() if c not in ATTENTION_CATEGORIES and c != "gemm")
-            rows.append([f"`{fmt}`", f"{int(ctx) // 1024}K", f"{p['gpu_span_ms_per_step']:.3f}",
+            rows.append([f"`{fmt}`", label, f"{p['gpu_span_ms_per_step']:.3f}",
                          f"{cats.get('gemm', 0.0):.3f}",
                          f"{p['attention_busy_ms']:.3f} ({p['attention_busy_us_per_layer']:.1f})", f"{other:.3f}",
                          f"{p['gpu_gaps_ms']:.3f}", f"{p['wall_ms_per_engine_step']:.3f}"])
-    head = ("Batch-1 decode step, kernel by kernel (torch.profiler over CUDA-graph replays, ms per step; "
+    head = ("Decode step, kernel by kernel (torch.profiler over CUDA-graph replays, ms per step; "
             "benchmarks/step_profile.py)\n\n")
     return head + "\n".join("| " + " | ".join(r) + " |" for r in [rows[0], ["---"] * len(rows[0]), *rows[1:]])

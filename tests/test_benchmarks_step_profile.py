@@ -54,9 +54,9 @@ def test_summarize_two_steps_of_two_layers():
                 ks.append(Kernel(name, start, start + us))
                 t = start + us
         t += 100.0  # the gap to the next step
-    run = {"kernels": ks, "engine_steps": 2, "tokens": 2, "wall_s": 0.001}
+    run = {"kernels": ks, "engine_steps": 2, "tokens": 2, "requests": 1, "wall_s": 0.001}
     res = step_profile.summarize(run, num_layers=2, top=3)
-    assert res["steps"] == 2 and res["step_kernel"] == step_profile.STEP_KERNELS["oscar"]
+    assert res["steps"] == 2 and res["requests"] == 1 and res["step_kernel"] == step_profile.STEP_KERNELS["oscar"]
     assert res["kernel_ms"] == pytest.approx(2 * 36 / 1000)
     assert res["gpu_busy_ms"] == pytest.approx(2 * 34 / 1000)  # 2 us of overlap per layer count once
     assert res["by_category_ms"] == {"oscar_decode": pytest.approx(0.044), "gemm": pytest.approx(0.02),
@@ -73,7 +73,9 @@ def test_markdown_table_rows():
     p = {"gpu_span_ms_per_step": 7.329, "gpu_gaps_ms": 0.328, "wall_ms_per_engine_step": 7.443,
          "by_category_ms": {"gemm": 5.7476, "oscar_decode": 0.9416, "oscar_store": 0.4513, "other": 0.3646},
          "attention_busy_ms": 0.889, "attention_busy_us_per_layer": 24.69}
-    table = step_profile.markdown_table({"oscar_int2": {"65536": {"error": "RuntimeError('x')"}, "32768": p}})
+    table = step_profile.markdown_table({"oscar_int2": {"65536": {"error": "RuntimeError('x')"}, "32768x78": p,
+                                                        "32768": p}})
     lines = table.splitlines()
-    assert lines[-2] == "| `oscar_int2` | 32K | 7.329 | 5.748 | 0.889 (24.7) | 0.365 | 0.328 | 7.443 |"
+    assert lines[-3] == "| `oscar_int2` | 32K | 7.329 | 5.748 | 0.889 (24.7) | 0.365 | 0.328 | 7.443 |"
+    assert lines[-2].startswith("| `oscar_int2` | 32K × 78 requests | 7.329 |")
     assert lines[-1].startswith("| `oscar_int2` | 64K | RuntimeError('x') |")
