@@ -44,6 +44,16 @@ def _parent(cls_name: str, heads: int, d: int, rv: torch.Tensor, **o_proj_kw) ->
     return parent
 
 
+def _model(d: int, **layers: tuple[str, dict]) -> nn.Module:
+    """A module with one attention parent per keyword, ``name=(attention class name, o_proj kwargs)``,
+    all with 4 heads and one random R_V."""
+    rv = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0].float()
+    model = nn.Module()
+    for name, (cls_name, o_proj_kw) in layers.items():
+        setattr(model, name, _parent(cls_name, 4, d, rv, **o_proj_kw))
+    return model
+
+
 def test_folded_o_proj_on_the_rotated_decode_output_equals_the_original_model():
     """reference.paged_decode without R_V, through the folded o_proj == with R_V, through the original."""
     case = DecodeCase(batch=3, num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16, seq_lens=[700, 65, 330],
@@ -77,12 +87,8 @@ def test_fold_rounds_once_and_is_idempotent_until_the_weights_change():
 
 
 def test_fold_model_folds_only_where_exact_and_says_why():
-    d = 64
-    rv = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0].float()
-    model = nn.Module()
-    model.ok = _parent("Qwen3Attention", 4, d, rv)
-    model.gated = _parent("Qwen3NextAttention", 4, d, rv)
-    model.fp8 = _parent("LlamaAttention", 4, d, rv, method=Fp8LinearMethod)
+    model = _model(64, ok=("Qwen3Attention", {}), gated=("Qwen3NextAttention", {}),
+                   fp8=("LlamaAttention", {"method": Fp8LinearMethod}))
     w_ok, w_gated = model.ok.o_proj.weight.clone(), model.gated.o_proj.weight.clone()
 
     report = fold.fold_model(model, lora_enabled=False)
@@ -97,20 +103,14 @@ def test_fold_model_folds_only_where_exact_and_says_why():
     again = fold.fold_model(model, lora_enabled=False)
     assert again.folded == [] and again.already == ["ok"]
 
-    lora = nn.Module()
-    lora.ok = _parent("LlamaAttention", 2, d, rv)
+    lora = _model(64, ok=("LlamaAttention", {}))
     report = fold.fold_model(lora, lora_enabled=True)
     assert report.folded == [] and "LoRA" in report.skipped["ok"]
 
 
 def test_layer_state_counts_layers_by_kv_cache_dtype_and_folds():
     """What benchmarks.run and the GPU end-to-end cases record about a served model."""
-    d = 64
-    rv = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0].float()
-    model = nn.Module()
-    model.a = _parent("Qwen3Attention", 4, d, rv)
-    model.b = _parent("Qwen3NextAttention", 4, d, rv)
-    model.bf16 = _parent("LlamaAttention", 4, d, rv)
+    model = _model(64, a=("Qwen3Attention", {}), b=("Qwen3NextAttention", {}), bf16=("LlamaAttention", {}))
     model.bf16.attn.impl = object()  # a layer kept in BF16 (a skip layer): another backend's impl
     for name, dtype in (("a", "oscar_int2"), ("b", "oscar_int2"), ("bf16", "auto")):
         getattr(model, name).attn.kv_cache_dtype = dtype
