@@ -187,7 +187,7 @@ def worker_perf(args) -> dict:
 
     timed([prompt(512)], SamplingParams(max_tokens=129, ignore_eos=True, temperature=0))  # warm-up
     lat = {}
-    for c in contexts:
+    for c in contexts if args.latency_reps > 0 else []:  # --latency-reps 0: contexts only size max_model_len
         p = prompt(c)["prompt_token_ids"]
         reps = [steps.single_stream_tpot(steps.drive(llm, [p], 129, prefix=f"lat{c}-{i}"), f"lat{c}-{i}-0")
                 for i in range(args.latency_reps)]
@@ -806,7 +806,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", default=None,
                    help="weight quantization of the perf engines (vLLM's `quantization`, e.g. fp8: online FP8 weights); "
                         "default: BF16 weights")
-    p.add_argument("--latency-reps", type=int, default=2, help="batch-1 runs per context (the lowest TPOT is kept)")
+    p.add_argument("--latency-reps", type=int, default=2,
+                   help="batch-1 runs per context (the lowest TPOT is kept); 0: no latency runs (capacity only)")
     p.add_argument("--profile-contexts", default="",
                    help="batch-1 contexts whose decode steps are profiled kernel by kernel (benchmarks/step_profile.py)")
     p.add_argument("--profile-steps", type=int, default=32, help="engine steps in each profiled window")
