@@ -22,6 +22,9 @@ Semantics worth knowing:
 - full-KV decode (``--sat-context``): as many requests of that many tokens as the format's KV cache
   holds, all submitted at once; decode throughput while every one of them decodes (after the last
   prefill, before the first finishes) and end-to-end output throughput, from the same timestamps;
+- ``--profile-contexts`` (batch 1) and ``--profile-full-kv`` (the ``--sat-context`` configuration, instead
+  of timing it): decode steps recorded with ``torch.profiler``, the step's GPU time split into GEMMs,
+  attention, other kernels and gaps (``benchmarks/step_profile.py``; JSON ``"decode_profile"``);
 - accuracy: one engine per format for all its tasks; every prompt is prefilled in ``--chunk``-token
   (32) steps, up to ``--max-num-seqs`` (64) requests side by side, so every prompt token reads the
   quantized history beyond the BF16 windows as decode does (a one-chunk prefill would attend to exact
@@ -921,6 +924,9 @@ def main(argv=None) -> int:
     unknown = [f for f in (args.formats or "").split(",") if f and f not in FORMATS]
     if unknown:
         raise SystemExit(f"unknown --formats {unknown}; valid: {list(FORMATS)}")
+    if args.profile_full_kv and args.sat_context <= 0:
+        raise SystemExit("--profile-full-kv profiles the full-KV configuration of --sat-context; give --sat-context N "
+                         "(e.g. 32768), or drop --profile-full-kv")
     RESULTS.mkdir(parents=True, exist_ok=True)
     shared = ["--model-dir", args.model_dir, "--contexts", args.contexts, "--gpu-mem", str(args.gpu_mem),
               "--latency-reps", str(args.latency_reps), "--sat-context", str(args.sat_context),

@@ -79,3 +79,10 @@ def test_markdown_table_rows():
     assert lines[-3] == "| `oscar_int2` | 32K | 7.329 | 5.748 | 0.889 (24.7) | 0.365 | 0.328 | 7.443 |"
     assert lines[-2].startswith("| `oscar_int2` | 32K × 78 requests | 7.329 |")
     assert lines[-1].startswith("| `oscar_int2` | 64K | RuntimeError('x') |")
+
+
+def test_run_refuses_a_full_kv_profile_without_a_full_kv_configuration():
+    from benchmarks import run
+
+    with pytest.raises(SystemExit, match="--profile-full-kv profiles the full-KV configuration of --sat-context"):
+        run.main(["--suite", "perf", "--formats", "oscar_int2", "--profile-full-kv", "--sat-context", "0"])
