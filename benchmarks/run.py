@@ -141,7 +141,7 @@ def worker_perf(args) -> dict:
     from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity
 
     contexts = [int(c) for c in args.contexts.split(",") if c]
-    profile_contexts = list(_ints(args.profile_contexts)) if args.profile_contexts else []
+    profile_contexts = list(args.profile_contexts)
     max_len = max(contexts + profile_contexts + [args.tp_in + args.tp_out, args.sat_context]) + 256
     t0 = time.time()
     llm = _engine(args.format, args.skip_sliding_window, model=str(args.model_dir), load_format="dummy",
@@ -811,7 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: BF16 weights")
     p.add_argument("--latency-reps", type=int, default=2,
                    help="batch-1 runs per context (the lowest TPOT is kept); 0: no latency runs (capacity only)")
-    p.add_argument("--profile-contexts", default="",
+    p.add_argument("--profile-contexts", type=_ints, default=(),
                    help="batch-1 contexts whose decode steps are profiled kernel by kernel (benchmarks/step_profile.py)")
     p.add_argument("--profile-steps", type=int, default=32, help="engine steps in each profiled window")
     p.add_argument("--profile-full-kv", action="store_true",
@@ -930,7 +930,7 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     shared = ["--model-dir", args.model_dir, "--contexts", args.contexts, "--gpu-mem", str(args.gpu_mem),
               "--latency-reps", str(args.latency_reps), "--sat-context", str(args.sat_context),
-              "--profile-contexts", args.profile_contexts, "--profile-steps", str(args.profile_steps),
+              "--profile-contexts", _csv(args.profile_contexts), "--profile-steps", str(args.profile_steps),
               *(["--profile-full-kv"] if args.profile_full_kv else []),
               "--sat-out", str(args.sat_out),
               *(["--max-num-batched-tokens", str(args.max_num_batched_tokens)] if args.max_num_batched_tokens else []),
@@ -947,7 +947,7 @@ def main(argv=None) -> int:
                             "weights": f"quantization={args.quantization}" if args.quantization else "bf16",
                             "gpu_memory_utilization": args.gpu_mem,
                             "contexts": args.contexts, "latency_reps": args.latency_reps,
-                            **({"profile_contexts": args.profile_contexts, "profile_steps": args.profile_steps,
+                            **({"profile_contexts": _csv(args.profile_contexts), "profile_steps": args.profile_steps,
                                 "profile_full_kv": args.profile_full_kv}
                                if args.profile_contexts or args.profile_full_kv else {}),
                             "full_kv_decode": [args.sat_context, args.sat_out],
