@@ -79,8 +79,8 @@ def profile_decode(llm, prompts: list[list[int]], steps: int = 32, warm_tokens: 
     engine = llm.llm_engine
     if engine.has_unfinished_requests():
         raise RuntimeError("profile_decode() needs an idle engine")
-    sp = SamplingParams(max_tokens=max_tokens or warm_tokens + steps + 8, ignore_eos=True, temperature=0,
-                        output_kind=RequestOutputKind.DELTA)
+    limit = max_tokens or warm_tokens + steps + 8
+    sp = SamplingParams(max_tokens=limit, ignore_eos=True, temperature=0, output_kind=RequestOutputKind.DELTA)
     rids = [f"{prefix}-{i}" for i in range(len(prompts))]
     for rid, ids in zip(rids, prompts):
         engine.add_request(rid, tokens_input(list(ids)), sp)
@@ -94,10 +94,14 @@ def profile_decode(llm, prompts: list[list[int]], steps: int = 32, warm_tokens: 
                 n += len(o.outputs[0].token_ids)
         return n
 
-    while min(got.values()) < warm_tokens:
-        if not engine.has_unfinished_requests():
-            raise RuntimeError(f"the requests finished before all of them decoded ({got}): raise max_tokens")
+    while min(got.values()) < warm_tokens and engine.has_unfinished_requests():
         step()
+    short = sorted(r for r, n in got.items() if limit - n < steps)
+    if short or min(got.values()) < warm_tokens:
+        engine.abort_request(rids)
+        raise RuntimeError(f"{len(short)} of {len(rids)} requests would finish inside the {steps}-step window (tokens "
+                           f"so far: min {min(got.values())}, max {max(got.values())} of {limit}): the first ones "
+                           "finished decoding before the last prefill ended; raise max_tokens")
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0, tokens = time.perf_counter(), 0

@@ -1,4 +1,7 @@
-"""benchmarks/step_profile.py: the per-step summary of a profiled decode window (pure functions)."""
+"""benchmarks/step_profile.py: the per-step summary of a profiled decode window (pure functions), and the
+profiling driver on a scripted engine with a stand-in profiler."""
+
+from types import SimpleNamespace
 
 import pytest
 
@@ -86,3 +89,78 @@ def test_run_refuses_a_full_kv_profile_without_a_full_kv_configuration():
 
     with pytest.raises(SystemExit, match="--profile-full-kv profiles the full-KV configuration of --sat-context"):
         run.main(["--suite", "perf", "--formats", "oscar_int2", "--profile-full-kv", "--sat-context", "0"])
+
+
+class _StaggeredEngine:
+    """Stands in for ``LLMEngine``: request i gets its first token at step ``start[i]`` (a long prefill), then
+    one per step; ``abort_request`` drops requests."""
+
+    def __init__(self, start):
+        self.start, self.left, self.n, self.aborted = start, {}, 0, []
+
+    def has_unfinished_requests(self):
+        return any(v > 0 for v in self.left.values())
+
+    def add_request(self, rid, prompt, params):
+        assert prompt["type"] == "token" and params.output_kind.name == "DELTA"
+        self.left[rid] = params.max_tokens
+
+    def abort_request(self, rids):
+        self.aborted += rids
+        for r in rids:
+            self.left[r] = 0
+
+    def step(self):
+        self.n += 1
+        outs = []
+        for i, (rid, left) in enumerate(self.left.items()):
+            if left > 0 and self.n >= self.start[i]:
+                self.left[rid] = left - 1
+                outs.append(SimpleNamespace(request_id=rid, outputs=[SimpleNamespace(token_ids=[7])]))
+        return outs
+
+
+@pytest.fixture
+def fake_profiler(monkeypatch):
+    """torch.profiler.profile and torch.cuda.synchronize for a CPU run: the window 'records' one decode kernel."""
+    import torch
+    from torch.autograd import DeviceType
+
+    class FakeProfile:
+        def __init__(self, activities):
+            self.activities = activities
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            kernel = SimpleNamespace(device_type=DeviceType.CUDA, name=OSCAR_DECODE,
+                                     time_range=SimpleNamespace(start=0.0, end=5.0))
+            return [kernel, SimpleNamespace(device_type=DeviceType.CPU, name="cudaGraphLaunch", time_range=None)]
+
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+
+def test_profile_window_opens_once_every_request_decodes(fake_profiler):
+    engine = _StaggeredEngine(start=[1, 5])  # the second request's prefill ends at step 5
+    run = step_profile.profile_decode(SimpleNamespace(llm_engine=engine), [[1, 2], [3]], steps=4, warm_tokens=2,
+                                      prefix="p", max_tokens=100)
+    assert engine.n == 6 + 4  # warm until step 6 (request 1's second token), then the 4-step window
+    assert run["tokens"] == 2 * 4 and run["requests"] == 2 and run["engine_steps"] == 4
+    assert [k.name for k in run["kernels"]] == [OSCAR_DECODE]  # CUDA events only
+    assert engine.aborted == ["p-0", "p-1"] and not engine.has_unfinished_requests()
+
+
+def test_profile_refuses_a_window_the_requests_do_not_reach(fake_profiler):
+    engine = _StaggeredEngine(start=[1, 50])  # request 0 finishes long before request 1 decodes
+    with pytest.raises(RuntimeError, match="raise max_tokens"):
+        step_profile.profile_decode(SimpleNamespace(llm_engine=engine), [[1], [2]], steps=4, warm_tokens=2,
+                                    max_tokens=10)
+    busy = _StaggeredEngine(start=[1])
+    busy.left["other"] = 3
+    with pytest.raises(RuntimeError, match="idle engine"):
+        step_profile.profile_decode(SimpleNamespace(llm_engine=busy), [[1]])
