@@ -107,6 +107,7 @@ class DecodePlan:
         self.max_batch = max_batch
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         self._splits: dict[int, int] = {}
+        self._overlaps: dict[int, bool] = {}  # per batch bucket; asked on every step by the metadata builder
         # A buffer for (max_batch, the most splits of any batch bucket) covers every batch. The most go to
         # a batch of one with every shape measured, but the split rule does not promise it.
         most = max(self.num_splits(1 << k) for k in range(max(max_batch, 1).bit_length() + 1))  # every bucket
@@ -140,9 +141,12 @@ class DecodePlan:
         if not self._window["window"] or self._window["recent"] <= 0:
             return False
         bucket = self._bucket(batch)
-        a = self._args
-        return ops.store_overlaps_decode(bucket, a["num_kv_heads"], self.num_splits(batch), self._num_sms,
-                                         head_dim=a["head_dim"], num_q_heads=a["num_q_heads"])
+        if bucket not in self._overlaps:
+            a = self._args
+            self._overlaps[bucket] = ops.store_overlaps_decode(bucket, a["num_kv_heads"], self.num_splits(batch),
+                                                               self._num_sms, head_dim=a["head_dim"],
+                                                               num_q_heads=a["num_q_heads"])
+        return self._overlaps[bucket]
 
     def workspace_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
         return [((self.buffer_numel,), torch.float32)]
