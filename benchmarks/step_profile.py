@@ -155,15 +155,16 @@ def summarize(run: dict, num_layers: int, top: int = 12) -> dict:
     """Per-step figures of a :func:`profile_decode` run (see the module docstring)."""
     kernels: list[Kernel] = run["kernels"]
     steps, pattern = count_steps(kernels, num_layers)
+    cat_of = {name: category(name) for name in {k.name for k in kernels}}  # a few dozen names, ~10^4 kernels
     cats: dict[str, float] = {}
     per_name: dict[str, list[float]] = {}
     for k in kernels:
-        cats[category(k.name)] = cats.get(category(k.name), 0.0) + k.us
+        cats[cat_of[k.name]] = cats.get(cat_of[k.name], 0.0) + k.us
         per_name.setdefault(k.name, []).append(k.us)
     span = max(k.end_us for k in kernels) - min(k.start_us for k in kernels)
     busy = busy_us(kernels)
     attention_ms = sum(v for c, v in cats.items() if c in ATTENTION_CATEGORIES) / steps / 1000
-    attention_busy_ms = busy_us([k for k in kernels if category(k.name) in ATTENTION_CATEGORIES]) / steps / 1000
+    attention_busy_ms = busy_us([k for k in kernels if cat_of[k.name] in ATTENTION_CATEGORIES]) / steps / 1000
     ranked = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:top]
     return {
         "steps": steps,
@@ -180,7 +181,7 @@ def summarize(run: dict, num_layers: int, top: int = 12) -> dict:
         "attention_ms": round(attention_ms, 4),
         "attention_busy_ms": round(attention_busy_ms, 4),
         "attention_busy_us_per_layer": round(1000 * attention_busy_ms / num_layers, 2),
-        "kernels": [{"name": name[:160], "category": category(name), "per_step": round(len(d) / steps, 2),
+        "kernels": [{"name": name[:160], "category": cat_of[name], "per_step": round(len(d) / steps, 2),
                      "us_per_step": round(sum(d) / steps, 2), "us_each_median": round(sorted(d)[len(d) // 2], 2)}
                     for name, d in ranked],
     }
