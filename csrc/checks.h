@@ -66,6 +66,12 @@ inline void check_head_dim(int64_t d, const char* name) {
               "); the INT2 kernels support 64, 128 and 256");
 }
 
+// Query heads per KV head, as the decode size queries take it (decode_max_split_heads, decode_ctas_per_sm,
+// decode_occupancy).
+inline void check_group(int64_t group) {
+  TORCH_CHECK(group >= 1, "oscar: group (query heads per KV head) must be >= 1, got ", num(group));
+}
+
 // INT2 block size implied by the cache's head page size (vllm_oscar.layout.Int2PageLayout).
 // `params`: the cache's (scale, offset) format, vllm_oscar.layout.PARAM_FORMATS in order (0 fp16, 1 u8).
 inline int param_format_u8(int64_t params) {

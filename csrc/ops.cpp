@@ -144,18 +144,19 @@ int64_t decode_window_tile(int64_t head_dim) {
 
 int64_t decode_max_split_heads(int64_t head_dim, int64_t group) {
   check_head_dim(head_dim, "head_dim");
+  check_group(group);
   return decode_max_split_heads_for(static_cast<int>(head_dim), static_cast<int>(group));
 }
 
 int64_t decode_ctas_per_sm(int64_t head_dim, int64_t group) {
   check_head_dim(head_dim, "head_dim");
-  TORCH_CHECK(group >= 1, "oscar: group (query heads per KV head) must be >= 1, got ", num(group));
+  check_group(group);
   return decode_ctas_per_sm_for(static_cast<int>(head_dim), static_cast<int>(group));
 }
 
 int64_t decode_occupancy(int64_t head_dim, int64_t group, int64_t params) {
   check_head_dim(head_dim, "head_dim");
-  TORCH_CHECK(group >= 1, "oscar: group (query heads per KV head) must be >= 1, got ", num(group));
+  check_group(group);
   TORCH_CHECK(params == 0 || params == 1, "oscar: params must be 0 (fp16 pairs) or 1 (u8 pairs), got ", num(params));
   TORCH_CHECK(c10::cuda::device_count() > 0, "oscar: decode_occupancy needs a CUDA device");
   return decode_occupancy_for(static_cast<int>(head_dim), static_cast<int>(group), params == 1);

@@ -227,3 +227,6 @@ def test_decode_split_rule_counts_the_ctas_an_sm_holds():
     assert not ops.store_overlaps_decode(8, 8, 4, 132, head_dim=256, num_q_heads=16)
     with pytest.raises(RuntimeError, match="unsupported head_dim 96"):
         torch.ops.oscar.decode_ctas_per_sm(96, 4)
+    for query in (torch.ops.oscar.decode_ctas_per_sm, torch.ops.oscar.decode_max_split_heads):
+        with pytest.raises(RuntimeError, match=r"group \(query heads per KV head\) must be >= 1, got 0"):
+            query(128, 0)
