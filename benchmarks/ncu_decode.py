@@ -57,26 +57,10 @@ def run_decode(shape: str, batch: int, ctx: int, calls: int) -> None:
     print(f"{calls} decode calls: {shape} batch {batch} context {ctx}, {ws.num_splits} INT2 splits")
 
 
-def summarize(report: str) -> list[tuple[str, str, str]]:
-    """(metric, unit, value) for SUMMARY_METRICS, plus every warp stall reason ncu reports, from a saved
-    report (``ncu --import REPORT --page details --csv``)."""
-    text = subprocess.run(["ncu", "--import", report, "--page", "details", "--csv"], check=True,
-                          capture_output=True, text=True).stdout
-    rows = list(csv.DictReader(io.StringIO(text)))
-    got = {(r["Section Name"], r["Metric Name"]): (r["Metric Unit"], r["Metric Value"]) for r in rows}
-    out = [(name, *got[(sec, name)]) for sec, name in SUMMARY_METRICS if (sec, name) in got]
-    raw = subprocess.run(["ncu", "--import", report, "--page", "raw", "--csv"], check=True,
-                         capture_output=True, text=True).stdout
-    table = list(csv.reader(io.StringIO(raw)))
-    if len(table) >= 3:  # header, units, one launch
-        names, units, values = table[0], table[1], table[2]
-        prefix = "smsp__average_warps_issue_stalled_"
-        stalls = [(n[len(prefix):].removesuffix("_per_issue_active.ratio"), u, v)
-                  for n, u, v in zip(names, units, values, strict=False)
-                  if n.startswith(prefix) and n.endswith("_per_issue_active.ratio")]
-        stalls.sort(key=lambda s: -float(s[2].replace(",", "") or 0))
-        out += [(f"stall {name} (warps per issued instruction)", u, v) for name, u, v in stalls]
-    return out
+def _ncu_csv(report: str, *page: str) -> str:
+    """A saved report's ``page`` as CSV (``ncu --import REPORT --page ... --csv``)."""
+    return subprocess.run(["ncu", "--import", report, "--page", *page, "--csv"], check=True, capture_output=True,
+                          text=True).stdout
 
 
 def _number(x: str) -> float:
@@ -86,9 +70,27 @@ def _number(x: str) -> float:
         return 0.0
 
 
+def summarize(report: str) -> list[tuple[str, str, str]]:
+    """(metric, unit, value) for SUMMARY_METRICS, plus every warp stall reason ncu reports, from a saved
+    report (its details and raw pages)."""
+    rows = list(csv.DictReader(io.StringIO(_ncu_csv(report, "details"))))
+    got = {(r["Section Name"], r["Metric Name"]): (r["Metric Unit"], r["Metric Value"]) for r in rows}
+    out = [(name, *got[(sec, name)]) for sec, name in SUMMARY_METRICS if (sec, name) in got]
+    table = list(csv.reader(io.StringIO(_ncu_csv(report, "raw"))))
+    if len(table) >= 3:  # header, units, one launch
+        names, units, values = table[0], table[1], table[2]
+        prefix = "smsp__average_warps_issue_stalled_"
+        stalls = [(n[len(prefix):].removesuffix("_per_issue_active.ratio"), u, v)
+                  for n, u, v in zip(names, units, values, strict=False)
+                  if n.startswith(prefix) and n.endswith("_per_issue_active.ratio")]
+        stalls.sort(key=lambda s: -_number(s[2]))
+        out += [(f"stall {name} (warps per issued instruction)", u, v) for name, u, v in stalls]
+    return out
+
+
 def hotspots(sass_csv: str, top: int = 12) -> dict:
-    """Warp stall samples of one launch by where they fall, from ncu's per-instruction export (``ncu --import
-    REPORT --page source --print-source sass --csv``): code a warp runs once (prologue, merges, epilogue:
+    """Warp stall samples of one launch by where they fall, from ncu's per-instruction export (the source
+    page with ``--print-source sass``): code a warp runs once (prologue, merges, epilogue:
     executed at most 1.5x as often as the kernel's first instruction, which every warp runs once) against
     the loop (everything executed more often), each with its largest stall reasons, plus the ``top``
     instructions by samples."""
@@ -128,9 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hotspots", metavar="REPORT", help="print where a saved .ncu-rep's warps stall")
     args = ap.parse_args(argv)
     if args.hotspots:
-        sass = subprocess.run(["ncu", "--import", args.hotspots, "--page", "source", "--print-source", "sass",
-                               "--csv"], check=True, capture_output=True, text=True).stdout
-        res = hotspots(sass)
+        res = hotspots(_ncu_csv(args.hotspots, "source", "--print-source", "sass"))
         print(f"{res['total_samples']:.0f} stall samples over {res['warps']:.0f} warps")
         for name, part in res["parts"].items():
             reasons = ", ".join(f"{k[len('stall_'):]} {v:.1%}" for k, v in part["reasons"].items())

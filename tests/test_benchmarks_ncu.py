@@ -36,3 +36,20 @@ def test_hotspots_splits_samples_between_per_warp_code_and_the_loop():
 def test_run_arguments_must_be_positive():
     with pytest.raises(SystemExit):
         ncu_decode.main(["--batch", "0"])
+
+
+def test_summarize_reads_the_summary_metrics_and_ranks_the_stall_reasons(monkeypatch):
+    details = ('"Section Name","Metric Name","Metric Unit","Metric Value"\n'
+               '"GPU Speed Of Light Throughput","Duration","us","28.64"\n'
+               '"Scheduler Statistics","Eligible Warps Per Scheduler","warp","0.72"\n'
+               '"Memory Workload Analysis","L1 Hit Rate","%","3.1"\n')  # not a summary metric
+    stall = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    raw = (f'"ID","{stall.format("barrier")}","{stall.format("wait")}","dram__bytes.sum"\n'
+           '"","inst","inst","byte"\n"0","1.319","1,782","4000"\n')
+    pages = {"details": details, "raw": raw}
+    monkeypatch.setattr(ncu_decode, "_ncu_csv", lambda report, page, *rest: pages[page])
+    assert ncu_decode.summarize("rep") == [
+        ("Duration", "us", "28.64"), ("Eligible Warps Per Scheduler", "warp", "0.72"),
+        ("stall wait (warps per issued instruction)", "inst", "1,782"),
+        ("stall barrier (warps per issued instruction)", "inst", "1.319"),
+    ]
