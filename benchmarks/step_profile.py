@@ -90,8 +90,9 @@ def profile_decode(llm, prompts: list[list[int]], steps: int = 32, warm_tokens: 
         n = 0
         for o in engine.step():
             if o.request_id in got and o.outputs:
-                got[o.request_id] += len(o.outputs[0].token_ids)
-                n += len(o.outputs[0].token_ids)
+                new = len(o.outputs[0].token_ids)
+                got[o.request_id] += new
+                n += new
         return n
 
     while min(got.values()) < warm_tokens and engine.has_unfinished_requests():
