@@ -179,9 +179,13 @@ def worker_perf(args) -> dict:
         print(f"[{args.format}] {out['oscar_layers']}", flush=True)
     _save_partial(args, out)
     rng = random.Random(0)
+    # Token ids inside the model's vocabulary (ids past it trip the embedding's device-side assert, as
+    # SmolLM2's 49,152 did); the Qwen3-8B and Gemma 3 shapes keep the ids [1000, 100000) they always had.
+    id_hi = min(100000, vcfg.model_config.get_vocab_size())
+    id_lo = min(1000, id_hi // 2)
 
     def prompt(n):
-        return {"prompt_token_ids": [rng.randrange(1000, 100000) for _ in range(n)]}
+        return {"prompt_token_ids": [rng.randrange(id_lo, id_hi) for _ in range(n)]}
 
     def timed(prompts, sp):
         t = time.perf_counter()
