@@ -163,6 +163,7 @@ def perplexity(model, sequences: torch.Tensor, attention_fn) -> tuple[float, flo
 
 MSE = V.QuantSpec("mse", 0.0, "fp16")
 MSE_LOG8 = V.QuantSpec("mse", 0.0, "log8_i8")
+MINMAX = V.QuantSpec("minmax", 0.0, "fp16")  # KIVI's quantizer: min-max, no clipping, fp16 scale + zero
 PAPER = V.AttentionVariant()  # minmax, clip 0.96/0.92, fp16 scale+offset, 64+256 windows
 
 
@@ -172,25 +173,32 @@ class Setup:
     def __init__(self, args, lm=None):
         from vllm_oscar.calibrate.data import token_sequences  # noqa: PLC0415
         from vllm_oscar.calibrate.models import load_model  # noqa: PLC0415
-        from vllm_oscar.calibrate.pipeline import calibrate  # noqa: PLC0415
-        from vllm_oscar.hub import load_rotations  # noqa: PLC0415
 
         self.work = Path(args.workdir)
         self.work.mkdir(parents=True, exist_ok=True)
         self.lm = load_model("smollm2") if lm is None else lm
-        info = self.lm.info
-        self.info = info
-        cal = token_sequences(self.lm.tokenizer, CALIBRATION_SET, 2048, 16)
-        if args.rotations:
-            self.artifact = load_rotations(args.rotations)
-        else:
-            art_dir = self.work / "faithful-artifact"
-            if not (art_dir / "oscar_config.json").is_file():
-                calibrate(self.lm.model, cal, info, source=CALIBRATION_SET).save(art_dir)
-            self.artifact = load_rotations(str(art_dir))
-        self._cal = cal
-        self._captures = None
+        self.info = self.lm.info
+        self._rotations = args.rotations
+        self._cal = token_sequences(self.lm.tokenizer, CALIBRATION_SET, 2048, 16)
+        self._captures = self._artifact = None
         self._stats = self._per_head = self._imp_v = self._channel = None
+
+    @property
+    def artifact(self):
+        """The faithful artifact (``--rotations``, else calibrated here once), loaded on first use: the
+        data-free variants (Hadamard, identity) never need it."""
+        from vllm_oscar.calibrate.pipeline import calibrate  # noqa: PLC0415
+        from vllm_oscar.hub import load_rotations  # noqa: PLC0415
+
+        if self._artifact is None:
+            if self._rotations:
+                self._artifact = load_rotations(self._rotations)
+            else:
+                art_dir = self.work / "faithful-artifact"
+                if not (art_dir / "oscar_config.json").is_file():
+                    calibrate(self.lm.model, self._cal, self.info, source=CALIBRATION_SET).save(art_dir)
+                self._artifact = load_rotations(str(art_dir))
+        return self._artifact
 
     # calibration statistics, each computed on first use and cached in the work directory ---------
     @property
@@ -267,6 +275,10 @@ class Setup:
         if which == "hadamard":
             had = ref.hadamard(self.info.head_dim, torch.float32)
             return [V.LayerTransform.orthogonal(had, had, h) for _ in range(self.info.num_layers)]
+        if which in ("none", "knone_vhad"):  # the model's own channels (knone_vhad: V Hadamard)
+            eye = torch.eye(self.info.head_dim)
+            rv = ref.hadamard(self.info.head_dim, torch.float32) if which == "knone_vhad" else eye
+            return [V.LayerTransform.orthogonal(eye, rv, h) for _ in range(self.info.num_layers)]
         if which == "paper":
             a = self.artifact
             return [V.LayerTransform.orthogonal(a.k_rotation[i], a.v_rotation[i], h)
@@ -375,6 +387,9 @@ def variant_registry() -> dict[str, dict]:
     def log8_r512(s):
         return V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8, recent=512)
 
+    def kch(k, v, group=128):  # K per channel over `group`-token groups (KIVI), V per token
+        return lambda s: V.AttentionVariant(k=replace(k, token_group=group), v=v)
+
     def lloyd_max(s):
         return V.AttentionVariant(k=V.QuantSpec("lm", 0.96), v=V.QuantSpec("lm", 0.92))
 
@@ -456,6 +471,30 @@ def variant_registry() -> dict[str, dict]:
                                         "(2.5 code bits per element)", orth("hadamard"), log8_bits(3, 2)),
         "hadamard_mse_log8_r512": entry("(5) data-free: hadamard_mse_log8 with the saved bits spent on a "
                                         "512-token recent window", orth("hadamard"), log8_r512),
+        # Per-channel key groups (KIVI, arXiv 2402.02750): K quantized per channel over 128 (64, 256, 32)
+        # token positions aligned at the sink, one fp16 pair per channel and group; V per token as named.
+        # Bits per element at 32K for head_dim 64 (up to G - 1 K tokens held twice, variants.bits_per_element).
+        "none_mse": entry("control for the *_kch* rows: no rotation (the model's channels), MSE grid per row, "
+                          "fp16 (2.632 bits at 32K)", orth("none"), mse),
+        "kivi_k128": entry("KIVI-2 with our 64+256 windows: no rotation, K min-max per channel over 128-token "
+                           "groups, V min-max per token, fp16 pairs, no clipping (2.510 bits at 32K)",
+                           orth("none"), kch(MINMAX, MINMAX)),
+        "hadamard_mse_kch128": entry("hadamard_mse with K per channel over 128-token groups (MSE grid per "
+                                     "channel and group), V per token (2.510 bits at 32K)",
+                                     orth("hadamard"), kch(MSE, MSE)),
+        "none_mse_kch128": entry("no rotation, K per channel over 128-token groups, V per token, MSE grids, fp16 "
+                                 "(2.510 bits at 32K)", orth("none"), kch(MSE, MSE)),
+        "knone_vhad_mse_kch128": entry("K unrotated per channel over 128-token groups, V Hadamard per token (the "
+                                       "default's V), MSE grids, fp16 (2.510 bits at 32K)",
+                                       orth("knone_vhad"), kch(MSE, MSE)),
+        "hadamard_mse_kch64": entry("hadamard_mse_kch128 with 64-token K groups (2.632 bits at 32K, as the "
+                                    "default)", orth("hadamard"), kch(MSE, MSE, 64)),
+        "hadamard_mse_kch256": entry("hadamard_mse_kch128 with 256-token K groups (= the recent window; 2.448 "
+                                     "bits at 32K)", orth("hadamard"), kch(MSE, MSE, 256)),
+        "hadamard_mse_kch128_vlog8": entry("hadamard_mse_kch128 with V's pair as 8-bit log scale + 8-bit offset "
+                                           "(2.386 bits at 32K)", orth("hadamard"), kch(MSE, MSE_LOG8)),
+        "kivi_k32": entry("reference over budget: kivi_k128 with KIVI's own 32-token K groups (2.879 bits at "
+                          "32K)", orth("none"), kch(MINMAX, MINMAX, 32)),
         "paper_mse": entry("(4) paper rotations + MSE-fitted grid, fp16", orth("paper"), mse),
         "hadamard_wc_mse": entry("(6) Hadamard, attention-weighted K/V means removed (calibrated), MSE grid, "
                                  "fp16", cent("hadamard"), mse),
@@ -538,10 +577,13 @@ def run_sweep(args) -> dict:
     out_path = Path(args.output_json)
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     results.setdefault("variants", {})
+    # without --rotations the file's earlier artifact stays recorded unless a variant here needs one
+    calibrated_here = "calibrated by this command"
     results["settings"] = {
         "model": setup.info.id,
         "calibration": f"{CALIBRATION_SET}, 16 x 2048 tokens (weighted moments: 8 x 2048)",
-        "faithful_artifact": args.rotations or "calibrated by this command",
+        "faithful_artifact": (args.rotations
+                              or results.get("settings", {}).get("faithful_artifact", calibrated_here)),
         "semantics": "teacher-forced; each token reads K/V outside the BF16 windows from INT2 (decode-like)",
     }
     sets = {s: token_sequences(setup.lm.tokenizer, resolve_set(s), args.seq_len, args.num_seqs)
@@ -555,6 +597,8 @@ def run_sweep(args) -> dict:
             continue
         tr = spec["transforms"](setup) if spec["transforms"] else None
         var = spec["variant"](setup)
+        if not args.rotations and setup._artifact is not None:
+            results["settings"]["faithful_artifact"] = calibrated_here
         fn = causal_sdpa if tr is None else V.make_variant_attention(tr, var)
         if var is not None:
             r["bits_per_element"] = {f"at_{c}": round(var.bits(d, c), 4) for c in (2048, 4096, 32768)}

@@ -26,6 +26,10 @@ module reuses its pieces (Hadamard, clipping, the mixed-window attention) and ad
   scale, offset fixed at ``-1.5 scale``: 8). Codes are always computed against the *stored* (rounded)
   parameters, as a store kernel would.
 
+* **Per-channel token groups** (``QuantSpec.token_group``, KIVI's key layout): one pair per channel
+  and G consecutive token positions (aligned at the sink) instead of one per token row; the same row
+  quantizers run on the transposed group (:func:`fake_quantize_positions`).
+
 * **Transforms** that replace the orthogonal rotation ``R`` by an invertible ``T`` (per layer or per
   KV head) plus an optional mean vector ``mu``: the cache stores ``(k - mu_K) T_K`` and
   ``(v - mu_V) T_V``; queries use ``q T_K^{-T}`` (scores unchanged up to a per-query constant, which
@@ -94,10 +98,21 @@ class QuantSpec:
     # Code bits per element (2 = INT2, what the kernels store). Other widths are accuracy experiments on
     # how a fixed budget is best split between K and V (levels "minmax" and "mse" only, asymmetric rows).
     bits: int = 2
+    # 0: one (scale, offset) per row, i.e. per token of ``d`` elements. G > 0: per channel over groups of
+    # G consecutive token positions (KIVI's keys, arXiv 2402.02750): the groups are
+    # ``[sink + m G, sink + (m + 1) G)`` in absolute positions, and each channel's G values in a group
+    # are quantized as one "row" by the same row quantizer (:func:`fake_quantize_positions`). Needs
+    # ``recent >= G`` (causality, see there).
+    token_group: int = 0
 
     def __post_init__(self):
         if self.bits not in (1, 2, 3, 4):
             raise ValueError(f"bits={self.bits} is not a code width this sweep supports; choose 1, 2, 3 or 4")
+        if self.token_group < 0:
+            raise ValueError(f"token_group={self.token_group} must be >= 0 (0 = one pair per row)")
+        if self.token_group and self.weighting != "none":
+            raise ValueError(f"weighting {self.weighting!r} weights the elements of a token row; it has no "
+                             f"meaning for per-channel groups (token_group={self.token_group})")
         if self.bits != 2 and (self.levels == "lm" or self.params == "log8_sym"):
             raise ValueError(f"bits={self.bits} needs levels 'minmax' or 'mse' with an offset (the Lloyd-Max "
                              f"thresholds and log8_sym's fixed offset are 2-bit rules); got levels "
@@ -299,9 +314,61 @@ def quantize_rows_variant(x: torch.Tensor, spec: QuantSpec, weights: torch.Tenso
 
 
 def fake_quantize_variant(x: torch.Tensor, spec: QuantSpec, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantize + dequantize rows (``code * scale + offset``), fp32."""
+    """Quantize + dequantize rows (``code * scale + offset``), fp32. Per-row specs only: a spec with
+    ``token_group`` needs the rows' positions (:func:`fake_quantize_positions`)."""
+    if spec.token_group:
+        raise ValueError(f"token_group={spec.token_group} quantizes per channel over token positions: use "
+                         "fake_quantize_positions")
     c, s, o = quantize_rows_variant(x, spec, weights)
     return c.float() * s[..., None] + o[..., None]
+
+
+def fake_quantize_positions(x: torch.Tensor, spec: QuantSpec, sink: int, weights: torch.Tensor | None = None
+                            ) -> torch.Tensor:
+    """Quantize + dequantize the rows ``x [T, ..., d]`` of token positions ``0 .. T-1`` (fp32).
+
+    ``spec.token_group == 0``: every row on its own (:func:`fake_quantize_variant`). ``G > 0``: per
+    channel over the position groups ``[sink + m G, sink + (m + 1) G)``: each channel's values in a
+    group form one row of the row quantizer (levels, clipping and parameter format unchanged); the last
+    group may be partial (its existing tokens). Positions ``< sink`` are returned unchanged: they are
+    always read from the BF16 sink window.
+
+    Causality (with ``recent >= G``): a query at ``j`` reads position ``p`` from INT2 only if
+    ``j >= p + recent`` (:func:`ref.exact_window_mask`), and ``p``'s group ends before ``p + G <= p +
+    recent <= j``; so a group is quantized from its own tokens, all of which exist when any query reads
+    one of them from INT2. A real cache quantizes group ``m`` when its first token leaves the recent
+    window (all its G tokens exist then). A partial last group is never read from INT2 by a query in
+    the same sequence (it lies within the last ``G - 1 < recent`` positions).
+    """
+    g = spec.token_group
+    if not g:
+        return fake_quantize_variant(x, spec, weights)
+    if weights is not None:
+        raise ValueError("per-channel token groups take no element weights")
+    x = x.float()
+    out = x.clone()
+    t = x.shape[0]
+    if t <= sink:
+        return out
+    full = (t - sink) // g  # whole groups, then at most one partial group
+    for start, n, count in ((sink, g, full), (sink + full * g, t - sink - full * g, 1)):
+        if n == 0 or count == 0:
+            continue
+        blk = x[start:start + n * count].reshape(count, n, *x.shape[1:])  # [groups, n, ..., d]
+        rows = blk.movedim(1, -1)  # [groups, ..., d, n]: a channel's n values form one row
+        c, s, o = quantize_rows_variant(rows, spec)
+        out[start:start + n * count] = (c.float() * s[..., None] + o[..., None]).movedim(-1, 1).reshape(
+            n * count, *x.shape[1:])
+    return out
+
+
+def check_token_groups(spec: QuantSpec | None, recent: int, side: str = "") -> None:
+    """A per-channel token group must fit in the recent window (``recent >= G``), or a query would read a
+    group from INT2 before the group's last token exists."""
+    if spec is not None and spec.token_group > recent:
+        raise ValueError(f"{side + ' ' if side else ''}token_group={spec.token_group} needs recent >= "
+                         f"token_group (got recent={recent}): otherwise a group is read from INT2 before all "
+                         "its tokens exist")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,15 +379,25 @@ def fake_quantize_variant(x: torch.Tensor, spec: QuantSpec, weights: torch.Tenso
 def bits_per_element(head_dim: int, context: int, *, sink: int, recent: int,
                      param_bits: int | tuple[int, int],
                      window_bits: int = 16, extra_window_tokens: int = 0,
-                     code_bits: tuple[int, int] = (2, 2)) -> float:
+                     code_bits: tuple[int, int] = (2, 2), token_group: tuple[int, int] = (0, 0)) -> float:
     """Average stored bits per K/V element of a ``context``-token request: INT2 codes + per-row
     parameters for the quantized tokens, ``window_bits`` for the BF16 sink/recent tokens.
     ``param_bits`` may be a (K, V) pair; ``code_bits`` is the (K, V) bits per element outside the
-    windows (16 for a side kept in BF16, with 0 parameter bits)."""
+    windows (16 for a side kept in BF16, with 0 parameter bits).
+
+    ``token_group`` (K, V): a side with ``G > 0`` stores one pair per channel and G tokens
+    (``param_bits / G`` per element instead of ``/ head_dim``), and its INT2 part covers whole groups:
+    a group is stored once its first token leaves the recent window, so up to ``G - 1`` tokens still in
+    the window are held both in BF16 and in INT2."""
     kb, vb = (param_bits, param_bits) if isinstance(param_bits, int) else param_bits
-    int2 = (code_bits[0] + code_bits[1]) / 2 + (kb + vb) / 2 / head_dim
     full = min(context, sink + recent + extra_window_tokens)
-    return ((context - full) * int2 + full * window_bits) / context
+    total = full * window_bits
+    for code, pb, g in zip(code_bits, (kb, vb), token_group, strict=True):
+        n = context - full
+        if g and n > 0:
+            n = min(context - sink, -(-n // g) * g)  # whole groups, each complete (recent >= G)
+        total += n * (code + pb / (g or head_dim)) / 2
+    return total / context
 
 
 # --------------------------------------------------------------------------------------------------
@@ -414,6 +491,8 @@ class AttentionVariant:
                 raise ValueError(f"{side}_clips needs a quantized {side} side ({side}=None keeps it unquantized)")
         if self.k is None and self.k_logit_var:
             raise ValueError("k_logit_var needs a quantized K side")
+        check_token_groups(self.k, self.recent, "k")
+        check_token_groups(self.v, self.recent, "v")
 
     def specs(self, layer: int) -> tuple[QuantSpec | None, QuantSpec | None]:
         k, v = self.k, self.v
@@ -437,8 +516,10 @@ class AttentionVariant:
         pins = min(self.pin_tokens, max(0, context - self.sink - self.recent))
         params = tuple(0 if spec is None else spec.bits_per_row_params() for spec in (self.k, self.v))
         codes = tuple(16 if spec is None else spec.bits for spec in (self.k, self.v))
+        groups = tuple(0 if spec is None else spec.token_group for spec in (self.k, self.v))
         return bits_per_element(head_dim, context, sink=self.sink, recent=self.recent, param_bits=params,
-                                extra_window_tokens=pins, code_bits=codes) + pins * 32 / (2 * head_dim) / context
+                                extra_window_tokens=pins, code_bits=codes,
+                                token_group=groups) + pins * 32 / (2 * head_dim) / context
 
 
 def transformed_kv(k: torch.Tensor, v: torch.Tensor, t: LayerTransform) -> tuple[torch.Tensor, torch.Tensor]:
@@ -465,9 +546,11 @@ def variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: Laye
     ``k_logit_var``: see :attr:`AttentionVariant.k_logit_var`. ``pinned [Hkv, Tkv]`` (bool): keys every
     query reads exactly besides its windows (:attr:`AttentionVariant.pin_tokens`), or ``[Hkv, Tq, Tkv]``:
     per query. Returns ``[Tq, Hq, d]`` in the model space."""
-    kt, vt = transformed_kv(k.float(), v.float(), t)
-    kq = kt if kspec is None else fake_quantize_variant(kt, kspec, _weights(kspec, t.k_weight, "K"))
-    vq = vt if vspec is None else fake_quantize_variant(vt, vspec, _weights(vspec, t.v_weight, "V"))
+    check_token_groups(kspec, recent, "k")
+    check_token_groups(vspec, recent, "v")
+    kt, vt = transformed_kv(k.float(), v.float(), t)  # keys and values at positions 0 .. Tkv-1
+    kq = kt if kspec is None else fake_quantize_positions(kt, kspec, sink, _weights(kspec, t.k_weight, "K"))
+    vq = vt if vspec is None else fake_quantize_positions(vt, vspec, sink, _weights(vspec, t.v_weight, "V"))
     qt = _per_group(q.float(), t.k_query)
     if k_logit_var:
         if kspec is None:

@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -842,3 +843,87 @@ def test_code_widths_other_than_two_bits():
     for bad in ({"bits": 5}, {"levels": "lm", "bits": 3}, {"levels": "mse", "params": "log8_sym", "bits": 1}):
         with pytest.raises(ValueError):
             V.QuantSpec(**bad)
+
+
+def test_per_channel_token_groups_match_a_loop_over_groups_and_channels():
+    """QuantSpec.token_group: each channel's values over positions [sink + m G, sink + (m+1) G) (the last group
+    partial) are quantized as one row by the row quantizer; positions < sink are left as they are."""
+    t, h, d, sink, g = 45, 2, 8, 5, 16  # groups [5, 21), [21, 37), [37, 45)
+    x = torch.randn(t, h, d, generator=torch.Generator().manual_seed(7)) * torch.linspace(0.2, 5, d) + 3.0
+    for levels, clip, fmt in (("minmax", 0.0, "fp16"), ("mse", 0.0, "fp16"), ("mse", 0.0, "log8_i8"),
+                              ("minmax", 0.9, "bf16")):
+        spec = V.QuantSpec(levels, clip, fmt, token_group=g)
+        got = V.fake_quantize_positions(x, spec, sink)
+        want = x.clone()
+        for start in range(sink, t, g):
+            stop = min(start + g, t)
+            for head in range(h):
+                for c in range(d):
+                    row = x[start:stop, head, c][None]
+                    codes, s, o = V.quantize_rows_variant(row, replace(spec, token_group=0))
+                    want[start:stop, head, c] = (codes.float() * s[:, None] + o[:, None])[0]
+        assert torch.equal(got[:sink], x[:sink])
+        assert torch.allclose(got, want, atol=1e-6, rtol=0)
+        assert not torch.allclose(got[sink:], x[sink:], atol=1e-3)  # it does quantize
+    # token_group 0 is the per-row quantizer, and the per-row entry point refuses groups
+    spec = V.QuantSpec("mse")
+    assert torch.equal(V.fake_quantize_positions(x, spec, sink), V.fake_quantize_variant(x, spec))
+    with pytest.raises(ValueError, match="fake_quantize_positions"):
+        V.fake_quantize_variant(x, V.QuantSpec("mse", token_group=g))
+    with pytest.raises(ValueError, match="per-channel groups"):
+        V.QuantSpec("mse", token_group=g, weighting="fit")
+
+
+def test_per_channel_token_groups_are_aligned_at_the_sink_and_causal():
+    """The groups start at the sink (a value moved inside one group changes the pairs of that group only), and
+    with recent >= G every group a query reads from INT2 lies wholly in its past: changing a later token never
+    changes an earlier query's output. recent < G is refused."""
+    t, sink, g, recent = 40, 4, 8, 8
+    q, k, v = qkv(t=t, d=16)
+    spec = V.QuantSpec("minmax", 0.0, "fp32", token_group=g)
+    k2 = k.clone()
+    k2[sink + g + 3] += 50.0  # inside group 1 = [12, 20)
+    a, b = V.fake_quantize_positions(k, spec, sink), V.fake_quantize_positions(k2, spec, sink)
+    changed = (a != b).any(-1).any(-1).nonzero().flatten().tolist()
+    assert changed == list(range(sink + g, sink + 2 * g))
+    t_id = V.LayerTransform(torch.eye(16).expand(2, 16, 16), torch.eye(16).expand(2, 16, 16))
+    pos = torch.arange(t)
+    base = V.variant_attention(q, k, v, t_id, spec, spec, pos, sink=sink, recent=recent)
+    for p in (20, 27, 33):  # perturb token p: queries before p must not move
+        k3, v3 = k.clone(), v.clone()
+        k3[p] += 7.0
+        v3[p] -= 7.0
+        o = V.variant_attention(q, k3, v3, t_id, spec, spec, pos, sink=sink, recent=recent)
+        assert torch.equal(o[:p], base[:p])
+        assert not torch.allclose(o[p:], base[p:])
+    # the groups are read from INT2: not the same as per-row quantization
+    row = V.variant_attention(q, k, v, t_id, replace(spec, token_group=0), spec, pos, sink=sink, recent=recent)
+    assert not torch.allclose(row, base)
+    with pytest.raises(ValueError, match="recent >= token_group"):
+        V.variant_attention(q, k, v, t_id, replace(spec, token_group=16), None, pos, sink=sink, recent=recent)
+    with pytest.raises(ValueError, match="recent >= token_group"):
+        V.AttentionVariant(k=V.QuantSpec("mse", token_group=128), recent=64)
+    with pytest.raises(ValueError, match="recent >= token_group"):
+        V.AttentionVariant(v=V.QuantSpec("mse", token_group=512))
+
+
+def test_bits_per_element_of_per_channel_token_groups():
+    """A grouped side stores one pair per channel and G tokens (param_bits / G per element) on whole groups
+    (a group is stored once its first token leaves the recent window)."""
+    mse = V.QuantSpec("mse")
+    kivi = V.AttentionVariant(k=replace(mse, token_group=128), v=mse)
+    ctx, n = 32768, 32768 - 320  # 32448 tokens outside the windows: 253.5 groups of 128 -> 254 stored
+    k_bits = 254 * 128 * (2 + 32 / 128)
+    v_bits = n * (2 + 32 / 64)
+    assert kivi.bits(64, ctx) == pytest.approx((320 * 16 * 2 + k_bits + v_bits) / (2 * ctx))
+    assert kivi.bits(64, ctx) == pytest.approx(2.5103, abs=1e-4)
+    assert V.AttentionVariant(k=mse, v=mse).bits(64, ctx) == pytest.approx(2.6318, abs=1e-4)  # per row
+    # G = head_dim costs what per-row pairs cost, up to the partial group held twice
+    g64 = V.AttentionVariant(k=replace(mse, token_group=64), v=mse).bits(64, ctx)
+    assert g64 == pytest.approx(V.AttentionVariant(k=mse, v=mse).bits(64, ctx))  # 32448 = 507 * 64 exactly
+    # both sides grouped, no partial groups: 2 + 32/G bits outside the windows
+    both = V.AttentionVariant(k=replace(mse, token_group=128), v=replace(mse, token_group=128))
+    assert both.bits(64, 64 + 256 + 128 * 100) == pytest.approx((320 * 16 + 12800 * 2.25) / 13120)
+    short = V.bits_per_element(64, 1000, sink=64, recent=256, param_bits=32, token_group=(128, 0))
+    assert short == pytest.approx((320 * 16 * 2 + 6 * 128 * 2.25 + 680 * 2.5) / 2000)  # 680 tokens: 6 groups
+    assert V.bits_per_element(64, 300, sink=64, recent=256, param_bits=32, token_group=(128, 128)) == 16
