@@ -182,6 +182,7 @@ class Setup:
         self._cal = token_sequences(self.lm.tokenizer, CALIBRATION_SET, 2048, 16)
         self._captures = self._artifact = None
         self._stats = self._per_head = self._imp_v = self._channel = None
+        self._k3_scores = None
 
     @property
     def artifact(self):
@@ -268,6 +269,40 @@ class Setup:
         if self._captures is None:
             self._captures = [capture(self.lm.model, self._cal[i]) for i in (3, 11)]
         return self._captures
+
+    def k3_scores(self) -> dict:
+        """Per layer, the drop of the attention-output proxy error when that layer's keys go from 2 to
+        3 bits (Hadamard, MSE grid, log8 pairs, V 2-bit, 64 + 256 windows), on the two 2048-token
+        calibration captures, queries from position 1024 (:func:`variants.k_bits_sensitivity`).
+        Calibration text only; cached in the work directory."""
+        if self._k3_scores is not None:
+            return self._k3_scores
+        f = self.work / "k3-layer-scores.json"
+        if f.is_file():
+            self._k3_scores = json.loads(f.read_text())
+            return self._k3_scores
+        t0 = time.time()
+        q_start, q_stride = 1024, 4
+        rec = V.k_bits_sensitivity(self.captures(), self.orthogonal("hadamard"),
+                                   V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8), o_proj_weights(self.lm.model),
+                                   self.info.head_dim ** -0.5, q_start=q_start, q_stride=q_stride)
+        self._k3_scores = {
+            "data": f"{CALIBRATION_SET}, calibration sequences 3 and 11 (2 x 2048 tokens)",
+            "proxy": f"layer_proxy_error summed over the 2 captures, every {q_stride}th query from {q_start}; "
+                     "Hadamard, MSE grid, log8_i8 pairs, V 2-bit, 64 + 256 windows",
+            "proxy_k2": [r["low"] for r in rec], "proxy_k3": [r["high"] for r in rec],
+            "drop": [r["drop"] for r in rec], "seconds": round(time.time() - t0, 1)}
+        f.write_text(json.dumps(self._k3_scores, indent=2) + "\n")
+        return self._k3_scores
+
+    def k3_layers(self, rule: str, n: int) -> tuple[int, ...]:
+        """``n`` layers for 3-bit keys: ``top`` = the largest :meth:`k3_scores` drops, ``even`` = evenly
+        spaced (the naive control, no data)."""
+        if rule == "top":
+            return V.top_layers(self.k3_scores()["drop"], n)
+        if rule == "even":
+            return V.even_layers(self.info.num_layers, n)
+        raise ValueError(rule)
 
     # transforms ------------------------------------------------------------------------------------
     def orthogonal(self, which: str) -> list[V.LayerTransform]:
@@ -384,6 +419,10 @@ def variant_registry() -> dict[str, dict]:
     def log8_bits(kb, vb):  # a different split of the code bits between K and V
         return lambda s: V.AttentionVariant(k=replace(MSE_LOG8, bits=kb), v=replace(MSE_LOG8, bits=vb))
 
+    def log8_k3(rule, n):  # 3-bit K in n layers (k3_layers), 2-bit K elsewhere, 2-bit V; log8 pairs
+        return lambda s: V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8,
+                                            k_bits=V.layer_bits(s.info.num_layers, s.k3_layers(rule, n)))
+
     def log8_r512(s):
         return V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8, recent=512)
 
@@ -469,6 +508,19 @@ def variant_registry() -> dict[str, dict]:
                                         orth("hadamard"), log8_bits(3, 1)),
         "hadamard_mse_log8_k3v2": entry("reference point over budget: hadamard_mse_log8 with 3-bit K, 2-bit V "
                                         "(2.5 code bits per element)", orth("hadamard"), log8_bits(3, 2)),
+        # 3-bit keys in a few layers (k_bits): the layers chosen on calibration captures only
+        # (Setup.k3_scores) or evenly spaced (control). Bits at 32K for 30 layers, head_dim 64.
+        "hadamard_mse_log8_k3top6": entry("hadamard_mse_log8 with 3-bit K in the 6 layers whose calibration proxy "
+                                          "error drops most from 2- to 3-bit keys (Setup.k3_scores; layers in "
+                                          "config.k_bits), 2-bit K elsewhere (2.483 bits at 32K)",
+                                          orth("hadamard"), log8_k3("top", 6)),
+        "hadamard_mse_log8_k3even6": entry("control: hadamard_mse_log8 with 3-bit K in 6 evenly spaced layers (2, 7, "
+                                           "12, 17, 22, 27) (2.483 bits at 32K)", orth("hadamard"),
+                                           log8_k3("even", 6)),
+        "hadamard_mse_log8_k3top4": entry("as hadamard_mse_log8_k3top6 with the 4 top layers (2.450 bits at 32K)",
+                                          orth("hadamard"), log8_k3("top", 4)),
+        "hadamard_mse_log8_k3top8": entry("as hadamard_mse_log8_k3top6 with the 8 top layers (2.516 bits at 32K: "
+                                          "over budget)", orth("hadamard"), log8_k3("top", 8)),
         "hadamard_mse_log8_r512": entry("(5) data-free: hadamard_mse_log8 with the saved bits spent on a "
                                         "512-token recent window", orth("hadamard"), log8_r512),
         # Per-channel key groups (KIVI, arXiv 2402.02750): K quantized per channel over 128 (64, 256, 32)
@@ -601,10 +653,15 @@ def run_sweep(args) -> dict:
             results["settings"]["faithful_artifact"] = calibrated_here
         fn = causal_sdpa if tr is None else V.make_variant_attention(tr, var)
         if var is not None:
-            r["bits_per_element"] = {f"at_{c}": round(var.bits(d, c), 4) for c in (2048, 4096, 32768)}
+            r["bits_per_element"] = {f"at_{c}": round(var.bits(d, c, setup.info.num_layers), 4)
+                                    for c in (2048, 4096, 32768)}
             r["config"] = var.config()
         else:
             r["bits_per_element"] = {f"at_{c}": 16.0 for c in (2048, 4096, 32768)}
+        if var is not None and var.k_bits is not None:
+            r["k3_layers"] = [i for i, b in enumerate(var.k_bits) if b == 3]
+            if setup._k3_scores is not None:
+                results["k3_layer_scores"] = setup._k3_scores
         if tr is not None and any(t.k_mean is not None or t.v_mean is not None for t in tr):
             r["centered_layers"] = {"k": [i for i, t in enumerate(tr) if t.k_mean is not None],
                                     "v": [i for i, t in enumerate(tr) if t.v_mean is not None]}

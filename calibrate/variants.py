@@ -482,6 +482,9 @@ class AttentionVariant:
     # exactly (:func:`window_exit_pin_mask`). Scores are fixed once a token leaves, so a token that
     # drops out of the best never returns and the set needs no stored history beyond its BF16 rows.
     pin_rule: Literal["prompt", "window_exit"] = "prompt"
+    # per-layer K code widths (override ``k.bits``; one entry per layer, each 1-4), e.g. 3-bit keys in the
+    # layers most sensitive to INT2 keys (:func:`k_bits_sensitivity`, :func:`top_layers`)
+    k_bits: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.pin_rule not in ("prompt", "window_exit"):
@@ -489,6 +492,22 @@ class AttentionVariant:
         for side, spec, clips in (("k", self.k, self.k_clips), ("v", self.v, self.v_clips)):
             if spec is None and clips is not None:
                 raise ValueError(f"{side}_clips needs a quantized {side} side ({side}=None keeps it unquantized)")
+        if self.k_bits is not None:
+            if self.k is None:
+                raise ValueError("k_bits needs a quantized K side (k=None keeps it unquantized)")
+            if not self.k_bits:
+                raise ValueError("k_bits needs one code width per layer; got an empty tuple")
+            bad = [b for b in self.k_bits if b not in (1, 2, 3, 4)]
+            if bad:
+                raise ValueError(f"k_bits {bad} are not code widths this sweep supports; choose 1, 2, 3 or 4 per layer")
+            for b in set(self.k_bits):
+                try:
+                    replace(self.k, bits=b)
+                except ValueError as e:
+                    raise ValueError(f"k_bits: K spec {self.k} cannot take {b}-bit codes: {e}") from e
+        if self.k_clips is not None and self.k_bits is not None and len(self.k_clips) != len(self.k_bits):
+            raise ValueError(f"k_clips ({len(self.k_clips)} layers) and k_bits ({len(self.k_bits)} layers) "
+                             "must cover the same layers")
         if self.k is None and self.k_logit_var:
             raise ValueError("k_logit_var needs a quantized K side")
         check_token_groups(self.k, self.recent, "k")
@@ -500,7 +519,16 @@ class AttentionVariant:
             k = replace(k, clip=self.k_clips[layer])
         if self.v_clips is not None:
             v = replace(v, clip=self.v_clips[layer])
+        if self.k_bits is not None:
+            k = replace(k, bits=self.k_bits[layer])
         return k, v
+
+    def check_layers(self, num_layers: int) -> None:
+        """Per-layer settings (``k_clips``, ``v_clips``, ``k_bits``) must have one entry per layer."""
+        for name in ("k_clips", "v_clips", "k_bits"):
+            x = getattr(self, name)
+            if x is not None and len(x) != num_layers:
+                raise ValueError(f"{name} has {len(x)} entries but the model has {num_layers} layers")
 
     def config(self) -> dict:
         """What a results file records of this variant (JSON-ready)."""
@@ -510,13 +538,23 @@ class AttentionVariant:
         return {"k": side(self.k), "v": side(self.v), "sink": self.sink, "recent": self.recent,
                 "k_clips": self.k_clips, "v_clips": self.v_clips, "k_logit_var": self.k_logit_var,
                 "pin_tokens": self.pin_tokens, "pin_window": self.pin_window, "pin_pool": self.pin_pool,
-                "pin_rule": self.pin_rule}
+                "pin_rule": self.pin_rule, "k_bits": self.k_bits}
 
-    def bits(self, head_dim: int, context: int) -> float:
+    def bits(self, head_dim: int, context: int, num_layers: int | None = None) -> float:
+        """Stored bits per K/V element of a ``context``-token request, averaged over the layers when
+        ``k_bits`` gives each layer its own K code width (every layer stores the same tokens). The layer
+        count is ``len(k_bits)``; ``num_layers``, if given, is checked against it."""
+        if num_layers is not None:
+            self.check_layers(num_layers)
+        if self.k_bits is None:
+            return self._bits(head_dim, context, self.k)
+        return sum(self._bits(head_dim, context, replace(self.k, bits=b)) for b in self.k_bits) / len(self.k_bits)
+
+    def _bits(self, head_dim: int, context: int, k: QuantSpec | None) -> float:
         pins = min(self.pin_tokens, max(0, context - self.sink - self.recent))
-        params = tuple(0 if spec is None else spec.bits_per_row_params() for spec in (self.k, self.v))
-        codes = tuple(16 if spec is None else spec.bits for spec in (self.k, self.v))
-        groups = tuple(0 if spec is None else spec.token_group for spec in (self.k, self.v))
+        params = tuple(0 if spec is None else spec.bits_per_row_params() for spec in (k, self.v))
+        codes = tuple(16 if spec is None else spec.bits for spec in (k, self.v))
+        groups = tuple(0 if spec is None else spec.token_group for spec in (k, self.v))
         return bits_per_element(head_dim, context, sink=self.sink, recent=self.recent, param_bits=params,
                                 extra_window_tokens=pins, code_bits=codes,
                                 token_group=groups) + pins * 32 / (2 * head_dim) / context
@@ -661,6 +699,7 @@ def make_variant_attention(transforms: list[LayerTransform], variant: AttentionV
     INT2, e.g. ``evaluate.perplexity``) has no exact prefill to choose from and is refused."""
     from vllm_oscar.calibrate.capture import layer_index  # noqa: PLC0415
 
+    variant.check_layers(len(transforms))
     pins: dict[int, torch.Tensor] = {}  # layer -> [Hkv, prompt length] of the last observed prefill
 
     def attention(module, q, k, v):
@@ -1000,6 +1039,50 @@ def search_clip_ratios(captures, transforms: list[LayerTransform], base: Attenti
         kc.append(bk)
         vc.append(bv)
     return tuple(kc), tuple(vc)
+
+
+def k_bits_sensitivity(captures, transforms: list[LayerTransform], base: AttentionVariant, w_os, scale, *,
+                       low: int = 2, high: int = 3, q_start: int = 1024, q_stride: int = 4) -> list[dict]:
+    """Per layer, how much the attention-output proxy error (:func:`layer_proxy_error`, summed over
+    ``captures`` = ``[(q, k, v) per layer]`` per sequence) drops when that layer's K codes go from ``low``
+    to ``high`` bits, everything else as in ``base`` (V quantized as in ``base``). ``q_start``: only
+    queries that read many INT2 keys (from position 1024 with the 64 + 256 windows: >= 704). Returns
+    ``[{"low": err, "high": err, "drop": low - high}]`` per layer; rank layers by ``drop``."""
+    if base.k is None:
+        raise ValueError("k_bits_sensitivity needs a quantized K side")
+    out = []
+    for i, t in enumerate(transforms):
+        ks, vs = base.specs(i)
+
+        def err(bits, i=i, t=t, ks=ks, vs=vs):
+            return sum(layer_proxy_error(c[i][0], c[i][1], c[i][2], t, replace(ks, bits=bits), vs, w_os[i], scale,
+                                         sink=base.sink, recent=base.recent, q_start=q_start, q_stride=q_stride)
+                       for c in captures)
+
+        lo, hi = err(low), err(high)
+        out.append({"low": lo, "high": hi, "drop": lo - hi})
+    return out
+
+
+def top_layers(scores, n: int) -> tuple[int, ...]:
+    """The ``n`` layers with the largest scores (ties: the lower layer), in layer order."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return tuple(sorted(order[:n]))
+
+
+def even_layers(num_layers: int, n: int) -> tuple[int, ...]:
+    """``n`` evenly spaced layers, centred in their strides (30 layers, 6: 2, 7, 12, 17, 22, 27)."""
+    stride = num_layers / n
+    return tuple(int(stride * j + stride / 2) for j in range(n))
+
+
+def layer_bits(num_layers: int, layers, high: int = 3, low: int = 2) -> tuple[int, ...]:
+    """A ``k_bits`` tuple: ``high`` in ``layers``, ``low`` elsewhere."""
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"layers {bad} are outside 0..{num_layers - 1}")
+    chosen = set(layers)
+    return tuple(high if i in chosen else low for i in range(num_layers))
 
 
 def clip_note(ratios) -> str:

@@ -927,3 +927,93 @@ def test_bits_per_element_of_per_channel_token_groups():
     short = V.bits_per_element(64, 1000, sink=64, recent=256, param_bits=32, token_group=(128, 0))
     assert short == pytest.approx((320 * 16 * 2 + 6 * 128 * 2.25 + 680 * 2.5) / 2000)  # 680 tokens: 6 groups
     assert V.bits_per_element(64, 300, sink=64, recent=256, param_bits=32, token_group=(128, 128)) == 16
+
+
+# ---- per-layer K code widths (3-bit keys in a few layers) -----------------------------------------
+
+
+def test_per_layer_k_bits_give_each_layer_its_own_key_width():
+    log8 = V.QuantSpec("mse", params="log8_i8")
+    var = V.AttentionVariant(k=log8, v=log8, k_bits=(2, 3, 2, 4), k_clips=(0.0, 0.9, 0.0, 0.0))
+    for i, b in enumerate((2, 3, 2, 4)):
+        k, v = var.specs(i)
+        assert k == replace(log8, bits=b, clip=(0.0, 0.9, 0.0, 0.0)[i]) and v == log8
+    assert var.config()["k_bits"] == (2, 3, 2, 4)
+    assert V.AttentionVariant(k=log8, v=log8).specs(0) == (log8, log8)  # no override: unchanged
+    # layer choice helpers
+    assert V.even_layers(30, 6) == (2, 7, 12, 17, 22, 27)
+    assert V.top_layers([0.1, 0.5, 0.3, 0.5, 0.0], 3) == (1, 2, 3)
+    assert V.top_layers([0.2, 0.2, 0.1], 1) == (0,)  # ties: the lower layer
+    assert V.layer_bits(5, (1, 4)) == (2, 3, 2, 2, 3)
+    with pytest.raises(ValueError, match="outside 0..4"):
+        V.layer_bits(5, (5,))
+
+
+def test_per_layer_k_bits_are_validated():
+    log8 = V.QuantSpec("mse", params="log8_i8")
+    with pytest.raises(ValueError, match="k_bits needs a quantized K side"):
+        V.AttentionVariant(k=None, v=log8, k_bits=(2, 3))
+    with pytest.raises(ValueError, match=r"k_bits \[5, 0\] are not code widths"):
+        V.AttentionVariant(k=log8, v=log8, k_bits=(2, 5, 0))
+    with pytest.raises(ValueError, match="empty tuple"):
+        V.AttentionVariant(k=log8, v=log8, k_bits=())
+    with pytest.raises(ValueError, match="cannot take 3-bit codes"):  # Lloyd-Max is a 2-bit rule
+        V.AttentionVariant(k=V.QuantSpec("lm"), v=log8, k_bits=(2, 3))
+    with pytest.raises(ValueError, match="must cover the same layers"):
+        V.AttentionVariant(k=log8, v=log8, k_bits=(2, 3), k_clips=(0.9,))
+    var = V.AttentionVariant(k=log8, v=log8, k_bits=(2, 3, 2))
+    with pytest.raises(ValueError, match="k_bits has 3 entries but the model has 2 layers"):
+        var.bits(64, 4096, num_layers=2)
+    had = ref.hadamard(16, torch.float32)
+    with pytest.raises(ValueError, match="k_bits has 3 entries but the model has 2 layers"):
+        V.make_variant_attention([V.LayerTransform.orthogonal(had, had, 2)] * 2, var)
+
+
+def test_per_layer_k_bits_average_the_storage_over_layers():
+    log8 = V.QuantSpec("mse", params="log8_i8")
+    plain = V.AttentionVariant(k=log8, v=log8)
+    k3v2 = V.AttentionVariant(k=replace(log8, bits=3), v=log8)
+    for ctx in (2048, 4096, 32768):
+        assert V.AttentionVariant(k=log8, v=log8, k_bits=(3,) * 30).bits(64, ctx) == pytest.approx(k3v2.bits(64, ctx))
+        assert V.AttentionVariant(k=log8, v=log8, k_bits=(2,) * 30).bits(64, ctx, 30) == pytest.approx(
+            plain.bits(64, ctx))
+        six = V.AttentionVariant(k=log8, v=log8, k_bits=V.layer_bits(30, V.even_layers(30, 6)))
+        assert six.bits(64, ctx) == pytest.approx((24 * plain.bits(64, ctx) + 6 * k3v2.bits(64, ctx)) / 30)
+    # the budget: 6 of 30 layers with 3-bit keys fit in 2.5 bits at 32K (head_dim 64), 8 do not
+    assert plain.bits(64, 32768) == pytest.approx(2.3843, abs=1e-4)
+    assert V.AttentionVariant(k=log8, v=log8, k_bits=V.layer_bits(30, range(6))).bits(64, 32768) == \
+        pytest.approx(2.4833, abs=1e-4)
+    assert V.AttentionVariant(k=log8, v=log8, k_bits=V.layer_bits(30, range(8))).bits(64, 32768) > 2.5
+    assert plain.bits(64, 32768, num_layers=30) == plain.bits(64, 32768)  # old callers: unchanged
+
+
+def test_per_layer_k_bits_reach_the_attention_of_their_layer(monkeypatch):
+    """A 3-bit layer computes what a 3-bit K spec computes, a 2-bit layer what the 2-bit spec does, and the
+    sensitivity score is the proxy error's drop from 2- to 3-bit keys per layer."""
+    from types import SimpleNamespace
+
+    from vllm_oscar.calibrate import capture
+
+    q, k, v = qkv(t=48)
+    had = ref.hadamard(16, torch.float32)
+    tr = [V.LayerTransform.orthogonal(had, had, 2)] * 2
+    log8 = V.QuantSpec("mse", params="log8_i8")
+    layer = {"i": 0}
+    monkeypatch.setattr(capture, "layer_index", lambda m: layer["i"])
+    module = SimpleNamespace(scaling=0.25)
+    args = [x.transpose(0, 1)[None] for x in (q, k, v)]
+    mixed = V.make_variant_attention(tr, V.AttentionVariant(k=log8, v=log8, sink=4, recent=8, k_bits=(3, 2)))
+    for i, b in enumerate((3, 2)):
+        layer["i"] = i
+        one = V.make_variant_attention(tr, V.AttentionVariant(k=replace(log8, bits=b), v=log8, sink=4, recent=8))
+        assert torch.equal(mixed(module, *args), one(module, *args))
+    w_o = torch.randn(32, 96, generator=torch.Generator().manual_seed(1))
+    caps = [[(q, k, v), (q, k * 2, v)]]
+    base = V.AttentionVariant(k=log8, v=log8, sink=4, recent=8)
+    sc = V.k_bits_sensitivity(caps, tr, base, [w_o, w_o], 0.25, q_start=16)
+    for i in range(2):
+        q_, k_, v_ = caps[0][i]
+        e = [V.layer_proxy_error(q_, k_, v_, tr[i], replace(log8, bits=b), log8, w_o, 0.25, sink=4, recent=8,
+                                 q_start=16, q_stride=4) for b in (2, 3)]
+        assert sc[i] == pytest.approx({"low": e[0], "high": e[1], "drop": e[0] - e[1]})
+        assert sc[i]["drop"] > 0  # a third key bit lowers the proxy error
