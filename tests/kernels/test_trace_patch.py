@@ -1,5 +1,5 @@
-"""The trace instrumentation (benchmarks/trace/*-globaltimer.patch) must keep applying to, and compiling
-with, the kernel sources: docs/kernels.md's time breakdowns are rerun with it (benchmarks/trace/)."""
+"""The instrumentation patches (benchmarks/trace/*.patch) must keep applying to, and compiling with, the
+kernel sources: docs/kernels.md's time breakdowns and the split-order sweep are rerun with them (benchmarks/trace/)."""
 
 import pathlib
 import shutil
@@ -13,6 +13,7 @@ TRACE = ROOT / "benchmarks" / "trace"
 PATCHES = {
     "decode-globaltimer.patch": (("OSCAR_DECODE_TRACE_PTR", "* 12 + (k)"), "decode_d128.cu"),
     "store-globaltimer.patch": (("OSCAR_STORE_TRACE_PTR", "* 8 + (k)"), "store.cu"),
+    "win-first-override.patch": (("OSCAR_EXPERIMENT_WIN_FIRST",), "decode_d128.cu"),
 }
 
 
