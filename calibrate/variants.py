@@ -1022,6 +1022,13 @@ def layer_proxy_error(q, k, v, t: LayerTransform, kspec, vspec, w_o, scale, *, s
     return output_error(o, o_ref, w_o)
 
 
+def captures_proxy_error(captures, layer: int, t: LayerTransform, kspec, vspec, w_o, scale, *, sink, recent,
+                         q_start: int = 0, q_stride: int = 1) -> float:
+    """:func:`layer_proxy_error` of ``layer`` summed over ``captures`` (``[(q, k, v) per layer]`` per sequence)."""
+    return sum(layer_proxy_error(c[layer][0], c[layer][1], c[layer][2], t, kspec, vspec, w_o, scale, sink=sink,
+                                 recent=recent, q_start=q_start, q_stride=q_stride) for c in captures)
+
+
 def search_clip_ratios(captures, transforms: list[LayerTransform], base: AttentionVariant, w_os, scale, *,
                        candidates=(0.0, 0.98, 0.96, 0.94, 0.92, 0.9, 0.88, 0.85, 0.8), q_start: int = 512):
     """Per layer, pick the K clip (V unquantized) and then the V clip (K at its chosen clip) that
@@ -1029,9 +1036,9 @@ def search_clip_ratios(captures, transforms: list[LayerTransform], base: Attenti
     Returns ``(k_clips, v_clips)`` tuples."""
     kc, vc = [], []
     for i, t in enumerate(transforms):
-        def err(ks, vs):
-            return sum(layer_proxy_error(c[i][0], c[i][1], c[i][2], t, ks, vs, w_os[i], scale, sink=base.sink,
-                                         recent=base.recent, q_start=q_start) for c in captures)
+        def err(ks, vs, i=i, t=t):
+            return captures_proxy_error(captures, i, t, ks, vs, w_os[i], scale, sink=base.sink, recent=base.recent,
+                                        q_start=q_start)
         ek = {r: err(replace(base.k, clip=r), None) for r in candidates}
         bk = min(ek, key=ek.get)
         ev = {r: err(replace(base.k, clip=bk), replace(base.v, clip=r)) for r in candidates}
@@ -1055,9 +1062,8 @@ def k_bits_sensitivity(captures, transforms: list[LayerTransform], base: Attenti
         ks, vs = base.specs(i)
 
         def err(bits, i=i, t=t, ks=ks, vs=vs):
-            return sum(layer_proxy_error(c[i][0], c[i][1], c[i][2], t, replace(ks, bits=bits), vs, w_os[i], scale,
-                                         sink=base.sink, recent=base.recent, q_start=q_start, q_stride=q_stride)
-                       for c in captures)
+            return captures_proxy_error(captures, i, t, replace(ks, bits=bits), vs, w_os[i], scale, sink=base.sink,
+                                        recent=base.recent, q_start=q_start, q_stride=q_stride)
 
         lo, hi = err(low), err(high)
         out.append({"low": lo, "high": hi, "drop": lo - hi})
