@@ -32,7 +32,7 @@ VOCAB = 97
 class Stack:
     """One engine's worth of OSCAR state on CPU, driven step by step like vLLM's scheduler + runner."""
 
-    def __init__(self, model: str, *, folded: bool = False, scale_dtype: str = "float16"):
+    def __init__(self, model: str, *, folded: bool = False, scale_dtype: str = "float16", pool_pages: int | None = None):
         from vllm.config import set_current_vllm_config
         from vllm.utils.hashing import sha256
         from vllm.v1.core.kv_cache_utils import get_kv_cache_configs, get_request_block_hasher
@@ -53,6 +53,7 @@ class Stack:
         self.folded = folded
         for layer in self.layers:
             layer.impl.set_value_rotation_folded(folded)
+        cfg.cache_config.num_gpu_blocks_override = pool_pages  # None: as many pages as 4 MiB holds
         self.kv = get_kv_cache_configs(cfg, [collect_specs(cfg)], [4 << 20])[0]
         with set_current_vllm_config(cfg):
             self.attn_groups, _, kernel_block_sizes = init_attn_backend(self.kv, cfg, torch.device("cpu"))
@@ -301,3 +302,41 @@ def test_preempted_request_resumes_with_identical_decodes(stack, model_factory, 
     assert len(resumed) == len(plain) == 5
     for x, y in zip(resumed, plain):
         assert torch.equal(x, y)
+
+
+def test_aborted_requests_pages_are_reused_dirty_without_leaking_into_others(model_factory, monkeypatch):
+    """Client disconnects free a request's pages mid-prefill and mid-decode (vLLM's ``free``, as for any
+    finished request). On a small pool the next requests get those very pages, still holding the aborted
+    requests' codes, (scale, offset) pairs and BF16 window rows: every output must still match the spec
+    (nothing reads a slot before it is written), and the request that kept running is unaffected."""
+    reference_kernels.install(monkeypatch)
+    stack = Stack(model_factory("backend", num_layers=NUM_LAYERS, num_heads=HQ, num_kv_heads=HKV, head_dim=D),
+                  pool_pages=80)
+    a = stack.request("a", _tokens(11, 330))
+    b = stack.request("b", _tokens(12, 420))
+    c = stack.request("c", _tokens(13, 260))
+    stack.step([(a, 200, None), (b, 200, None)])
+    stack.step([(a, 130, None), (b, 100, None), (c, 200, None)])  # b is aborted before its last 120 tokens
+    stack.step([(a, 1, None), (c, 60, None)])
+    for _ in range(3):
+        stack.step([(a, 1, None), (c, 1, None)])
+    held = {r.request_id: {bid for group in stack.mgr.get_block_ids(r.request_id) for bid in group} for r in (b, c)}
+    for aborted in (b, c):  # b mid-prefill, c mid-decode
+        stack.mgr.free(aborted)
+    pool = stack.mgr.block_pool
+    # The 80-page pool leaves d and e no choice but the aborted requests' pages (evicting their prefix-cache
+    # entries); d and e share no tokens with b or c, so nothing is a hit.
+    d = stack.request("d", _tokens(14, 380))
+    e = stack.request("e", _tokens(15, 300))
+    stack.step([(a, 1, None), (d, 200, None), (e, 200, None)])
+    stack.step([(a, 1, None), (d, 180, None), (e, 100, None)])
+    for _ in range(4):
+        stack.step([(a, 1, None), (d, 1, None), (e, 1, None)])
+    reused = {bid for r in (d, e) for group in stack.mgr.get_block_ids(r.request_id) for bid in group}
+    assert reused & (held["b"] | held["c"]), "the pool never handed out an aborted request's page: test is vacuous"
+    stats = stack.check()
+    assert stats["tokens_with_int2"] > 100
+    assert stats["int2_effect"] > 5 * stats["max_err"]
+    for r in (a, d, e):
+        stack.mgr.free(r)
+    assert pool.get_num_free_blocks() == stack.kv.num_blocks - 1  # every page back (one is vLLM's null page)

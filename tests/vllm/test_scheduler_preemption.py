@@ -37,7 +37,7 @@ def _scheduler(model: str, pool_pages: int, chunk: int = CHUNK, max_model_len: i
                      log_stats=True), hash_bs
 
 
-def _run(sched, hash_bs, max_steps: int = 40_000) -> tuple[set[str], int, int]:
+def _run(sched, hash_bs, max_steps: int = 40_000, on_step=None, prefix: str = "r") -> tuple[set[str], int, int]:
     """Drive ``schedule`` -> fake model -> ``update_from_output`` until every request finishes."""
     from vllm.sampling_params import SamplingParams
     from vllm.utils.hashing import sha256
@@ -48,10 +48,12 @@ def _run(sched, hash_bs, max_steps: int = 40_000) -> tuple[set[str], int, int]:
     hasher = get_request_block_hasher(hash_bs, sha256)
     text = [(i * 31 + 7) % 1000 + 10 for i in range(PROMPT + 10 * NUM_REQUESTS)]
     for i in range(NUM_REQUESTS):
-        sched.add_request(Request(f"r{i}", [100 + i] + text[: PROMPT + 10 * i],
+        sched.add_request(Request(f"{prefix}{i}", [100 + i] + text[: PROMPT + 10 * i],
                                   SamplingParams(max_tokens=OUTPUT, ignore_eos=True), None, block_hasher=hasher))
     finished, preemptions, output_tokens = set(), 0, 0
-    for _ in range(max_steps):
+    for step in range(max_steps):
+        if on_step is not None:
+            on_step(step)
         out = sched.schedule()
         if out.total_num_scheduled_tokens == 0:
             break  # nothing schedulable: a stall unless everything finished
@@ -62,7 +64,7 @@ def _run(sched, hash_bs, max_steps: int = 40_000) -> tuple[set[str], int, int]:
         results = sched.update_from_output(out, ModelRunnerOutput(
             req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)}, sampled_token_ids=sampled))
         finished |= {o.request_id for eco in results.values() for o in eco.outputs if o.finish_reason is not None}
-        if len(finished) == NUM_REQUESTS:
+        if not sched.requests:
             break
     return finished, preemptions, output_tokens
 
@@ -79,6 +81,39 @@ def test_preemption_under_memory_pressure_finishes_every_request(model_factory):
     assert output_tokens == NUM_REQUESTS * OUTPUT
     pool = sched.kv_cache_manager.block_pool
     assert pool.get_num_free_blocks() == POOL_PAGES - 1  # everything returned (one page is vLLM's null block)
+
+
+def test_aborts_in_every_state_return_every_page(model_factory):
+    """Client disconnects (``Scheduler.finish_requests(..., FINISHED_ABORTED)``, what the API server calls)
+    at a full pool: one request aborted mid-prefill, one mid-decode, one while preempted (waiting). The
+    others still finish with all their tokens, every INT2, sink and window page returns to the pool, and
+    a second wave of requests then runs on the same pool to completion."""
+    from vllm.v1.request import RequestStatus
+
+    model = model_factory("preempt", num_layers=2, num_heads=9, num_kv_heads=3, head_dim=64)
+    sched, hash_bs = _scheduler(model, POOL_PAGES)
+    aborted: dict[str, str] = {}
+
+    def abort_when(step: int) -> None:
+        reqs = sched.requests
+        prefilling = [r for r in sched.running if r.num_computed_tokens < r.num_prompt_tokens]
+        decoding = [r for r in sched.running if r.num_output_tokens >= 50]
+        waiting_preempted = [r for r in reqs.values() if r.status == RequestStatus.PREEMPTED]
+        for state, pool in (("prefill", prefilling), ("decode", decoding), ("preempted", waiting_preempted)):
+            if state not in aborted.values() and pool:
+                rid = pool[0].request_id
+                sched.finish_requests(rid, RequestStatus.FINISHED_ABORTED)
+                aborted[rid] = state
+
+    finished, preemptions, _ = _run(sched, hash_bs, on_step=abort_when)
+    assert sorted(aborted.values()) == ["decode", "preempted", "prefill"], aborted
+    assert finished == {f"r{i}" for i in range(NUM_REQUESTS)} - set(aborted)
+    assert preemptions > 0
+    pool = sched.kv_cache_manager.block_pool
+    assert pool.get_num_free_blocks() == POOL_PAGES - 1  # aborted requests' pages came back too
+    again, _, tokens = _run(sched, hash_bs, prefix="s")  # the same pool serves a second wave
+    assert len(again) == NUM_REQUESTS and tokens == NUM_REQUESTS * OUTPUT
+    assert pool.get_num_free_blocks() == POOL_PAGES - 1
 
 
 def test_a_pool_that_cannot_admit_one_request_is_refused_at_start_up(model_factory):
