@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 from collections.abc import Callable
@@ -35,3 +36,10 @@ def replay_traced(call: Callable[[], None], env_var: str, buf: torch.Tensor, slo
         torch.cuda.synchronize()
         reps.append(summarize(buf.view(-1, slots).cpu().double()))
     return {k: round(statistics.median(r[k] for r in reps), 2) for k in reps[0]}
+
+
+def write_rows(path: str, rows: list[dict]) -> None:
+    """The sweep's rows as a JSON list at ``path`` (its folder made if needed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)

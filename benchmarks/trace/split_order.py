@@ -25,6 +25,7 @@ import sys
 import torch
 
 from benchmarks import kernels as kb
+from benchmarks.trace import write_rows
 
 # (shape, contexts, split counts around decode_num_splits' batch-1 choice: 30 and 85)
 CONFIGS = [("qwen3-8b", (8192, 32768, 65536, 131072), (24, 28, 30, 31, 32, 33, 34, 36, 40)),
@@ -55,9 +56,7 @@ def main() -> int:
             del inp
             torch.cuda.empty_cache()
     os.environ.pop(ENV, None)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
+    write_rows(args.out, rows)
     return 0
 
 

@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
 
 from benchmarks import kernels as kb  # shapes, inputs and timing of the kernel benchmark
-from benchmarks.trace import replay_traced
+from benchmarks.trace import replay_traced, write_rows
 from vllm_oscar import ops
 
 CONFIGS = [("qwen3-8b", 1, 4096), ("qwen3-8b", 1, 32768), ("qwen3-8b", 1, 131072), ("qwen3-8b", 8, 32768),
@@ -120,9 +119,7 @@ def main() -> int:
             for fused in (False, True) if args.fused else (False,):
                 rows.append(trace_config(shape, batch, ctx, rot_v, fused))
                 print(json.dumps(rows[-1]), flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
+    write_rows(args.out, rows)
     return 0
 
 
