@@ -1,6 +1,7 @@
 """Count the SASS instructions of the decode kernel's INT2 loop (one warp, one 256-token stage).
 
-Compiles ``decode_kernel<D, 1, PB>`` (``--params``: the fp16 or u8 (scale, offset) pairs) for sm_90a with nvcc (no GPU needed), disassembles it with
+Compiles ``decode_kernel<D, 1, PB, W>`` (``--params``: the fp16 or u8 (scale, offset) pairs; ``--window-tiles``: W,
+the build whose window CTAs take several tiles) for sm_90a with nvcc (no GPU needed), disassembles it with
 ``nvdisasm`` (on PATH, or the copy Triton ships), finds the innermost loop holding the stage's MMAs
 and lists its branches with their source lines. With ``--take`` it walks one path through the loop
 (unconditional branches always, the listed conditional ones taken, the others not) and counts the
@@ -41,14 +42,15 @@ def find_tool(name: str) -> str:
     raise SystemExit(f"{name} not found: put it on PATH (CUDA toolkit) or install triton, which ships a copy")
 
 
-def disassemble(head_dim: int, params: str = "fp16") -> str:
+def disassemble(head_dim: int, params: str = "fp16", window_tiles: bool = False) -> str:
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     if not os.path.exists(nvcc):
         raise SystemExit("nvcc not found (CUDA toolkit): needed to compile the kernel")
     with tempfile.TemporaryDirectory() as tmp:
         src, cubin = Path(tmp, "k.cu"), Path(tmp, "k.cubin")
         src.write_text('#include "kernels/decode.cuh"\nnamespace oscar {\n'
-                       f"template __global__ void decode_kernel<{head_dim}, 1, {PB_CONSTANTS[params]}>"
+                       f"template __global__ void decode_kernel<{head_dim}, 1, {PB_CONSTANTS[params]}, "
+                       f"{'true' if window_tiles else 'false'}>"
                        "(const DecodeParams p);\n}\n")
         subprocess.run([nvcc, "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-arch=sm_90a", "-cubin",
                         f"-I{ROOT / 'csrc'}", "-o", str(cubin), str(src)], check=True)
@@ -91,9 +93,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--head-dim", type=int, default=128, choices=(64, 128, 256))
     ap.add_argument("--params", default="fp16", choices=tuple(PB_CONSTANTS), help="the (scale, offset) format")
+    ap.add_argument("--window-tiles", action="store_true",
+                    help="the decode_kernel build for resident grids (several window tiles per window CTA)")
     ap.add_argument("--take", default="", help="comma list of hex addresses of conditional branches to take")
     args = ap.parse_args()
-    sass = disassemble(args.head_dim, args.params)
+    sass = disassemble(args.head_dim, args.params, args.window_tiles)
     # nvdisasm prints label targets; rewrite `(.L_x_N) into the label's address.
     labels = {}
     cur = None

@@ -1,5 +1,6 @@
 // Decode launch dispatch (kernels in kernels/decode.cuh, instantiated per head_dim in decode_d*.cu).
 #include "kernels/decode.cuh"
+#include "kernels/window_ctas.h"
 #include "launch.h"
 
 namespace oscar {
@@ -55,6 +56,18 @@ int decode_occupancy_for(int head_dim, int group, bool params_u8) {
   return with_decode_variant(head_dim, group, params_u8, [](auto v) {
     using V = decltype(v);
     return decode_occupancy<V::D, V::NT, V::PB>();
+  });
+}
+
+int decode_window_ctas_for(int64_t n_tiles, int num_splits, int window_splits, int head_dim) {
+  return with_decode_variant(head_dim, 1, false, [&](auto v) {
+    DecodeParams p{};
+    p.s_win = window_splits;
+    p.s_int = num_splits;
+    window_thresholds(p, true, decltype(v)::Traits::kWinTileCost);
+    int w = p.s_win;  // decode_kernel's window_ctas
+    for (int j = 0; j < kWinFromSlots; ++j) w -= n_tiles >= p.win_from[j] ? 1 : 0;
+    return w;
   });
 }
 

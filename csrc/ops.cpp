@@ -154,6 +154,16 @@ int64_t decode_ctas_per_sm(int64_t head_dim, int64_t group) {
   return decode_ctas_per_sm_for(static_cast<int>(head_dim), static_cast<int>(group));
 }
 
+int64_t decode_window_ctas(int64_t n_tiles, int64_t num_splits, int64_t window_splits, int64_t head_dim) {
+  check_head_dim(head_dim, "head_dim");
+  TORCH_CHECK(n_tiles >= 0 && n_tiles <= (int64_t{1} << 24), "oscar: n_tiles must be in [0, 2^24], got ", num(n_tiles));
+  TORCH_CHECK(num_splits >= 1 && num_splits <= 65536, "oscar: num_splits must be in [1, 65536], got ", num(num_splits));
+  TORCH_CHECK(window_splits >= 0 && window_splits <= 65536, "oscar: window_splits must be in [0, 65536], got ",
+              num(window_splits));
+  return decode_window_ctas_for(n_tiles, static_cast<int>(num_splits), static_cast<int>(window_splits),
+                                static_cast<int>(head_dim));
+}
+
 int64_t decode_occupancy(int64_t head_dim, int64_t group, int64_t params) {
   check_head_dim(head_dim, "head_dim");
   check_group(group);

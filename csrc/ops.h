@@ -48,6 +48,9 @@ void gather_prefix(torch::Tensor& key_out, torch::Tensor& value_out, const torch
 int64_t decode_window_tile(int64_t head_dim);
 int64_t decode_max_split_heads(int64_t head_dim, int64_t group);
 int64_t decode_ctas_per_sm(int64_t head_dim, int64_t group);
+// Not a mirror: decode_kernel's window CTAs of an item with n_tiles INT2 tiles when the grid is resident
+// (tests check the launcher's thresholds against a brute-force search).
+int64_t decode_window_ctas(int64_t n_tiles, int64_t num_splits, int64_t window_splits, int64_t head_dim);
 // Not a mirror: the current CUDA device's occupancy of that decode kernel (tests compare the two).
 int64_t decode_occupancy(int64_t head_dim, int64_t group, int64_t params);
 

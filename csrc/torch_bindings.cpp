@@ -35,6 +35,8 @@ TORCH_LIBRARY(oscar, m) {
   m.def("decode_window_tile(int head_dim) -> int", &oscar::decode_window_tile);
   m.def("decode_max_split_heads(int head_dim, int group) -> int", &oscar::decode_max_split_heads);
   m.def("decode_ctas_per_sm(int head_dim, int group) -> int", &oscar::decode_ctas_per_sm);
+  m.def("decode_window_ctas(int n_tiles, int num_splits, int window_splits, int head_dim) -> int",
+        &oscar::decode_window_ctas);
   // The one query that needs a GPU: the device's occupancy of the decode kernel decode_ctas_per_sm assumes.
   m.def("decode_occupancy(int head_dim, int group, int params=0) -> int", &oscar::decode_occupancy);
 }

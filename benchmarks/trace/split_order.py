@@ -32,12 +32,72 @@ CONFIGS = [("qwen3-8b", (8192, 32768, 65536, 131072), (24, 28, 30, 31, 32, 33, 3
            ("smollm2", (32768, 131072), (64, 80, 85, 88, 90, 96))]
 ORDERS = ("auto", "1", "0")
 ENV = "OSCAR_EXPERIMENT_WIN_FIRST"  # read by the patched launcher only (not a shipped toggle)
+# --costs: the decode at the rule's split count per window-tile cost (window_ctas in decode.cuh; 1000 = one
+# CTA per window tile, the layout before window_ctas), at the batches whose grid is resident at once.
+COST_ENV = "OSCAR_EXPERIMENT_WIN_TILE_COST"
+COST_CONFIGS = [("qwen3-8b", (1, 2, 4), (4096, 8192, 16384, 32768, 65536, 131072)),
+                ("smollm2", (1, 4, 16), (4096, 16384, 32768, 131072))]
+
+
+# --costs --step: oscar::decode and oscar::store_and_decode (what the vLLM backend runs at small batch) per cost
+STEP_CONFIGS = [("qwen3-8b", (1, 2, 4), (32768, 131072)), ("smollm2", (1, 8), (32768, 131072))]
+
+
+def sweep_step_costs(costs: list[int]) -> list[dict]:
+    rows = []
+    for shape, batches, ctxs in STEP_CONFIGS:
+        hq, hkv, d = kb.SHAPES[shape]
+        for batch in batches:
+            for ctx in ctxs:
+                for cost in costs:
+                    if cost == 0:
+                        os.environ.pop(COST_ENV, None)
+                    else:
+                        os.environ[COST_ENV] = str(cost)
+                    r = kb.step_config(shape, hq, hkv, d, batch, ctx)
+                    rows.append(dict(shape=shape, batch=batch, ctx=ctx, splits=r["splits"], win_tile_cost=cost,
+                                     decode_us=round(r["decode_us"], 2),
+                                     store_and_decode_us=round(r["store_and_decode_us"], 2)))
+                    print(json.dumps(rows[-1]), flush=True)
+                torch.cuda.empty_cache()
+    os.environ.pop(COST_ENV, None)
+    return rows
+
+
+def sweep_costs(costs: list[int]) -> list[dict]:
+    rows = []
+    for shape, batches, ctxs in COST_CONFIGS:
+        hq, hkv, d = kb.SHAPES[shape]
+        for batch in batches:
+            for ctx in ctxs:
+                nb = kb.n_buffers(kb.oscar_bytes(batch, hq, hkv, d, ctx))
+                inp = kb.OscarInputs(batch, hq, hkv, d, ctx, nb)
+                for cost in costs:
+                    if cost == 0:  # the kernel's own DecodeTraits::kWinTileCost
+                        os.environ.pop(COST_ENV, None)
+                    else:
+                        os.environ[COST_ENV] = str(cost)
+                    ms, splits = kb.bench_oscar(inp, nb, rot_v=False)
+                    rows.append(dict(shape=shape, batch=batch, ctx=ctx, splits=splits, win_tile_cost=cost,
+                                     us=round(ms * 1e3, 2)))
+                    print(json.dumps(rows[-1]), flush=True)
+                del inp
+                torch.cuda.empty_cache()
+    os.environ.pop(COST_ENV, None)
+    return rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="/tmp/split-order.json")
+    ap.add_argument("--step", action="store_true", help="with --costs: time decode and store_and_decode")
+    ap.add_argument("--costs", default="",
+                    help="comma-separated window-tile costs to sweep instead of the orders (0: the kernel's own)")
     args = ap.parse_args()
+    if args.costs:
+        costs = [int(c) for c in args.costs.split(",")]
+        write_rows(args.out, sweep_step_costs(costs) if args.step else sweep_costs(costs))
+        return 0
     rows = []
     for shape, ctxs, splits in CONFIGS:
         hq, hkv, d = kb.SHAPES[shape]

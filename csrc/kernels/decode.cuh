@@ -51,6 +51,13 @@ struct DecodeTraits {
   static constexpr int kStageBytes = kTile * kTokBytes;
   static constexpr int kWinTile = D <= 128 ? 128 : 64;  // window rows per window split
   static constexpr int kWinBytes = kWinTile * 4 * D;    // K and V rows, bf16
+  // A window tile's time in a CTA of a resident grid, in quarters of an INT2 tile's (window_thresholds).
+  // From benchmarks/trace/split_order.py --costs on the H100 (2026-11-25, costs 5, 6 and 7 against one CTA
+  // per window tile, same call): Qwen3-8B batch 2 at 16K (63 INT2 tiles, 13 + 3 CTAs per item) took one
+  // window CTA at 5, 4.2% slower than one CTA per window tile, and two at 6 and 7 (+0.6%); every other
+  // configuration's time agreed within 3% at 5, 6 and 7. d=64 and d=256 take the same (the earlier rule
+  // that gave SmolLM2 batch 4 one window CTA at 5 cost it 4% at 16K).
+  static constexpr int kWinTileCost = 6;
   static constexpr bool kRInSmem = D <= 128;            // R_V staged in shared memory for the epilogue
   static constexpr int kRBytes = kRInSmem ? D * D * 4 : 0;
   static constexpr int kGP = 8 * NT;  // query heads padded to the MMA n dimension
@@ -311,7 +318,26 @@ OSCAR_DEVICE void load_v_pair(const uint8_t* sV, int ra, int rb, int g, uint32_t
 // ---------------------------------------------------------------------------------------------
 // decode
 // ---------------------------------------------------------------------------------------------
-template <int D, int NT, int PB>
+// Window CTAs of one (sequence, KV head): the first win CTAs of its s_total (the window splits come
+// first in each item's split numbering), each taking window tiles split, split + win, ...; the rest share
+// the INT2 tiles. s_win (one CTA per window tile) less one for every threshold of p.win_from that the
+// item's INT2 tile count reaches: the launcher's window_thresholds() computes them, so the CTAs spend no
+// divisions on it (the search over counts with two divisions each was ~300 SASS instructions ahead of the
+// first loads). Decided per sequence, the same in every CTA of the item.
+OSCAR_DEVICE int window_ctas(const DecodeParams& p, int n_tiles) {
+  int w = p.s_win;
+#pragma unroll
+  for (int j = 0; j < kWinFromSlots; ++j) w -= n_tiles >= p.win_from[j] ? 1 : 0;
+  return w;
+}
+
+// kWinPasses: window CTAs may take several window tiles (window_ctas; the launcher picks this build when its
+// thresholds let any item give window CTAs to INT2 tiles). The other build keeps one window tile per CTA
+// and no rescaling between tiles. The tile loop changes how the whole kernel compiles: the INT2 stage loop
+// is 803 SASS instructions at d=128 in its build against 795 without (static counts, benchmarks/sass_loop.py;
+// 831 in a first form of one build for both), and with that first form Qwen3-8B batch 64-256 decoded up
+// to 9% slower at 4K-32K in a same-call A/B, where no grid is resident and the loop is never used.
+template <int D, int NT, int PB, bool kWinPasses>
 __global__ void __launch_bounds__(256, DecodeTraits<D, NT, PB>::kMinBlocks) decode_kernel(const DecodeParams p) {
   using Tr = DecodeTraits<D, NT, PB>;
   constexpr bool kU8 = PB == kParamBytesU8;
@@ -361,36 +387,37 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT, PB>::kMinBlocks) deco
   const bool has_win = p.win != nullptr;
   const int ws = has_win ? min(p.sink, n) : 0;           // INT2 rows are [ws, rs)
   const int rs = has_win ? max(n - p.recent, ws) : n;
-  const bool is_win = split < p.s_win;
+  const int n_win = ws + (n - rs);                       // window rows (slots [0, n_win))
+  const int t_int0 = ws / TILE, n_tiles = rs > ws ? (rs + TILE - 1) / TILE - t_int0 : 0;
+  const int win_cta = kWinPasses ? window_ctas(p, n_tiles) : p.s_win;
+  const bool is_win = split < win_cta;
 
-  // This CTA's rows: window slots [lo, hi) or INT2 positions [lo, hi) within tiles [tile_lo, tile_hi).
+  // This CTA's rows: window slots [lo, hi) (its first window tile; a window CTA takes tiles split,
+  // split + win_cta, ...) or INT2 positions [lo, hi) within tiles [tile_lo, tile_hi).
   int lo, hi, tile_lo = 0, tile_hi = 0;
   if (is_win) {
-    const int n_win = ws + (n - rs);
     lo = split * WT;
     hi = max(lo, min(lo + WT, n_win));
   } else {
     lo = ws;
     hi = rs;
     if (hi > lo) {
-      // Tiles dealt as evenly as possible: the first n % s_int splits take one more. With ceil(n / s_int)
-      // tiles each, the last splits were short or empty (Qwen3-8B batch 1 at 32K: 127 tiles in 30 splits
+      // Tiles dealt as evenly as possible: the first n % s splits take one more. With ceil(n / s) tiles
+      // each, the last splits were short or empty (Qwen3-8B batch 1 at 32K: 127 tiles in 30 splits
       // gave 25 splits of 5, one of 2 and 4 empty CTAs), and two 5-tile CTAs could share an SM.
-      const int t0 = lo / TILE, t1 = (hi + TILE - 1) / TILE;
-      const int idx = split - p.s_win, n_tiles = t1 - t0;
-      const int base = n_tiles / p.s_int, extra = n_tiles % p.s_int;
-      tile_lo = t0 + idx * base + min(idx, extra);
+      const int idx = split - win_cta, n_split = s_total - win_cta;
+      const int base = n_tiles / n_split, extra = n_tiles % n_split;
+      tile_lo = t_int0 + idx * base + min(idx, extra);
       tile_hi = tile_lo + base + (idx < extra ? 1 : 0);
     }
   }
 
   // store_and_decode: the window row of position n - 1 comes from p.new_rows (copied in below, after
   // rotate_q completed), not from the window cache, which the store writes after this kernel.
-  int newest_r = -1;  // that row's index in this window CTA's tile, or -1
-  if (p.new_rows != nullptr && is_win && n > 0) {
-    const int slot = n - 1 < ws ? n - 1 : ws + (n - 1 - rs);
-    if (slot >= lo && slot < hi) newest_r = slot - lo;
-  }
+  const int newest_slot = p.new_rows != nullptr && is_win && n > 0 ? (n - 1 < ws ? n - 1 : ws + (n - 1 - rs)) : -1;
+  // that row's index in the window tile of slots [wlo, whi), or -1
+  auto newest_in = [&](int wlo, int whi) { return newest_slot >= wlo && newest_slot < whi ? newest_slot - wlo : -1; };
+  const int newest_r = is_win ? newest_in(lo, hi) : -1;  // in this window CTA's first tile
 
   const int32_t* bt = p.block_table + b * static_cast<int>(p.bt_s0);  // the host checks 32-bit sizes
   const uint8_t* kv_h = p.kv + static_cast<int64_t>(h) * p.kv_s1;
@@ -499,18 +526,18 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT, PB>::kMinBlocks) deco
   // Window rows: [K rows WT x D | V rows WT x D] bf16, 16-byte chunk c of row r stored at c ^ (r & 7)
   // so that ldmatrix reads 8 rows without bank conflicts. Rows past the window are zero-filled:
   // freed window blocks may hold anything, and 0 * NaN would poison the PV product.
-  auto issue_win = [&]() {
+  auto issue_win = [&](int wlo, int whi, int nr) {
     constexpr int CPR = D / 8;                      // 16-byte chunks per row
-    static_assert(WT * 8 <= GP * D * 4 && WT <= 256, "window row bases fit in sQ");
-    // Each row's base address is computed once, by one thread, into sQ (free until q_rot arrives); the
+    static_assert(Tr::kWinBytes + WT * 8 <= Tr::kRing && WT <= 256, "window row bases fit behind the tile");
+    // Each row's base address is computed once, by one thread, into the ring behind the window tile; the
     // copies then add 32-bit offsets. Computing it per 16-byte chunk (a block-table load, two divisions
     // and 64-bit products, 16 chunks per thread at d=128) took the window CTAs 4.5-7 us to issue at
     // batch 1, against 0.8 us for an INT2 split's copies (globaltimer trace, docs/kernels.md).
-    const __nv_bfloat16** row_base = reinterpret_cast<const __nv_bfloat16**>(sQ);
+    const __nv_bfloat16** row_base = reinterpret_cast<const __nv_bfloat16**>(ring + Tr::kWinBytes);
     if (tid < WT) {
-      const int slot = lo + tid;
+      const int slot = wlo + tid;
       const __nv_bfloat16* src = nullptr;
-      if (slot < hi) {
+      if (slot < whi) {
         const int pos = slot < ws ? slot : rs + (slot - ws);
         const int64_t blk = __ldg(p.wbt + static_cast<int64_t>(b) * p.wbt_s0 + pos / p.win_block_size);
         src = static_cast<const __nv_bfloat16*>(p.win) + blk * p.w_s0 + (pos % p.win_block_size) * p.w_s2 +
@@ -523,16 +550,27 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT, PB>::kMinBlocks) deco
       const int c = k % CPR, kvsel = (k / CPR) & 1, r = k / (2 * CPR);
       const __nv_bfloat16* src = row_base[r];
       const bool valid = src != nullptr;
-      if (r != newest_r) {  // that row is copied in from new_rows after rotate_q
+      if (r != nr) {  // that row is copied in from new_rows after rotate_q
         cp_async_16(ring + kvsel * (WT * 2 * D) + r * 2 * D + ((c ^ (r & 7)) * 16),
                     valid ? src + (kvsel ? p.w_s1 : 0) + c * 8 : static_cast<const __nv_bfloat16*>(p.win), valid);
       }
     }
-    __syncthreads();  // row_base lives in sQ, which q_rot overwrites next
+  };
+  // store_and_decode's newest row (rotated by rotate_q: after pdl_wait_primary) into the current tile,
+  // rounded as the store rounds its window rows; issue_win skipped it.
+  auto copy_newest = [&](int nr) {
+    const float* src = p.new_rows + static_cast<int64_t>(bh) * D;
+    const int64_t v_off = static_cast<int64_t>(p.batch) * p.num_kv_heads * D;
+    for (int e = tid; e < 2 * D; e += 256) {
+      const int kvsel = e / D, d = e % D;
+      *reinterpret_cast<__nv_bfloat16*>(ring + kvsel * (WT * 2 * D) + nr * 2 * D + (((d / 8) ^ (nr & 7)) * 16) +
+                                        (d % 8) * 2) =
+          __float2bfloat16_rn(__ldcg(src + (kvsel ? v_off : 0) + d));
+    }
   };
 
   if (is_win) {
-    if (hi > lo) issue_win();
+    if (hi > lo) issue_win(lo, hi, newest_r);
     cp_async_commit();
   } else {
 #pragma unroll
@@ -553,16 +591,7 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT, PB>::kMinBlocks) deco
       reinterpret_cast<float4*>(sQ)[e] = v;
     }
   }
-  if (newest_r >= 0) {  // its K and V rows, rounded as the store rounds its window rows, into the tile
-    const float* nr = p.new_rows + static_cast<int64_t>(bh) * D;
-    const int64_t v_off = static_cast<int64_t>(p.batch) * p.num_kv_heads * D;
-    for (int e = tid; e < 2 * D; e += 256) {
-      const int kvsel = e / D, d = e % D;
-      *reinterpret_cast<__nv_bfloat16*>(ring + kvsel * (WT * 2 * D) + newest_r * 2 * D +
-                                        (((d / 8) ^ (newest_r & 7)) * 16) + (d % 8) * 2) =
-          __float2bfloat16_rn(__ldcg(nr + (kvsel ? v_off : 0) + d));
-    }
-  }
+  if (newest_r >= 0) copy_newest(newest_r);
   __syncthreads();
   for (int head = warp; head < GP; head += Tr::kWarps) {
     // Sums of the bf16-rounded q the MMAs see: score = q_bf16 . (scale * code + offset), and the K
@@ -860,62 +889,91 @@ __global__ void __launch_bounds__(256, DecodeTraits<D, NT, PB>::kMinBlocks) deco
       }
     }
   } else {
-    // ---------------------------------------------------------------- window splits
-    cp_async_wait_all();
-    __syncthreads();
+    // ---------------------------------------------------------------- window CTAs
+    // One window tile (WT rows) at a time: tiles split, split + win_cta, ... of the item's window
+    // (window_ctas; one tile without kWinPasses), each folded into the running softmax of the warp's 16 rows.
     const uint8_t* sWK = ring;
     const uint8_t* sWV = ring + WT * 2 * D;
     const int row0 = warp * 16;
-    if (row0 < WT && lo + row0 < hi) {  // warp-uniform
-      uint32_t qn[NT][KC][2];           // natural dim order: k-step c covers dims 16c .. 16c+15
+    int wlo = lo, whi = hi;  // the current window tile's slots
+    for (int tile_w = split;;) {
+      cp_async_wait_all();
+      __syncthreads();
+      if (row0 < WT && wlo + row0 < whi) {  // warp-uniform
+        uint32_t qn[NT][KC][2];             // natural dim order: k-step c covers dims 16c .. 16c+15
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const float* qrow = sQ + (g + 8 * nt) * D;
+        for (int nt = 0; nt < NT; ++nt) {
+          const float* qrow = sQ + (g + 8 * nt) * D;
+#pragma unroll
+          for (int c = 0; c < KC; ++c) {
+            qn[nt][c][0] = pack_bf16x2(qrow[16 * c + 2 * t], qrow[16 * c + 2 * t + 1]);
+            qn[nt][c][1] = pack_bf16x2(qrow[16 * c + 2 * t + 8], qrow[16 * c + 2 * t + 9]);
+          }
+        }
+        const int mat = lane >> 3, rr = lane & 7;
+        float acc[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
 #pragma unroll
         for (int c = 0; c < KC; ++c) {
-          qn[nt][c][0] = pack_bf16x2(qrow[16 * c + 2 * t], qrow[16 * c + 2 * t + 1]);
-          qn[nt][c][1] = pack_bf16x2(qrow[16 * c + 2 * t + 8], qrow[16 * c + 2 * t + 9]);
+          const int row = row0 + (mat & 1) * 8 + rr, ch = 2 * c + (mat >> 1);
+          uint32_t a0, a1, a2, a3;
+          ldmatrix_x4(a0, a1, a2, a3, sWK + row * 2 * D + ((ch ^ rr) * 16));
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma_bf16(acc[nt], a0, a1, a2, a3, qn[nt][c][0], qn[nt][c][1]);
+        }
+        const bool v0 = wlo + row0 + g < whi, v1 = wlo + row0 + g + 8 < whi;
+        uint32_t pb[NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const float sl = p.scale_log2;
+          float s[4] = {v0 ? acc[nt][0] * sl : kNegInf, v0 ? acc[nt][1] * sl : kNegInf,
+                        v1 ? acc[nt][2] * sl : kNegInf, v1 ? acc[nt][3] * sl : kNegInf};
+          float x[4];
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const float mx = warp_max_xor_g(fmaxf(s[j], s[2 + j]));  // finite: row0 has a valid row
+            if constexpr (kWinPasses) {
+              // alpha is 0 on the warp's first tile (m_run = -inf), where o_acc and l_run are 0
+              const float m = fmaxf(m_run[nt][j], mx), alpha = fast_exp2(m_run[nt][j] - m);
+              m_run[nt][j] = m;
+              x[j] = fast_exp2(s[j] - m);
+              x[2 + j] = fast_exp2(s[2 + j] - m);
+              l_run[nt][j] = fmaf(l_run[nt][j], alpha, warp_sum_xor_g(x[j] + x[2 + j]));
+#pragma unroll
+              for (int i = 0; i < KC; ++i) {
+                o_acc[nt][i][j] *= alpha;
+                o_acc[nt][i][2 + j] *= alpha;
+              }
+            } else {
+              m_run[nt][j] = mx;
+              x[j] = fast_exp2(s[j] - mx);
+              x[2 + j] = fast_exp2(s[2 + j] - mx);
+              l_run[nt][j] = warp_sum_xor_g(x[j] + x[2 + j]);
+            }
+          }
+          pb[nt][0] = movmatrix_trans(pack_bf16x2(x[0], x[1]));
+          pb[nt][1] = movmatrix_trans(pack_bf16x2(x[2], x[3]));
+        }
+#pragma unroll
+        for (int i = 0; i < KC; ++i) {
+          const int row = row0 + (mat >> 1) * 8 + rr, ch = 2 * i + (mat & 1);
+          uint32_t a0, a1, a2, a3;
+          ldmatrix_x4_trans(a0, a1, a2, a3, sWV + row * 2 * D + ((ch ^ rr) * 16));
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma_bf16(o_acc[nt][i], a0, a1, a2, a3, pb[nt][0], pb[nt][1]);
         }
       }
-      const int mat = lane >> 3, rr = lane & 7;
-      float acc[NT][4];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
-#pragma unroll
-      for (int c = 0; c < KC; ++c) {
-        const int row = row0 + (mat & 1) * 8 + rr, ch = 2 * c + (mat >> 1);
-        uint32_t a0, a1, a2, a3;
-        ldmatrix_x4(a0, a1, a2, a3, sWK + row * 2 * D + ((ch ^ rr) * 16));
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma_bf16(acc[nt], a0, a1, a2, a3, qn[nt][c][0], qn[nt][c][1]);
-      }
-      const bool v0 = lo + row0 + g < hi, v1 = lo + row0 + g + 8 < hi;
-      uint32_t pb[NT][2];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const float sl = p.scale_log2;
-        float s[4] = {v0 ? acc[nt][0] * sl : kNegInf, v0 ? acc[nt][1] * sl : kNegInf,
-                      v1 ? acc[nt][2] * sl : kNegInf, v1 ? acc[nt][3] * sl : kNegInf};
-        float x[4];
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const float mx = warp_max_xor_g(fmaxf(s[j], s[2 + j]));  // finite: row0 has a valid row
-          m_run[nt][j] = mx;
-          x[j] = fast_exp2(s[j] - mx);
-          x[2 + j] = fast_exp2(s[2 + j] - mx);
-          l_run[nt][j] = warp_sum_xor_g(x[j] + x[2 + j]);
-        }
-        pb[nt][0] = movmatrix_trans(pack_bf16x2(x[0], x[1]));
-        pb[nt][1] = movmatrix_trans(pack_bf16x2(x[2], x[3]));
-      }
-#pragma unroll
-      for (int i = 0; i < KC; ++i) {
-        const int row = row0 + (mat >> 1) * 8 + rr, ch = 2 * i + (mat & 1);
-        uint32_t a0, a1, a2, a3;
-        ldmatrix_x4_trans(a0, a1, a2, a3, sWV + row * 2 * D + ((ch ^ rr) * 16));
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma_bf16(o_acc[nt][i], a0, a1, a2, a3, pb[nt][0], pb[nt][1]);
-      }
+      if constexpr (!kWinPasses) break;
+      tile_w += win_cta;
+      if (tile_w * WT >= n_win) break;  // CTA-uniform
+      __syncthreads();  // every warp's ldmatrix reads of this tile are done before the next copies land
+      wlo = tile_w * WT;
+      whi = min(wlo + WT, n_win);
+      const int nr = newest_in(wlo, whi);
+      issue_win(wlo, whi, nr);
+      cp_async_commit();
+      if (nr >= 0) copy_newest(nr);
     }
     __syncthreads();  // all ldmatrix reads done before the ring becomes merge scratch
 #pragma unroll

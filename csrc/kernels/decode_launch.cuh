@@ -6,6 +6,7 @@
 
 #include "kernels/launch_utils.cuh"
 #include "kernels/decode.cuh"
+#include "kernels/window_ctas.h"
 
 namespace oscar {
 
@@ -49,12 +50,19 @@ inline dim3 decode_grid(const DecodeParams& p) {
 template <int D, int NT, int PB>
 void launch_decode(const DecodeParams& p, cudaStream_t stream, bool pdl) {
   using Tr = DecodeTraits<D, NT, PB>;
-  auto kern = decode_kernel<D, NT, PB>;
-  static std::atomic<uint64_t> smem_set{0};
-  set_smem_once(kern, Tr::kSmem, smem_set);
+  auto one_tile = decode_kernel<D, NT, PB, false>;
+  auto tiles = decode_kernel<D, NT, PB, true>;
+  static std::atomic<uint64_t> smem_set{0}, smem_set_tiles{0};
+  set_smem_once(one_tile, Tr::kSmem, smem_set);
+  set_smem_once(tiles, Tr::kSmem, smem_set_tiles);
   static std::atomic<int> resident[64];
   DecodeParams pp = p;
-  pp.win_first = static_cast<int>(decode_grid(p).x) <= resident_ctas(kern, Tr::kThreads, Tr::kSmem, resident);
+  const bool whole_grid =
+      static_cast<int>(decode_grid(p).x) <= resident_ctas(one_tile, Tr::kThreads, Tr::kSmem, resident);
+  pp.win_first = whole_grid;
+  window_thresholds(pp, whole_grid, Tr::kWinTileCost);
+  // The build whose window CTAs take several tiles only where some item may use it (decode_kernel).
+  auto kern = pp.win_from[0] != INT_MAX ? tiles : one_tile;
   if (!pdl) {
     kern<<<decode_grid(pp), Tr::kThreads, Tr::kSmem, stream>>>(pp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -64,17 +72,20 @@ void launch_decode(const DecodeParams& p, cudaStream_t stream, bool pdl) {
 }
 
 // decode_kernel CTAs one SM of the current device holds at once (cudaOccupancyMaxActiveBlocksPerMultiprocessor
-// with the kernel's threads and shared memory): what DecodeTraits::kMinBlocks, and so the split rule
-// (vllm_oscar.ops.decode_num_splits), assume; a GPU test compares the two for every variant.
+// with the kernel's threads and shared memory; the lower of its two builds): what DecodeTraits::kMinBlocks,
+// and so the split rule (vllm_oscar.ops.decode_num_splits), assume; a GPU test compares the two for every
+// variant.
 template <int D, int NT, int PB>
 int decode_occupancy() {
   using Tr = DecodeTraits<D, NT, PB>;
-  auto kern = decode_kernel<D, NT, PB>;
-  static std::atomic<uint64_t> smem_set{0};
-  set_smem_once(kern, Tr::kSmem, smem_set);
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, Tr::kThreads, Tr::kSmem));
-  return per_sm;
+  int lowest = 1 << 30;
+  for (auto kern : {decode_kernel<D, NT, PB, false>, decode_kernel<D, NT, PB, true>}) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmem));
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, Tr::kThreads, Tr::kSmem));
+    lowest = per_sm < lowest ? per_sm : lowest;
+  }
+  return lowest;
 }
 
 }  // namespace oscar

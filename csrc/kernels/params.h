@@ -15,6 +15,10 @@ constexpr int kLevelsMse = 1;
 constexpr int kParamBytesFp16 = 4;
 constexpr int kParamBytesU8 = 2;
 
+// DecodeParams::win_from: thresholds of the window CTA count (decode.cuh, window_ctas), so at most this
+// many window CTAs of an item are given to its INT2 tiles.
+constexpr int kWinFromSlots = 8;
+
 struct StoreParams {
   const void* key;  // [T, Hkv, d] bf16 or fp16
   const void* value;
@@ -67,6 +71,9 @@ struct DecodeParams {
                     // instructions and runs 3x per stage per thread)
   float scale_log2;
   int win_first;  // set by launch_decode: window CTAs first in the grid (the whole grid is resident)
+  // Set by launch_decode (window_thresholds): an item takes s_win - j window CTAs once its INT2 tiles reach
+  // win_from[j - 1] (ascending; INT_MAX where unused).
+  int win_from[kWinFromSlots];
   // store_and_decode with a window cache (rotate_q -> decode -> store): the step's newest K/V rows
   // (sequence b's at new_k/new_v row b) are rotated by rotate_q_kernel with the store's arithmetic into
   // new_rows, and the window CTA covering position seq_len - 1 reads that row from there instead of the

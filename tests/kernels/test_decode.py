@@ -114,6 +114,20 @@ CASES += [
     ("r512-g4", dict(batch=3, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
                      seq_lens=_lens(4097, 1000, 513), **R512), None),
 ]
+# Window CTAs that take several window tiles in turn (csrc/kernels/window_ctas.h: in a grid resident at
+# once with few INT2 splits, fewer window CTAs leave more CTAs for the INT2 tiles). Few INT2 splits make the
+# trade at short contexts: 3 window CTAs for 5 tiles (2, 2 and 1) at d=128, one for 3 at d=64, 2 for 5 tiles
+# of 64 rows at d=256, while the shorter sequences of each keep one CTA per tile. ctx4097-g4-1split (one
+# window CTA, 3 INT2 CTAs) and store_and_decode's b4-ctx33000-g4-winpasses and u8-r512-b3-g4 (the newest
+# row in a later tile) take them too.
+CASES += [
+    ("winpasses-r512-g4", dict(batch=2, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
+                               seq_lens=_lens(4097, 700), **R512), 2),
+    ("winpasses-g3-d64", dict(batch=2, num_q_heads=9, num_kv_heads=3, head_dim=64, block_size=32,
+                              seq_lens=_lens(9000, 400), **W), 4),
+    ("winpasses-d256-g4", dict(batch=2, num_q_heads=8, num_kv_heads=2, head_dim=256, block_size=16,
+                               seq_lens=_lens(5000, 330), **W), 3),
+]
 
 
 def _run(case: DecodeCase, num_splits, q=None):
@@ -308,6 +322,10 @@ OVERLAP_CASES = [
                                    seq_lens=_random_lens(64, 1500, 1, must=(4097, 1, 64, 65)), **W, **U8), "mse", 1024),
     ("u8-r512-b3-g4", dict(batch=3, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=128,
                            window_block_size=16, seq_lens=_lens(33000, 577, 200), **R512, **U8), "mse", 0),
+    # 5 INT2 + 3 window splits per item: one window CTA of 3 tiles at 33000 (the newest row in its last),
+    # one per tile at 4097
+    ("b4-ctx33000-g4-winpasses", dict(batch=4, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
+                                      seq_lens=_lens(33000, 4097, 321, 100), **W), "mse", 0),
 ]
 
 

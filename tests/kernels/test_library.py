@@ -4,6 +4,7 @@ clear error instead of failing at import."""
 
 from __future__ import annotations
 
+import fractions
 import os
 import shutil
 
@@ -230,3 +231,35 @@ def test_decode_split_rule_counts_the_ctas_an_sm_holds():
     for query in (torch.ops.oscar.decode_ctas_per_sm, torch.ops.oscar.decode_max_split_heads):
         with pytest.raises(RuntimeError, match=r"group \(query heads per KV head\) must be >= 1, got 0"):
             query(128, 0)
+
+
+@needs_extension
+def test_decode_window_ctas_follow_the_rule_at_every_length():
+    """decode_kernel's window CTA count (csrc/kernels/window_ctas.h): thresholds on an item's INT2 tiles,
+    computed at launch by bisection, must give the rule's own choice at every tile count, which holds
+    only if the choice never rises with the count: the count w in [1, s_win] that minimizes
+    max(ceil(s_win / w) * cost / 4, n / (num_splits + s_win - w)) INT2 tiles (ties to more window CTAs),
+    with at most kWinFromSlots = 8 window CTAs given away. cost is DecodeTraits::kWinTileCost."""
+    def rule(n, splits, s_win, cost):
+        if n == 0 or s_win <= 1 or 20 * (splits + s_win - 1) < 23 * splits:  # < 15% more INT2 CTAs: keep
+            return s_win
+        total, best, best_cost = splits + s_win, s_win, None
+        for w in range(s_win, 0, -1):
+            c = max(fractions.Fraction(-(-s_win // w) * cost), fractions.Fraction(4 * n, total - w))
+            if best_cost is None or c < best_cost:
+                best, best_cost = w, c
+        return max(best, s_win - 8)
+
+    tiles = list(range(160)) + [255, 256, 387, 388, 511, 1023, 4095, 1 << 20]
+    for head_dim, cost in ((64, 6), (128, 6), (256, 6)):
+        for splits in (1, 2, 5, 13, 30, 85):
+            for s_win in (0, 1, 2, 3, 5, 12):
+                got = [torch.ops.oscar.decode_window_ctas(n, splits, s_win, head_dim) for n in tiles]
+                assert got == [rule(n, splits, s_win, cost) for n in tiles], (head_dim, splits, s_win)
+    # Qwen3-8B (3 window tiles): at batch 1 (30 INT2 splits) one CTA per window tile at any length; at
+    # batch 2 (13) 2 window CTAs from 40 INT2 tiles, one from 64; at batch 4 (5) 2 from 16, one from 28.
+    assert {torch.ops.oscar.decode_window_ctas(n, 30, 3, 128) for n in (63, 127, 511, 1 << 20)} == {3}
+    assert [torch.ops.oscar.decode_window_ctas(n, 13, 3, 128) for n in (39, 40, 63, 64)] == [3, 2, 2, 1]
+    assert [torch.ops.oscar.decode_window_ctas(n, 5, 3, 128) for n in (15, 16, 27, 28)] == [3, 2, 2, 1]
+    with pytest.raises(RuntimeError, match=r"num_splits must be in \[1, 65536\], got 0"):
+        torch.ops.oscar.decode_window_ctas(10, 0, 3, 128)

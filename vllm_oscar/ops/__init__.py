@@ -224,7 +224,9 @@ def decode_num_splits(
     (sequence, KV head), and the short window splits run after them; a second, mostly empty wave of
     long INT2 CTAs costs a whole CTA length. Only when one wave cannot be nearly filled that way (items
     between half and all of the slots) does it take two splits per item. At least one pipeline tile
-    (256 tokens, 128 at d=256) per split.
+    (256 tokens, 128 at d=256) per split. In a resident grid the kernel may hand window splits to the INT2
+    tiles at run time (``csrc/kernels/window_ctas.h``; ``torch.ops.oscar.decode_window_ctas`` gives the count), so the
+    window splits counted here are slots, not a fixed division of work.
 
     Measured on one H100 (``python benchmarks/kernels.py --parts sweep``, no R_V, 2026-11-24): Qwen3-8B
     shape, batch 8, 32K: 4 splits 73.7 us against 88.3 us for the 5 (= ceil(264 / 64)) chosen before;
