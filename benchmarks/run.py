@@ -228,7 +228,7 @@ def worker_perf(args) -> dict:
         profiled(str(c), [prompt(c)["prompt_token_ids"]], warm_tokens=8)
     if args.sat_context:  # the full-KV configuration: timed, or (--profile-full-kv) profiled instead
         conc = capacity(args.sat_context)[1]
-        n = min(int(conc), 256)  # max_num_seqs
+        n = min(int(conc), 256, args.sat_requests or 256)  # max_num_seqs
         plen = args.sat_context - args.sat_out
         if n < 1 or plen < 1:
             raise SystemExit(f"--sat-context {args.sat_context} --sat-out {args.sat_out}: {conc:.2f} requests fit and "
@@ -827,6 +827,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full-KV decode: output tokens per request. With 512 or 1536, oscar_int2 at 32K never had "
                         "every request decoding at once on the H100: the last prompt was admitted only after the "
                         "first request finished (README, 'Admission at a full cache')")
+    p.add_argument("--sat-requests", type=int, default=0,
+                   help="requests of the --sat-context run (0: as many as the cache holds; fewer: a small batch's "
+                        "decode steps, timed while every request decodes)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="perf engine: vLLM's prefill chunk budget per step (default: vLLM's, 16384 on an H100)")
     p.add_argument("--tp-requests", type=int, default=256)
@@ -934,7 +937,7 @@ def main(argv=None) -> int:
               "--latency-reps", str(args.latency_reps), "--sat-context", str(args.sat_context),
               "--profile-contexts", _csv(args.profile_contexts), "--profile-steps", str(args.profile_steps),
               *(["--profile-full-kv"] if args.profile_full_kv else []),
-              "--sat-out", str(args.sat_out),
+              "--sat-out", str(args.sat_out), "--sat-requests", str(args.sat_requests),
               *(["--max-num-batched-tokens", str(args.max_num_batched_tokens)] if args.max_num_batched_tokens else []),
               *(["--skip-sliding-window"] if args.skip_sliding_window else []),
               *(["--quantization", args.quantization] if args.quantization else []),
@@ -953,6 +956,7 @@ def main(argv=None) -> int:
                                 "profile_full_kv": args.profile_full_kv}
                                if args.profile_contexts or args.profile_full_kv else {}),
                             "full_kv_decode": [args.sat_context, args.sat_out],
+                            **({"sat_requests": args.sat_requests} if args.sat_requests else {}),
                             "throughput": [args.tp_requests, args.tp_in, args.tp_out]},
                "results": [_run_worker("perf", f, args, shared) for f in fmts]}
         e2e = _merge(e2e_path, e2e, not args.fresh)
