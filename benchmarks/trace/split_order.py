@@ -13,6 +13,12 @@ the benchmark's inputs and method (``benchmarks.kernels.bench_oscar``) three way
 launcher's rule: window CTAs first only when the whole grid is resident), ``1`` (window CTAs first) and
 ``0`` (INT2 CTAs first), set through ``OSCAR_EXPERIMENT_WIN_FIRST``, which the patched launcher reads
 at every launch. Rows ``decode_steps.batch1_split_order_rows`` of benchmarks/results/kernels-h100.json.
+
+``--costs C1,C2,...`` times the decode instead at the split rule's count for each window-tile cost (the
+patched launcher reads ``OSCAR_EXPERIMENT_WIN_TILE_COST``; 0 leaves the kernel's own
+``DecodeTraits::kWinTileCost``, 100000000 puts every threshold out of reach: one window CTA per window tile
+and the one-tile build, the kernel as it was before ``csrc/kernels/window_ctas.h``), at batches 1-16; with
+``--step`` it times ``oscar::decode`` and ``oscar::store_and_decode``. Rows ``decode_steps.window_ctas_*``.
 """
 
 from __future__ import annotations
@@ -32,58 +38,49 @@ CONFIGS = [("qwen3-8b", (8192, 32768, 65536, 131072), (24, 28, 30, 31, 32, 33, 3
            ("smollm2", (32768, 131072), (64, 80, 85, 88, 90, 96))]
 ORDERS = ("auto", "1", "0")
 ENV = "OSCAR_EXPERIMENT_WIN_FIRST"  # read by the patched launcher only (not a shipped toggle)
-# --costs: the decode at the rule's split count per window-tile cost (window_ctas in decode.cuh; 1000 = one
-# CTA per window tile, the layout before window_ctas), at the batches whose grid is resident at once.
+# --costs: the decode at the rule's split count per window-tile cost (csrc/kernels/window_ctas.h), at batches
+# whose grid is resident at once, and two (SmolLM2 batch 16) whose grid is not.
 COST_ENV = "OSCAR_EXPERIMENT_WIN_TILE_COST"
 COST_CONFIGS = [("qwen3-8b", (1, 2, 4), (4096, 8192, 16384, 32768, 65536, 131072)),
                 ("smollm2", (1, 4, 16), (4096, 16384, 32768, 131072))]
 
 
-# --costs --step: oscar::decode and oscar::store_and_decode (what the vLLM backend runs at small batch) per cost
+# --costs --step: oscar::decode and oscar::store_and_decode (the vLLM backend's op at small batch) per cost
 STEP_CONFIGS = [("qwen3-8b", (1, 2, 4), (32768, 131072)), ("smollm2", (1, 8), (32768, 131072))]
 
 
-def sweep_step_costs(costs: list[int]) -> list[dict]:
-    rows = []
-    for shape, batches, ctxs in STEP_CONFIGS:
-        hq, hkv, d = kb.SHAPES[shape]
-        for batch in batches:
-            for ctx in ctxs:
-                for cost in costs:
-                    if cost == 0:
-                        os.environ.pop(COST_ENV, None)
-                    else:
-                        os.environ[COST_ENV] = str(cost)
-                    r = kb.step_config(shape, hq, hkv, d, batch, ctx)
-                    rows.append(dict(shape=shape, batch=batch, ctx=ctx, splits=r["splits"], win_tile_cost=cost,
-                                     decode_us=round(r["decode_us"], 2),
-                                     store_and_decode_us=round(r["store_and_decode_us"], 2)))
-                    print(json.dumps(rows[-1]), flush=True)
-                torch.cuda.empty_cache()
-    os.environ.pop(COST_ENV, None)
-    return rows
+def _use_cost(cost: int) -> None:
+    """Point the patched launcher at a window-tile cost (0: the kernel's own DecodeTraits::kWinTileCost)."""
+    if cost == 0:
+        os.environ.pop(COST_ENV, None)
+    else:
+        os.environ[COST_ENV] = str(cost)
 
 
-def sweep_costs(costs: list[int]) -> list[dict]:
+def sweep_costs(costs: list[int], step: bool = False) -> list[dict]:
+    """Decode time per (configuration, cost); ``step``: oscar::decode and oscar::store_and_decode instead."""
     rows = []
-    for shape, batches, ctxs in COST_CONFIGS:
+    for shape, batches, ctxs in STEP_CONFIGS if step else COST_CONFIGS:
         hq, hkv, d = kb.SHAPES[shape]
         for batch in batches:
             for ctx in ctxs:
                 nb = kb.n_buffers(kb.oscar_bytes(batch, hq, hkv, d, ctx))
-                inp = kb.OscarInputs(batch, hq, hkv, d, ctx, nb)
+                inp = None if step else kb.OscarInputs(batch, hq, hkv, d, ctx, nb)
                 for cost in costs:
-                    if cost == 0:  # the kernel's own DecodeTraits::kWinTileCost
-                        os.environ.pop(COST_ENV, None)
+                    _use_cost(cost)
+                    row = dict(shape=shape, batch=batch, ctx=ctx)
+                    if step:
+                        r = kb.step_config(shape, hq, hkv, d, batch, ctx)
+                        row.update(splits=r["splits"], win_tile_cost=cost, decode_us=round(r["decode_us"], 2),
+                                   store_and_decode_us=round(r["store_and_decode_us"], 2))
                     else:
-                        os.environ[COST_ENV] = str(cost)
-                    ms, splits = kb.bench_oscar(inp, nb, rot_v=False)
-                    rows.append(dict(shape=shape, batch=batch, ctx=ctx, splits=splits, win_tile_cost=cost,
-                                     us=round(ms * 1e3, 2)))
-                    print(json.dumps(rows[-1]), flush=True)
+                        ms, splits = kb.bench_oscar(inp, nb, rot_v=False)
+                        row.update(splits=splits, win_tile_cost=cost, us=round(ms * 1e3, 2))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
                 del inp
                 torch.cuda.empty_cache()
-    os.environ.pop(COST_ENV, None)
+    _use_cost(0)
     return rows
 
 
@@ -92,11 +89,11 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/split-order.json")
     ap.add_argument("--step", action="store_true", help="with --costs: time decode and store_and_decode")
     ap.add_argument("--costs", default="",
-                    help="comma-separated window-tile costs to sweep instead of the orders (0: the kernel's own)")
+                    help="window-tile costs to sweep instead of the orders, comma-separated (0: the kernel's own)")
     args = ap.parse_args()
     if args.costs:
         costs = [int(c) for c in args.costs.split(",")]
-        write_rows(args.out, sweep_step_costs(costs) if args.step else sweep_costs(costs))
+        write_rows(args.out, sweep_costs(costs, args.step))
         return 0
     rows = []
     for shape, ctxs, splits in CONFIGS:

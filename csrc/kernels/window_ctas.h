@@ -12,11 +12,11 @@ namespace oscar {
 // DecodeParams::win_from for decode_kernel's window_ctas. When the whole grid is resident (win_first) all
 // CTAs of an item run side by side, and its time is its slowest CTA's. One CTA per window tile leaves the
 // INT2 tiles fewer CTAs: Qwen3-8B at batch 4 and 32K deals 127 INT2 tiles to 5 CTAs per item (25-26 each),
-// while its 3 window CTAs of one 128-row tile each finish early. So an item with n INT2 tiles takes the count w of window
-// CTAs (s_win down to 1) that minimizes max(ceil(s_win / w) * cost / 4, n / (s_total - w)), in INT2 tiles
-// (cost: a window tile's time in quarters of an INT2 tile's; ties go to more window CTAs). The
-// choice falls as n grows (tests/kernels/test_library.py checks it against a brute-force search), so it
-// is a set of thresholds on n, found by bisection. A grid of several waves keeps one CTA per window tile:
+// while its 3 window CTAs of one 128-row tile each finish early. So an item with n INT2 tiles takes the
+// count w of window CTAs (s_win down to 1) that minimizes max(ceil(s_win / w) * cost / 4, n / (s_total - w)),
+// in INT2 tiles (cost: a window tile's time in quarters of an INT2 tile's; ties go to more window CTAs).
+// The choice falls as n grows (tests/kernels/test_library.py checks it against a brute-force search), so
+// it is a set of thresholds on n, found by bisection. A grid of several waves keeps one CTA per window tile:
 // there the window CTAs fill the last wave's leftover slots, and longer ones would lengthen it.
 inline int window_ctas_for(int64_t n_tiles, int s_total, int s_win, int cost) {
   int best = s_win;
