@@ -47,7 +47,7 @@ inline int window_ctas_for(int64_t n_tiles, int s_total, int s_win, int cost) {
 inline void window_thresholds(DecodeParams& p, bool resident, int cost) {
   for (int j = 0; j < kWinFromSlots; ++j) p.win_from[j] = INT_MAX;
   const int s_total = p.s_win + p.s_int;
-  if (!resident || p.s_win <= 1 || 20 * (s_total - 1) < 23 * p.s_int) return;
+  if (!resident || cost <= 0 || p.s_win <= 1 || 20 * (s_total - 1) < 23 * p.s_int) return;
   constexpr int64_t kMaxTiles = int64_t{1} << 24;
   for (int j = 0; j < kWinFromSlots && p.s_win - 1 - j >= 1; ++j) {
     const int target = p.s_win - 1 - j;

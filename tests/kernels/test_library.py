@@ -241,7 +241,7 @@ def test_decode_window_ctas_follow_the_rule_at_every_length():
     max(ceil(s_win / w) * cost / 4, n / (num_splits + s_win - w)) INT2 tiles (ties to more window CTAs),
     with at most kWinFromSlots = 8 window CTAs given away. cost is DecodeTraits::kWinTileCost."""
     def rule(n, splits, s_win, cost):
-        if n == 0 or s_win <= 1 or 20 * (splits + s_win - 1) < 23 * splits:  # < 15% more INT2 CTAs: keep
+        if n == 0 or cost == 0 or s_win <= 1 or 20 * (splits + s_win - 1) < 23 * splits:  # < 15% more: keep
             return s_win
         total, best, best_cost = splits + s_win, s_win, None
         for w in range(s_win, 0, -1):
@@ -251,7 +251,7 @@ def test_decode_window_ctas_follow_the_rule_at_every_length():
         return max(best, s_win - 8)
 
     tiles = list(range(160)) + [255, 256, 387, 388, 511, 1023, 4095, 1 << 20]
-    for head_dim, cost in ((64, 6), (128, 6), (256, 6)):
+    for head_dim, cost in ((64, 6), (128, 6), (256, 0)):  # 0: off at d=256 (not timed there yet)
         for splits in (1, 2, 5, 13, 30, 85):
             for s_win in (0, 1, 2, 3, 5, 12):
                 got = [torch.ops.oscar.decode_window_ctas(n, splits, s_win, head_dim) for n in tiles]
