@@ -24,7 +24,8 @@ void launch_gather(const GatherParams& p, int head_dim, cudaStream_t stream);
 int decode_window_tile_for(int head_dim);
 int decode_max_split_heads_for(int head_dim, int group);
 int decode_ctas_per_sm_for(int head_dim, int group);
-// decode_kernel's window CTA count for an item of n_tiles INT2 tiles in a resident grid (window_thresholds).
+// decode_kernel's window CTA count for an item of n_tiles INT2 tiles in a resident grid (window_thresholds), with
+// up to 8 query heads per KV head (above, the choice is off: DecodeTraits::kWinTileCost).
 int decode_window_ctas_for(int64_t n_tiles, int num_splits, int window_splits, int head_dim);
 // Needs a CUDA device: the occupancy the current device gives the decode kernel of that variant.
 int decode_occupancy_for(int head_dim, int group, bool params_u8);

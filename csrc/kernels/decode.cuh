@@ -56,11 +56,11 @@ struct DecodeTraits {
   // per window tile, same call): Qwen3-8B batch 2 at 16K (63 INT2 tiles, 13 + 3 CTAs per item) took one
   // window CTA at 5, 4.2% slower than one CTA per window tile, and two at 6 and 7 (+0.6%); every other
   // configuration's time agreed within 3% at 5, 6 and 7. d=64 takes the same (the earlier rule that gave
-  // SmolLM2 batch 4 one window CTA at 5 cost it 4% at 16K). 0 turns the choice off: d=256 (Gemma 3's global
-  // layers, one CTA per SM) keeps one window CTA per window tile until decode and store_and_decode are timed
-  // there (its multi-tile build passed winpasses-d256-g4 on the H100 at cost 6; at 0 that case runs one
-  // window CTA per tile).
-  static constexpr int kWinTileCost = D <= 128 ? 6 : 0;
+  // SmolLM2 batch 4 one window CTA at 5 cost it 4% at 16K). 0 turns the choice off where it was neither timed
+  // nor tested on the GPU: d=256 (Gemma 3's global layers, one CTA per SM; its multi-tile build passed
+  // winpasses-d256-g4 on the H100 at cost 6, untimed; at 0 that case runs one window CTA per tile) and more
+  // than 8 query heads per KV head (NT = 2, one CTA per SM; no multi-tile case was run).
+  static constexpr int kWinTileCost = D <= 128 && NT == 1 ? 6 : 0;
   static constexpr bool kRInSmem = D <= 128;            // R_V staged in shared memory for the epilogue
   static constexpr int kRBytes = kRInSmem ? D * D * 4 : 0;
   static constexpr int kGP = 8 * NT;  // query heads padded to the MMA n dimension
