@@ -1,6 +1,5 @@
 // Decode launch dispatch (kernels in kernels/decode.cuh, instantiated per head_dim in decode_d*.cu).
 #include "kernels/decode.cuh"
-#include "kernels/window_ctas.h"
 #include "launch.h"
 
 namespace oscar {
@@ -65,9 +64,7 @@ int decode_window_ctas_for(int64_t n_tiles, int num_splits, int window_splits, i
     p.s_win = window_splits;
     p.s_int = num_splits;
     window_thresholds(p, true, decltype(v)::Traits::kWinTileCost);
-    int w = p.s_win;  // decode_kernel's window_ctas
-    for (int j = 0; j < kWinFromSlots; ++j) w -= n_tiles >= p.win_from[j] ? 1 : 0;
-    return w;
+    return window_ctas(p, static_cast<int>(n_tiles));  // n_tiles <= 2^24 (decode_window_ctas checks)
   });
 }
 

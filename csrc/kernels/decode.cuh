@@ -32,6 +32,7 @@
 
 #include "kernels/common.cuh"
 #include "kernels/params.h"
+#include "kernels/window_ctas.h"
 
 namespace oscar {
 
@@ -321,19 +322,6 @@ OSCAR_DEVICE void load_v_pair(const uint8_t* sV, int ra, int rb, int g, uint32_t
 // ---------------------------------------------------------------------------------------------
 // decode
 // ---------------------------------------------------------------------------------------------
-// Window CTAs of one (sequence, KV head): the first win CTAs of its s_total (the window splits come
-// first in each item's split numbering), each taking window tiles split, split + win, ...; the rest share
-// the INT2 tiles. s_win (one CTA per window tile) less one for every threshold of p.win_from that the
-// item's INT2 tile count reaches: the launcher's window_thresholds() computes them, so the CTAs spend no
-// divisions on it (the search over counts with two divisions each was ~300 SASS instructions ahead of the
-// first loads). Decided per sequence, the same in every CTA of the item.
-OSCAR_DEVICE int window_ctas(const DecodeParams& p, int n_tiles) {
-  int w = p.s_win;
-#pragma unroll
-  for (int j = 0; j < kWinFromSlots; ++j) w -= n_tiles >= p.win_from[j] ? 1 : 0;
-  return w;
-}
-
 // kWinPasses: window CTAs may take several window tiles (window_ctas; the launcher picks this build when its
 // thresholds let any item give window CTAs to INT2 tiles). The other build keeps one window tile per CTA
 // and no rescaling between tiles. The tile loop changes how the whole kernel compiles: the INT2 stage loop

@@ -6,7 +6,6 @@
 
 #include "kernels/launch_utils.cuh"
 #include "kernels/decode.cuh"
-#include "kernels/window_ctas.h"
 
 namespace oscar {
 

@@ -15,7 +15,7 @@ constexpr int kLevelsMse = 1;
 constexpr int kParamBytesFp16 = 4;
 constexpr int kParamBytesU8 = 2;
 
-// DecodeParams::win_from: thresholds of the window CTA count (decode.cuh, window_ctas), so at most this
+// DecodeParams::win_from: thresholds of the window CTA count (window_ctas.h), so at most this
 // many window CTAs of an item are given to its INT2 tiles.
 constexpr int kWinFromSlots = 8;
 

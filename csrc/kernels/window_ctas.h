@@ -1,5 +1,6 @@
-// The window CTA count of decode_kernel (decode.cuh, window_ctas): thresholds computed at launch.
-// Plain C++ (the launcher and the op layer's query both use it).
+// The window CTA count of decode_kernel: thresholds computed at launch (window_thresholds), counted by the
+// CTAs (window_ctas). Host C++ and, under nvcc, device code: the kernel, the launcher and the op layer's
+// query (decode_window_ctas_for in decode.cu) share these functions.
 #pragma once
 
 #include <climits>
@@ -7,7 +8,26 @@
 
 #include "kernels/params.h"
 
+#ifdef __CUDACC__
+#define OSCAR_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define OSCAR_HOST_DEVICE inline
+#endif
+
 namespace oscar {
+
+// Window CTAs of one (sequence, KV head): the first win CTAs of its s_total (the window splits come first
+// in each item's split numbering), each taking window tiles split, split + win, ...; the rest share the
+// INT2 tiles. s_win (one CTA per window tile) less one for every threshold of p.win_from that the item's
+// INT2 tile count reaches, so the CTAs spend no divisions on it (the search over counts with two divisions
+// each was ~300 SASS instructions ahead of the first loads). Decided per sequence, the same in every CTA
+// of the item.
+OSCAR_HOST_DEVICE int window_ctas(const DecodeParams& p, int n_tiles) {
+  int w = p.s_win;
+#pragma unroll
+  for (int j = 0; j < kWinFromSlots; ++j) w -= n_tiles >= p.win_from[j] ? 1 : 0;
+  return w;
+}
 
 // DecodeParams::win_from for decode_kernel's window_ctas. When the whole grid is resident (win_first) all
 // CTAs of an item run side by side, and its time is its slowest CTA's. One CTA per window tile leaves the
