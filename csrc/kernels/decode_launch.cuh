@@ -77,9 +77,10 @@ void launch_decode(const DecodeParams& p, cudaStream_t stream, bool pdl) {
 template <int D, int NT, int PB>
 int decode_occupancy() {
   using Tr = DecodeTraits<D, NT, PB>;
-  int lowest = 1 << 30;
+  static std::atomic<uint64_t> smem_set[2];
+  int lowest = 1 << 30, build = 0;
   for (auto kern : {decode_kernel<D, NT, PB, false>, decode_kernel<D, NT, PB, true>}) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmem));
+    set_smem_once(kern, Tr::kSmem, smem_set[build++]);
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, Tr::kThreads, Tr::kSmem));
     lowest = per_sm < lowest ? per_sm : lowest;
