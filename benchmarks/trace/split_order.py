@@ -64,8 +64,9 @@ def sweep_costs(costs: list[int], step: bool = False) -> list[dict]:
         hq, hkv, d = kb.SHAPES[shape]
         for batch in batches:
             for ctx in ctxs:
-                nb = kb.n_buffers(kb.oscar_bytes(batch, hq, hkv, d, ctx))
-                inp = None if step else kb.OscarInputs(batch, hq, hkv, d, ctx, nb)
+                if not step:  # step_config makes its own inputs
+                    nb = kb.n_buffers(kb.oscar_bytes(batch, hq, hkv, d, ctx))
+                    inp = kb.OscarInputs(batch, hq, hkv, d, ctx, nb)
                 for cost in costs:
                     _use_cost(cost)
                     row = dict(shape=shape, batch=batch, ctx=ctx)
@@ -78,7 +79,8 @@ def sweep_costs(costs: list[int], step: bool = False) -> list[dict]:
                         row.update(splits=splits, win_tile_cost=cost, us=round(ms * 1e3, 2))
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                del inp
+                if not step:
+                    del inp
                 torch.cuda.empty_cache()
     _use_cost(0)
     return rows
@@ -89,7 +91,7 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/split-order.json")
     ap.add_argument("--step", action="store_true", help="with --costs: time decode and store_and_decode")
     ap.add_argument("--costs", default="",
-                    help="window-tile costs to sweep instead of the orders, comma-separated (0: the kernel's own)")
+                    help="window-tile costs to sweep instead of the orders (0: the kernel's own)")
     args = ap.parse_args()
     if args.costs:
         costs = [int(c) for c in args.costs.split(",")]
