@@ -10,7 +10,7 @@
 # and prints old vs new per (shape, batch, context). Results: $OUT/new, $OUT/old (kernels-h100.json each).
 # BUDGET (seconds per benchmark run, default 130) bounds the call. PARTS (default decode) picks the
 # benchmark parts both trees run: decode, step (store_and_decode, what the vLLM backend runs at small
-# batch) and store are compared.
+# batch) and store are compared. SHAPES (default: the benchmark's, qwen3-8b,smollm2) its --shapes.
 set -uo pipefail
 old_tar="${1:?usage: bash benchmarks/ab_decode.sh OLD_TREE.tar}"
 cd "$(dirname "$0")/.."
@@ -18,11 +18,12 @@ root=$(pwd)
 out="${OUT:-/tmp/oscar-ab}"
 budget="${BUDGET:-130}"
 parts="${PARTS:-decode}"
-OUT="$out/new" bash benchmarks/gpu_kernels.sh -- --parts "$parts" --no-sweep --time-budget "$budget" || exit 1
+shapes="${SHAPES:-qwen3-8b,smollm2}"
+OUT="$out/new" bash benchmarks/gpu_kernels.sh -- --parts "$parts" --shapes "$shapes" --no-sweep --time-budget "$budget" || exit 1
 rm -rf /tmp/oscar-ab-old && mkdir -p /tmp/oscar-ab-old && tar -xf "$old_tar" -C /tmp/oscar-ab-old || exit 1
 [ -d .whl ] && cp -r .whl /tmp/oscar-ab-old/
-(cd /tmp/oscar-ab-old && OUT="$out/old" bash benchmarks/gpu_kernels.sh --skip-tests -- --parts "$parts" --no-sweep \
-  --time-budget "$budget") || exit 1
+(cd /tmp/oscar-ab-old && OUT="$out/old" bash benchmarks/gpu_kernels.sh --skip-tests -- --parts "$parts" \
+  --shapes "$shapes" --no-sweep --time-budget "$budget") || exit 1
 # Leave this tree installed again (the old build replaced the editable install).
 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}" \
   python3 -m pip install -q --no-deps --no-build-isolation -e "$root" > "$out/reinstall.log" 2>&1

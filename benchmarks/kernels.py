@@ -319,7 +319,7 @@ def decode_config(fa3, shape, hq, hkv, d, batch, ctx):
     ms, splits = bench_oscar(inp, nb)
     row = dict(shape=shape, batch=batch, ctx=ctx, hq=hq, hkv=hkv, d=d, splits=splits, buffers=nb,
                oscar_ms=ms, oscar_bytes=ob, oscar_tbps=ob / (ms * 1e-3) / 1e12)
-    if batch in (1, 64) and ctx in (4096, 32768, 131072):
+    if batch in (1, 8, 64) and ctx in (4096, 32768, 131072):
         ms_nov, _ = bench_oscar(inp, nb, rot_v=False)
         ms_now, _ = bench_oscar(inp, nb, window=False, rot_v=False)
         row.update(oscar_no_rotv_ms=ms_nov, oscar_no_window_no_rotv_ms=ms_now,

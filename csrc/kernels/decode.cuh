@@ -60,7 +60,11 @@ struct DecodeTraits {
   // SmolLM2 batch 4 one window CTA at 5 cost it 4% at 16K). 0 turns the choice off where it was neither timed
   // nor tested on the GPU: d=256 (Gemma 3's global layers, one CTA per SM; its multi-tile build passed
   // winpasses-d256-g4 on the H100 at cost 6, untimed; at 0 that case runs one window CTA per tile) and more
-  // than 8 query heads per KV head (NT = 2, one CTA per SM; no multi-tile case was run).
+  // than 8 query heads per KV head (NT = 2, one CTA per SM; no multi-tile case was run). With one CTA per SM
+  // the split rule (vllm_oscar.ops.decode_num_splits) fills the wave with INT2 CTAs, so the whole grid is
+  // resident only at short max_model_len (on 132 SMs: never at d=256; at 16 query heads per KV head for batch
+  // 1-3 up to 4K, where cost 6 would keep one CTA per window tile too), so the 0 costs nothing at the rule's
+  // split counts.
   static constexpr int kWinTileCost = D <= 128 && NT == 1 ? 6 : 0;
   static constexpr bool kRInSmem = D <= 128;            // R_V staged in shared memory for the epilogue
   static constexpr int kRBytes = kRInSmem ? D * D * 4 : 0;
