@@ -182,7 +182,7 @@ class Setup:
         self._cal = token_sequences(self.lm.tokenizer, CALIBRATION_SET, 2048, 16)
         self._captures = self._artifact = None
         self._stats = self._per_head = self._imp_v = self._channel = None
-        self._k3_scores = None
+        self._k_scores: dict[int, dict] = {}  # per target key width (k_scores)
 
     @property
     def artifact(self):
@@ -270,39 +270,48 @@ class Setup:
             self._captures = [capture(self.lm.model, self._cal[i]) for i in (3, 11)]
         return self._captures
 
-    def k3_scores(self) -> dict:
+    def k_scores(self, high: int = 3) -> dict:
         """Per layer, the drop of the attention-output proxy error when that layer's keys go from 2 to
-        3 bits (Hadamard, MSE grid, log8 pairs, V 2-bit, 64 + 256 windows), on the two 2048-token
+        ``high`` bits (Hadamard, MSE grid, log8 pairs, V 2-bit, 64 + 256 windows), on the two 2048-token
         calibration captures, queries from position 1024 (:func:`variants.k_bits_sensitivity`).
-        Calibration text only; cached in the work directory."""
-        if self._k3_scores is not None:
-            return self._k3_scores
-        f = self.work / "k3-layer-scores.json"
+        Calibration text only; cached in the work directory as ``k{high}-layer-scores.json``."""
+        if high in self._k_scores:
+            return self._k_scores[high]
+        f = self.work / f"k{high}-layer-scores.json"
         if f.is_file():
-            self._k3_scores = json.loads(f.read_text())
-            return self._k3_scores
+            self._k_scores[high] = json.loads(f.read_text())
+            return self._k_scores[high]
         t0 = time.time()
         q_start, q_stride = 1024, 4
         rec = V.k_bits_sensitivity(self.captures(), self.orthogonal("hadamard"),
                                    V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8), o_proj_weights(self.lm.model),
-                                   self.info.head_dim ** -0.5, q_start=q_start, q_stride=q_stride)
-        self._k3_scores = {
+                                   self.info.head_dim ** -0.5, low=2, high=high, q_start=q_start,
+                                   q_stride=q_stride)
+        self._k_scores[high] = {
             "data": f"{CALIBRATION_SET}, calibration sequences 3 and 11 (2 x 2048 tokens)",
             "proxy": f"layer_proxy_error summed over the 2 captures, every {q_stride}th query from {q_start}; "
                      "Hadamard, MSE grid, log8_i8 pairs, V 2-bit, 64 + 256 windows",
-            "proxy_k2": [r["low"] for r in rec], "proxy_k3": [r["high"] for r in rec],
+            "proxy_k2": [r["low"] for r in rec], f"proxy_k{high}": [r["high"] for r in rec],
             "drop": [r["drop"] for r in rec], "seconds": round(time.time() - t0, 1)}
-        f.write_text(json.dumps(self._k3_scores, indent=2) + "\n")
-        return self._k3_scores
+        f.write_text(json.dumps(self._k_scores[high], indent=2) + "\n")
+        return self._k_scores[high]
 
-    def k3_layers(self, rule: str, n: int) -> tuple[int, ...]:
-        """``n`` layers for 3-bit keys: ``top`` = the largest :meth:`k3_scores` drops, ``even`` = evenly
-        spaced (the naive control, no data)."""
+    def k3_scores(self) -> dict:
+        """:meth:`k_scores` for 3-bit keys (``k3-layer-scores.json``)."""
+        return self.k_scores(3)
+
+    def k_layers(self, rule: str, n: int, high: int = 3) -> tuple[int, ...]:
+        """``n`` layers for ``high``-bit keys: ``top`` = the largest :meth:`k_scores` drops from 2 to
+        ``high`` bits, ``even`` = evenly spaced (the naive control, no data)."""
         if rule == "top":
-            return V.top_layers(self.k3_scores()["drop"], n)
+            return V.top_layers(self.k_scores(high)["drop"], n)
         if rule == "even":
             return V.even_layers(self.info.num_layers, n)
         raise ValueError(rule)
+
+    def k3_layers(self, rule: str, n: int) -> tuple[int, ...]:
+        """:meth:`k_layers` for 3-bit keys."""
+        return self.k_layers(rule, n, 3)
 
     # transforms ------------------------------------------------------------------------------------
     def orthogonal(self, which: str) -> list[V.LayerTransform]:
@@ -419,9 +428,9 @@ def variant_registry() -> dict[str, dict]:
     def log8_bits(kb, vb):  # a different split of the code bits between K and V
         return lambda s: V.AttentionVariant(k=replace(MSE_LOG8, bits=kb), v=replace(MSE_LOG8, bits=vb))
 
-    def log8_k3(rule, n):  # 3-bit K in n layers (k3_layers), 2-bit K elsewhere, 2-bit V; log8 pairs
-        return lambda s: V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8,
-                                            k_bits=V.layer_bits(s.info.num_layers, s.k3_layers(rule, n)))
+    def log8_k3(rule, n, high=3):  # high-bit K in n layers (k_layers), 2-bit K elsewhere, 2-bit V; log8 pairs
+        return lambda s: V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8, k_bits=V.layer_bits(
+            s.info.num_layers, s.k_layers(rule, n, high), high=high))
 
     def log8_r512(s):
         return V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8, recent=512)
@@ -521,6 +530,15 @@ def variant_registry() -> dict[str, dict]:
                                           orth("hadamard"), log8_k3("top", 4)),
         "hadamard_mse_log8_k3top8": entry("as hadamard_mse_log8_k3top6 with the 8 top layers (2.516 bits at 32K: "
                                           "over budget)", orth("hadamard"), log8_k3("top", 8)),
+        # 4-bit (nibble) keys in fewer layers at the same bits: 4-bit K in 3 layers costs what 3-bit K in 6
+        # does. Layers ranked by the proxy drop from 2- to 4-bit keys (Setup.k_scores(4)), calibration only.
+        "hadamard_mse_log8_k4top3": entry(
+            "hadamard_mse_log8 with 4-bit K in the 3 layers whose calibration proxy error drops most from "
+            "2- to 4-bit keys (Setup.k_scores(4); layers in config.k_bits), 2-bit K elsewhere (2.483 bits "
+            "at 32K, as k3top6)", orth("hadamard"), log8_k3("top", 3, 4)),
+        "hadamard_mse_log8_k4top2": entry(
+            "as hadamard_mse_log8_k4top3 with the 2 top layers (2.450 bits at 32K, as k3top4)",
+            orth("hadamard"), log8_k3("top", 2, 4)),
         "hadamard_mse_log8_r512": entry("(5) data-free: hadamard_mse_log8 with the saved bits spent on a "
                                         "512-token recent window", orth("hadamard"), log8_r512),
         # Per-channel key groups (KIVI, arXiv 2402.02750): K quantized per channel over 128 (64, 256, 32)
@@ -659,9 +677,10 @@ def run_sweep(args) -> dict:
         else:
             r["bits_per_element"] = {f"at_{c}": 16.0 for c in (2048, 4096, 32768)}
         if var is not None and var.k_bits is not None:
-            r["k3_layers"] = [i for i, b in enumerate(var.k_bits) if b == 3]
-            if setup._k3_scores is not None:
-                results["k3_layer_scores"] = setup._k3_scores
+            for w in sorted(set(var.k_bits) - {var.k.bits}):  # the wider-key layers and their scores
+                r[f"k{w}_layers"] = [i for i, b in enumerate(var.k_bits) if b == w]
+                if w in setup._k_scores:
+                    results[f"k{w}_layer_scores"] = setup._k_scores[w]
         if tr is not None and any(t.k_mean is not None or t.v_mean is not None for t in tr):
             r["centered_layers"] = {"k": [i for i, t in enumerate(tr) if t.k_mean is not None],
                                     "v": [i for i, t in enumerate(tr) if t.v_mean is not None]}

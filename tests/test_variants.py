@@ -1017,3 +1017,75 @@ def test_per_layer_k_bits_reach_the_attention_of_their_layer(monkeypatch):
                                  q_start=16, q_stride=4) for b in (2, 3)]
         assert sc[i] == pytest.approx({"low": e[0], "high": e[1], "drop": e[0] - e[1]})
         assert sc[i]["drop"] > 0  # a third key bit lowers the proxy error
+
+
+def test_four_bit_key_layers_cost_what_twice_as_many_three_bit_layers_cost():
+    """4-bit keys add 2 bits per K element, 3-bit keys 1: k4top3 stores what k3top6 does, k4top2 what k3top4
+    does, at every context (head_dim 64, 30 layers), and the mixed variant reaches its 4-bit layers."""
+    log8 = V.QuantSpec("mse", params="log8_i8")
+    plain = V.AttentionVariant(k=log8, v=log8)
+    k4v2 = V.AttentionVariant(k=replace(log8, bits=4), v=log8)
+    for ctx in (2048, 4096, 32768):
+        for n4, n3 in ((3, 6), (2, 4)):
+            k4 = V.AttentionVariant(k=log8, v=log8, k_bits=V.layer_bits(30, range(n4), high=4))
+            k3 = V.AttentionVariant(k=log8, v=log8, k_bits=V.layer_bits(30, range(n3)))
+            assert k4.bits(64, ctx, 30) == pytest.approx(k3.bits(64, ctx, 30), rel=1e-12)
+            mean = ((30 - n4) * plain.bits(64, ctx) + n4 * k4v2.bits(64, ctx)) / 30
+            assert k4.bits(64, ctx) == pytest.approx(mean)
+    k4top3 = V.AttentionVariant(k=log8, v=log8, k_bits=V.layer_bits(30, (3, 18, 20), high=4))
+    assert k4top3.bits(64, 32768) == pytest.approx(2.4833, abs=1e-4) and k4top3.bits(64, 32768) <= 2.5
+    assert k4top3.specs(18)[0] == replace(log8, bits=4) and k4top3.specs(0)[0] == log8
+    # the 2 -> 4 score is the proxy's drop to 4-bit keys, larger than the drop to 3-bit keys
+    q, k, v = qkv(t=48)
+    had = ref.hadamard(16, torch.float32)
+    tr = [V.LayerTransform.orthogonal(had, had, 2)]
+    w_o = torch.randn(32, 96, generator=torch.Generator().manual_seed(1))
+    base = V.AttentionVariant(k=log8, v=log8, sink=4, recent=8)
+    sc3, sc4 = (V.k_bits_sensitivity([[(q, k, v)]], tr, base, [w_o], 0.25, high=h, q_start=16)[0]
+                for h in (3, 4))
+    e = [V.layer_proxy_error(q, k, v, tr[0], replace(log8, bits=b), log8, w_o, 0.25, sink=4, recent=8,
+                             q_start=16, q_stride=4) for b in (2, 4)]
+    assert sc4 == pytest.approx({"low": e[0], "high": e[1], "drop": e[0] - e[1]})
+    assert sc4["low"] == sc3["low"] and sc4["drop"] > sc3["drop"] > 0
+
+
+def test_k4top3_takes_its_layers_from_the_2_to_4_bit_calibration_scores(tmp_path, monkeypatch):
+    """The registry's k4 variants rank layers by Setup.k_scores(4) (cached apart from the 3-bit scores, in
+    k4-layer-scores.json); the k3 variants keep Setup.k_scores(3). No model: the sensitivity is stubbed."""
+    from types import SimpleNamespace
+
+    from vllm_oscar.calibrate import experiments as E
+
+    drops = {3: [0.0] * 30, 4: [0.0] * 30}
+    for rank, i in enumerate((18, 20, 3, 8, 23, 7)):  # the 3-bit ranking of docs/accuracy.md
+        drops[3][i] = 0.2 - 0.01 * rank
+    for rank, i in enumerate((5, 29, 11, 18)):  # a different 4-bit ranking, so that a mix-up shows
+        drops[4][i] = 0.3 - 0.01 * rank
+    calls = []
+
+    def fake_sensitivity(captures, transforms, base, w_os, scale, *, low=2, high=3, q_start=1024, q_stride=4):
+        calls.append((low, high, q_start, q_stride, base.k.bits, base.v.bits))
+        return [{"low": 1.0, "high": 1.0 - d, "drop": d} for d in drops[high]]
+
+    monkeypatch.setattr(E.V, "k_bits_sensitivity", fake_sensitivity)
+    monkeypatch.setattr(E, "o_proj_weights", lambda model: [None] * 30)
+    s = object.__new__(E.Setup)  # no model, no calibration text: only what k_scores reads
+    s.work, s.info, s.lm, s._captures, s._k_scores = tmp_path, SimpleNamespace(num_layers=30, head_dim=64), \
+        SimpleNamespace(model=None), [], {}
+    monkeypatch.setattr(s, "orthogonal", lambda which: [None] * 30)
+    reg = E.variant_registry()
+    k4top3 = reg["hadamard_mse_log8_k4top3"]["variant"](s)
+    assert k4top3.k_bits == V.layer_bits(30, (5, 11, 29), high=4)
+    assert calls == [(2, 4, 1024, 4, 2, 2)]
+    assert reg["hadamard_mse_log8_k4top2"]["variant"](s).k_bits == V.layer_bits(30, (5, 29), high=4)
+    k3top6 = reg["hadamard_mse_log8_k3top6"]["variant"](s)
+    assert k3top6.k_bits == V.layer_bits(30, (3, 7, 8, 18, 20, 23))
+    assert calls == [(2, 4, 1024, 4, 2, 2), (2, 3, 1024, 4, 2, 2)]  # each width scored once
+    saved = json.loads((tmp_path / "k4-layer-scores.json").read_text())
+    assert saved["drop"] == drops[4] and "proxy_k4" in saved and "proxy_k3" not in saved
+    assert json.loads((tmp_path / "k3-layer-scores.json").read_text())["drop"] == drops[3]
+    s._k_scores = {}  # a new Setup reads the cache instead of scoring again
+    assert s.k_layers("top", 3, 4) == (5, 11, 29) and s.k3_layers("top", 6) == (3, 7, 8, 18, 20, 23)
+    assert len(calls) == 2
+    assert k4top3.bits(64, 32768, 30) == pytest.approx(k3top6.bits(64, 32768, 30), rel=1e-12)
+    assert k4top3.bits(64, 32768, 30) <= 2.5
