@@ -353,7 +353,12 @@ SPLIT_SWEEP = (
     ("smollm2", 64, 32768, (1, 2, 3, 4)),
     # --shapes gemma3-12b: head_dim 256, one CTA per SM
     ("gemma3-12b", 1, 4096, (4, 8, 11, 13, 16, 20, 24, 28)),
+    ("gemma3-12b", 1, 8192, (8, 11, 13, 16)),
+    ("gemma3-12b", 1, 16384, (8, 11, 13, 16)),
     ("gemma3-12b", 1, 32768, (8, 11, 13, 16, 20, 24, 28, 33)),
+    ("gemma3-12b", 2, 4096, (3, 4, 6, 8)),
+    ("gemma3-12b", 2, 16384, (3, 4, 6, 8)),
+    ("gemma3-12b", 2, 32768, (3, 4, 6, 8)),
     ("gemma3-12b", 1, 131072, (11, 13, 16, 20, 24, 28, 33)),
     ("gemma3-12b", 8, 32768, (1, 2, 3, 4, 6)),
     ("gemma3-12b", 64, 32768, (1, 2)),
@@ -473,11 +478,12 @@ def run_params(quick: bool, budget: Budget):
     return rows
 
 
-def step_config(shape, hq, hkv, d, batch, ctx):
+def step_config(shape, hq, hkv, d, batch, ctx, num_splits=None):
+    """decode, store then decode, and store_and_decode at one configuration (``num_splits`` None: the rule's)."""
     nb = n_buffers(oscar_bytes(batch, hq, hkv, d, ctx))
     inp = OscarInputs(batch, hq, hkv, d, ctx, nb)
     inp.add_newest_tokens()
-    ws = ops.make_decode_workspace(batch, hq, hkv, d, ctx, sink=SINK, recent=RECENT)
+    ws = ops.make_decode_workspace(batch, hq, hkv, d, ctx, sink=SINK, recent=RECENT, num_splits=num_splits)
 
     def decode(i):
         inp.call(ws, i, rot_v=False)

@@ -220,10 +220,22 @@ def test_decode_split_rule_counts_the_ctas_an_sm_holds():
     at head_dim 256 had put batch 1 in two waves of CTAs (docs/kernels.md, *Head_dim 256*)."""
     assert [ops.decode_ctas_per_sm(d, 8 * g, 8) for d, g in ((64, 4), (64, 16), (128, 8), (128, 16), (256, 1), (256, 4))] \
         == [2, 1, 2, 1, 1, 1]
-    split = lambda b, hq, d, ctx=131072: ops.decode_num_splits(b, hq, 8, d, ctx, sink=64, recent=256, num_sms=132)
+    split = lambda b, hq, d, ctx=131072, hkv=8: ops.decode_num_splits(b, hq, hkv, d, ctx, sink=64, recent=256,
+                                                                       num_sms=132)
     assert [split(b, 16, 256) for b in (1, 8, 64)] == [16, 2, 1]  # 16 x 8 = 128 and 2 x 64 = 128 INT2 CTAs <= 132
     assert [split(b, 32, 128) for b in (1, 8, 64)] == [30, 4, 1]  # unchanged: 2 slots per SM
-    assert split(1, 128, 128) == 16  # 16 query heads per KV head: one slot per SM, as at head_dim 256
+    # One slot per SM: the resident grid (its window CTAs included) while its INT2 CTAs take at most
+    # _RESIDENT_EXTRA_TILES = 8 more tiles each than with the wave filled by INT2 CTAs. Gemma 3 12B at batch 1:
+    # 11 splits (11 x 8 INT2 + 5 x 8 window CTAs = 128) up to 32K (24 against 16 tiles per CTA), 16 from 64K
+    # (47 against 32); batch 2: 3 splits at 4K (10 against 4 tiles), 8 from 8K (21 against 8).
+    assert [split(1, 16, 256, ctx) for ctx in (4096, 32768, 65536, 131072)] == [11, 11, 16, 16]
+    assert [split(2, 16, 256, ctx) for ctx in (4096, 8192, 32768)] == [3, 8, 8]
+    # 16 query heads per KV head (d=128, 256-token tiles): 64 / 4 heads at batch 1 30 splits (33 filling the
+    # wave) at every length from 8K; 128 / 8 at batch 1 13 (16) up to 128K, where it is exactly 8 tiles more.
+    assert [split(1, 64, 128, ctx, hkv=4) for ctx in (4096, 32768, 131072)] == [15, 30, 30]
+    assert [split(2, 64, 128, ctx, hkv=4) for ctx in (4096, 131072)] == [13, 13]
+    assert split(1, 128, 128) == 13
+    assert split(4, 128, 128) == 4  # resident: 132 // 32 - 3 = 1 INT2 split per item, 511 tiles against 128
     assert ops.store_overlaps_decode(8, 8, 2, 132, head_dim=256, num_q_heads=16)
     assert not ops.store_overlaps_decode(8, 8, 4, 132, head_dim=256, num_q_heads=16)
     with pytest.raises(RuntimeError, match="unsupported head_dim 96"):

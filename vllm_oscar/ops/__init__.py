@@ -201,6 +201,20 @@ def decode_ctas_per_sm(head_dim: int, num_q_heads: int, num_kv_heads: int) -> in
     return int(_ops().decode_ctas_per_sm(head_dim, max(num_q_heads // max(num_kv_heads, 1), 1)))
 
 
+# One CTA per SM (decode_ctas_per_sm 1): decode_num_splits keeps the whole grid resident while that costs
+# each INT2 CTA at most this many more tiles than filling the wave with INT2 CTAs (whose window CTAs then
+# run in a second wave). Measured on the H100, no R_V (benchmarks/results/kernels-h100.json,
+# decode_steps.one_cta_per_sm_*): Gemma 3 12B's global layers at batch 1, resident 11 against 16 splits,
+# 17.1 / 20.1 / 25.7 / 37.7 / 103.0 us against 24.2 / 26.0 / 30.4 / 38.0 / 82.0 at 4K / 8K / 16K / 32K /
+# 128K (3 / 6 / 12 / 24 / 93 tiles per CTA against 2 / 4 / 8 / 16 / 64);
+# store_and_decode 39.8 against 44.1 us at 32K; batch 2 (3 against 8) 23.6 against 25.8 us at 4K (6 more
+# tiles), 54.9 against 37.1 at 16K (26 more); 16 query heads per KV head (64 / 4, d=128), batch 1 (30 against
+# 33) 27.4 against 34.0 us at 32K and 43.8 against 49.3 at 128K (2 more tiles), batch 2 (13 against 16)
+# 30.1 against 36.3 at 32K. At exactly 8 more tiles, 128 query / 8 KV heads at batch 1 and 128K took 69.0 us
+# resident against 66.0 (13 against 16 splits), the one measured loss.
+_RESIDENT_EXTRA_TILES = 8
+
+
 def decode_num_splits(
     batch: int,
     num_q_heads: int,
@@ -223,8 +237,11 @@ def decode_num_splits(
     Otherwise (medium batch) the INT2 splits alone fill one wave, ``slots // items`` of them per
     (sequence, KV head), and the short window splits run after them; a second, mostly empty wave of
     long INT2 CTAs costs a whole CTA length. Only when one wave cannot be nearly filled that way (items
-    between half and all of the slots) does it take two splits per item. At least one pipeline tile
-    (256 tokens, 128 at d=256) per split. In a resident grid the kernel may hand window splits to the INT2
+    between half and all of the slots) does it take two splits per item. With one CTA per SM (head_dim
+    256, more than 8 query heads per KV head) a resident grid always has fewer INT2 CTAs than SMs; there it
+    is kept while its INT2 CTAs take at most ``_RESIDENT_EXTRA_TILES`` more tiles each than with the wave
+    filled (short contexts, few items): the second wave of window CTAs costs about that much. At least one
+    pipeline tile (256 tokens, 128 at d=256) per split. In a resident grid the kernel may hand window splits to the INT2
     tiles at run time (``csrc/kernels/window_ctas.h``; ``torch.ops.oscar.decode_window_ctas`` gives the count), so the
     window splits counted here are slots, not a fixed division of work.
 
@@ -234,21 +251,28 @@ def decode_num_splits(
     batch 64 (192 items): 2 splits 142 us, 1 split 168 us. Head_dim 256 (Gemma 3 12B's global layers, 16
     query / 8 KV heads, one CTA per SM; ``--shapes gemma3-12b``, same day): counted with two slots per SM,
     batch 1 took 28 splits, two waves (25.7 / 42.5 / 94.1 us at 4K / 32K / 128K); with the one real slot,
-    16 (24.0 / 38.0 / 81.4 us); batch 8: 4 -> 2 splits, 166.5 -> 153.5 us. Fewer still were faster at
-    batch 1 and short context (11 splits: 17.1 us at 4K; 13: 35.0 us at 32K), not adopted: the count is
-    fixed by max_model_len, and 16 was the best at 128K.
+    16 (24.0 / 38.0 / 81.4 us); batch 8: 4 -> 2 splits, 166.5 -> 153.5 us. Fewer were faster at batch 1
+    and short context (11 splits, the resident grid: 17.1 us at 4K; 13: 35.0 us at 32K), but 16 was the
+    best at 128K: since 2026-11-25 the resident count is taken up to ``_RESIDENT_EXTRA_TILES`` more tiles
+    per CTA (11 up to a max_seq_len of 32K), with the measurements next to that constant.
     """
     if num_sms is None:
         num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     tiles = max(1, -(-max(max_seq_len - ((sink + recent) if window else 0), 1) // _TILE[head_dim]))
     items = max(1, batch * num_kv_heads)
-    slots = decode_ctas_per_sm(head_dim, num_q_heads, num_kv_heads) * num_sms
+    per_sm = decode_ctas_per_sm(head_dim, num_q_heads, num_kv_heads)
+    slots = per_sm * num_sms
     s_win = _window_splits(head_dim, sink, recent, window)
-    s = slots // items - s_win
+    resident = slots // items - s_win  # INT2 splits of a grid resident at once, window CTAs included
+    s = resident
     if s * items < num_sms:  # too few INT2 CTAs to keep every SM streaming: INT2 fills one wave
         s = slots // items
         if s * items < slots * 9 // 10:  # more than a tenth of the wave idle (or items > slots)
             s = -(-slots // items)
+        # the most INT2 tiles one CTA takes with `resident` against `s` splits
+        if per_sm == 1 and resident >= 1 and (
+                -(-tiles // min(resident, tiles)) - -(-tiles // min(s, tiles)) <= _RESIDENT_EXTRA_TILES):
+            s = resident
     group = num_q_heads // num_kv_heads
     cap = int(_ops().decode_max_split_heads(head_dim, group)) // group - s_win
     return max(1, min(s, tiles, cap))
