@@ -57,15 +57,14 @@ struct DecodeTraits {
   // per window tile, same call): Qwen3-8B batch 2 at 16K (63 INT2 tiles, 13 + 3 CTAs per item) took one
   // window CTA at 5, 4.2% slower than one CTA per window tile, and two at 6 and 7 (+0.6%); every other
   // configuration's time agreed within 3% at 5, 6 and 7. d=64 takes the same (the earlier rule that gave
-  // SmolLM2 batch 4 one window CTA at 5 cost it 4% at 16K). 0 turns the choice off where it was neither timed
-  // nor tested on the GPU: d=256 (Gemma 3's global layers, one CTA per SM; its multi-tile build passed
-  // winpasses-d256-g4 on the H100 at cost 6, untimed; at 0 that case runs one window CTA per tile) and more
-  // than 8 query heads per KV head (NT = 2, one CTA per SM; no multi-tile case was run). With one CTA per SM
-  // the split rule (vllm_oscar.ops.decode_num_splits) fills the wave with INT2 CTAs, so the whole grid is
-  // resident only at short max_model_len (on 132 SMs: never at d=256; at 16 query heads per KV head for batch
-  // 1-3 up to 4K, where cost 6 would keep one CTA per window tile too), so the 0 costs nothing at the rule's
-  // split counts.
-  static constexpr int kWinTileCost = D <= 128 && NT == 1 ? 6 : 0;
+  // SmolLM2 batch 4 one window CTA at 5 cost it 4% at 16K). d=256 (Gemma 3's global layers, one CTA per SM,
+  // resident grids since decode_num_splits keeps them at short contexts) takes 8: with the Gemma 3 12B shape
+  // (16 / 8 heads, 11 INT2 + 5 window splits at batch 1, 3 + 5 at batch 2; the same call, no R_V) cost 8 against
+  // one CTA per window tile gave batch 1 17.0 / 19.6 / 23.2 / 31.3 us against 17.1-17.3 / 20.3 / 25.8 / 37.8-38.0
+  // at 4K / 8K / 16K / 32K and batch 2 19.9 against 23.7 at 4K, while 4 and 6 cost 2% at 8K and 6% at 16K
+  // (27.5 us: one window CTA of 5 tiles). 0 keeps the choice off for more than 8 query heads per KV head
+  // (NT = 2, one CTA per SM): no multi-tile case was run or timed there.
+  static constexpr int kWinTileCost = NT != 1 ? 0 : D <= 128 ? 6 : 8;
   static constexpr bool kRInSmem = D <= 128;            // R_V staged in shared memory for the epilogue
   static constexpr int kRBytes = kRInSmem ? D * D * 4 : 0;
   static constexpr int kGP = 8 * NT;  // query heads padded to the MMA n dimension

@@ -117,10 +117,9 @@ CASES += [
 # Window CTAs that take several window tiles in turn (csrc/kernels/window_ctas.h: in a grid resident at
 # once with few INT2 splits, fewer window CTAs leave more CTAs for the INT2 tiles). Few INT2 splits make the
 # trade at short contexts: 3 window CTAs for 5 tiles (2, 2 and 1) at d=128, one for 3 at d=64, while the
-# shorter sequences of each keep one CTA per tile. At d=256 the choice is off (DecodeTraits::kWinTileCost 0):
-# winpasses-d256-g4 ran 2 window CTAs for 5 tiles of 64 rows at cost 6 (H100, 2026-11-25) and now checks the
-# one-tile path with few INT2 splits. ctx4097-g4-1split (one window CTA, 3 INT2 CTAs) and store_and_decode's
-# b4-ctx33000-g4-winpasses and u8-r512-b3-g4 (the newest row in a later tile) take them too.
+# shorter sequences of each keep one CTA per tile. At d=256 (DecodeTraits::kWinTileCost 8) winpasses-d256-g4
+# runs 2 window CTAs for 5 tiles of 64 rows (3 and 2). ctx4097-g4-1split (one window CTA, 3 INT2 CTAs) and
+# store_and_decode's b4-ctx33000-g4-winpasses and u8-r512-b3-g4 (the newest row in a later tile) take them too.
 CASES += [
     ("winpasses-r512-g4", dict(batch=2, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
                                seq_lens=_lens(4097, 700), **R512), 2),
