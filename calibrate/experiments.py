@@ -163,6 +163,7 @@ def perplexity(model, sequences: torch.Tensor, attention_fn) -> tuple[float, flo
 
 MSE = V.QuantSpec("mse", 0.0, "fp16")
 MSE_LOG8 = V.QuantSpec("mse", 0.0, "log8_i8")
+MSE_U8 = V.QuantSpec("mse", 0.0, "u8")  # the served u8 pair; 2-bit rows get the store kernel's own fit
 MINMAX = V.QuantSpec("minmax", 0.0, "fp16")  # KIVI's quantizer: min-max, no clipping, fp16 scale + zero
 PAPER = V.AttentionVariant()  # minmax, clip 0.96/0.92, fp16 scale+offset, 64+256 windows
 
@@ -432,6 +433,13 @@ def variant_registry() -> dict[str, dict]:
         return lambda s: V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8, k_bits=V.layer_bits(
             s.info.num_layers, s.k_layers(rule, n, high), high=high))
 
+    def u8(s):
+        return V.AttentionVariant(k=MSE_U8, v=MSE_U8)
+
+    def u8_k3(rule, n, high=3):  # as log8_k3 with the served u8 pairs (the wider K layers keep the u8 pair)
+        return lambda s: V.AttentionVariant(k=MSE_U8, v=MSE_U8, k_bits=V.layer_bits(
+            s.info.num_layers, s.k_layers(rule, n, high), high=high))
+
     def log8_r512(s):
         return V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8, recent=512)
 
@@ -539,6 +547,14 @@ def variant_registry() -> dict[str, dict]:
         "hadamard_mse_log8_k4top2": entry(
             "as hadamard_mse_log8_k4top3 with the 2 top layers (2.450 bits at 32K, as k3top4)",
             orth("hadamard"), log8_k3("top", 2, 4)),
+        # The served 2-byte pair (params="u8", reference.round_params_u8) instead of log8_i8: 2-bit rows use
+        # the store kernel's fit (reference.quantize_int2_mse), i.e. the eval method hadamard_mse_u8.
+        "hadamard_mse_u8": entry("the served hadamard_mse_u8 as a variant: Hadamard + the store kernel's MSE grid, "
+                                 "u8 (scale, offset) pairs (16 bits/row), 2-bit K and V, 64+256 windows "
+                                 "(2.384 bits at 32K)", orth("hadamard"), u8),
+        "hadamard_mse_u8_k3top6": entry("hadamard_mse_u8 with 3-bit K in hadamard_mse_log8_k3top6's 6 layers "
+                                        "(Setup.k_layers('top', 6, 3)); the 3-bit rows keep the u8 pair "
+                                        "(2.483 bits at 32K)", orth("hadamard"), u8_k3("top", 6)),
         "hadamard_mse_log8_r512": entry("(5) data-free: hadamard_mse_log8 with the saved bits spent on a "
                                         "512-token recent window", orth("hadamard"), log8_r512),
         # Per-channel key groups (KIVI, arXiv 2402.02750): K quantized per channel over 128 (64, 256, 32)

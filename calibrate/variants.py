@@ -23,8 +23,12 @@ module reuses its pieces (Hadamard, clipping, the mixed-window attention) and ad
 * **Per-row parameter formats** (what one row's ``(scale, offset)`` costs in the cache):
   ``fp16`` (32 bits, the reference), ``bf16`` (32), ``fp16_i8`` (fp16 scale + 8-bit offset in units
   of the scale: 24), ``log8_i8`` (8-bit log2 scale + 8-bit offset: 16), ``log8_sym`` (8-bit log2
-  scale, offset fixed at ``-1.5 scale``: 8). Codes are always computed against the *stored* (rounded)
-  parameters, as a store kernel would.
+  scale, offset fixed at ``-1.5 scale``: 8), ``u8`` (the served 2-byte pair, ``params="u8"`` of the
+  kernels: :func:`vllm_oscar.ops.reference.round_params_u8`: 16). Codes are always computed against the
+  *stored* (rounded) parameters, as a store kernel would. A 2-bit ``mse`` row with ``u8`` pairs (no
+  clip, no weighting, per token) is the store kernel's own fit, :func:`vllm_oscar.ops.reference.quantize_int2_mse`
+  (2 starts, kernel summation order), so it is exactly what the served cache stores; other widths with
+  ``u8`` use this module's ``mse`` fit with the pair rounded by ``round_params_u8``.
 
 * **Per-channel token groups** (``QuantSpec.token_group``, KIVI's key layout): one pair per channel
   and G consecutive token positions (aligned at the sink) instead of one per token row; the same row
@@ -69,9 +73,10 @@ MSE_INIT_RANGE_FRACTIONS = (1.0, 0.8, 0.6, 0.45)  # starting grids of the "mse" 
 OFFSET_I8_STEPS = 16  # int8 offset: offset = scale * (m/16 - 1.5), m in -128..127 (+-8 scale units)
 
 Levels = Literal["minmax", "lm", "mse"]
-ParamFormat = Literal["fp32", "fp16", "bf16", "fp16_i8", "log8_i8", "log8_sym"]
+ParamFormat = Literal["fp32", "fp16", "bf16", "fp16_i8", "log8_i8", "log8_sym", "u8"]
 
-PARAM_BITS: dict[str, int] = {"fp32": 64, "fp16": 32, "bf16": 32, "fp16_i8": 24, "log8_i8": 16, "log8_sym": 8}
+PARAM_BITS: dict[str, int] = {"fp32": 64, "fp16": 32, "bf16": 32, "fp16_i8": 24, "log8_i8": 16, "log8_sym": 8,
+                              "u8": 16}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,6 +146,8 @@ def _round_scale(s: torch.Tensor, fmt: str) -> torch.Tensor:
 
 def round_params(scale: torch.Tensor, offset: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Round a per-row ``(scale, offset)`` to what format ``fmt`` stores; returns fp32 tensors."""
+    if fmt == "u8":  # the kernels' 2-byte pair, exactly as the reference (and the store kernel) rounds it
+        return ref.round_params_u8(scale.float(), offset.float())
     s = _round_scale(scale.float(), fmt)
     o = offset.float()
     if fmt == "fp16":
@@ -253,6 +260,10 @@ def quantize_rows_variant(x: torch.Tensor, spec: QuantSpec, weights: torch.Tenso
     weight); only the line fit (and with ``"fit_select"`` the starts and the choice) are weighted.
     """
     x = ref.clip_rows(x.float(), spec.clip)
+    if (spec.params == "u8" and spec.levels == "mse" and spec.bits == 2 and spec.clip == 0.0
+            and spec.weighting == "none"):  # the served store's fit (2 starts, kernel order), bit for bit
+        c, s, o = ref.quantize_int2_mse(x, params="u8")
+        return c, s, o
     w = None
     if spec.weighting != "none":
         if spec.levels != "mse":

@@ -45,7 +45,7 @@ def test_log8_scale_and_int8_offset_grids():
     assert torch.allclose(osym, -1.5 * rs)
 
 
-@pytest.mark.parametrize("fmt", ["fp16", "bf16", "fp16_i8", "log8_i8", "log8_sym"])
+@pytest.mark.parametrize("fmt", ["fp16", "bf16", "fp16_i8", "log8_i8", "log8_sym", "u8"])
 def test_codes_are_nearest_levels_of_the_stored_parameters(fmt):
     x = rows(heavy=True)
     for levels in ("minmax", "mse"):
@@ -1089,3 +1089,60 @@ def test_k4top3_takes_its_layers_from_the_2_to_4_bit_calibration_scores(tmp_path
     assert len(calls) == 2
     assert k4top3.bits(64, 32768, 30) == pytest.approx(k3top6.bits(64, 32768, 30), rel=1e-12)
     assert k4top3.bits(64, 32768, 30) <= 2.5
+
+
+# ---- the served u8 pair (params="u8") -----------------------------------------------------------------
+
+
+def test_u8_pairs_are_the_served_store_exactly():
+    """QuantSpec("mse", 0.0, "u8") is the kernels' u8 store (reference.quantize_int2_mse(params="u8")) bit
+    for bit, codes, pair and dequantized rows; other widths round their pair with reference.round_params_u8;
+    the pair costs what log8_i8's does."""
+    spec = V.QuantSpec("mse", 0.0, "u8")
+    for x in (rows(heavy=True), rows(n=48, d=128, seed=1), rows(seed=2).reshape(4, 4, 4, 64)):
+        c, s, o = V.quantize_rows_variant(x, spec)
+        rc, rs, ro = ref.quantize_int2_mse(x, params="u8")
+        assert torch.equal(c, rc) and torch.equal(s, rs) and torch.equal(o, ro)
+        assert torch.equal(V.fake_quantize_variant(x, spec), ref.dequantize_int2(rc, rs, ro))
+        assert ref.encode_params(s, o, "u8").dtype == torch.uint8  # on the u8 grid
+    s0, o0 = torch.rand(200) * 3 + 1e-3, torch.randn(200) * 2
+    assert all(torch.equal(a, b) for a, b in zip(V.round_params(s0, o0, "u8"), ref.round_params_u8(s0, o0)))
+    x = rows(n=200, heavy=True)
+    c3, s3, o3 = V.quantize_rows_variant(x, replace(spec, bits=3))
+    assert int(c3.max()) == 7 and torch.equal((s3, o3)[0], ref.round_params_u8(s3, o3)[0])
+    assert torch.equal(o3, ref.round_params_u8(s3, o3)[1])
+    err2 = float(((V.fake_quantize_variant(x, spec) - x) ** 2).mean())
+    err3 = float(((c3.float() * s3[:, None] + o3[:, None] - x) ** 2).mean())
+    assert err3 < err2 / 2.5
+    log8 = V.QuantSpec("mse", 0.0, "log8_i8")
+    assert spec.bits_per_row_params() == log8.bits_per_row_params() == 16
+    for ctx in (2048, 4096, 32768):
+        assert V.AttentionVariant(k=spec, v=spec).bits(64, ctx) == V.AttentionVariant(k=log8, v=log8).bits(64, ctx)
+    assert V.AttentionVariant(k=spec, v=spec).bits(64, 32768) == pytest.approx(2.384, abs=5e-4)
+
+
+def test_u8_k3top6_is_k3top6_with_u8_pairs(tmp_path, monkeypatch):
+    """hadamard_mse_u8_k3top6: the layers of hadamard_mse_log8_k3top6 (Setup.k_layers('top', 6, 3)), u8
+    pairs on both sides; hadamard_mse_u8 is the same with 2-bit K everywhere. Sensitivity stubbed."""
+    from types import SimpleNamespace
+
+    from vllm_oscar.calibrate import experiments as E
+
+    drops = [0.0] * 30
+    for rank, i in enumerate((18, 20, 3, 8, 23, 7)):
+        drops[i] = 0.2 - 0.01 * rank
+    monkeypatch.setattr(E.V, "k_bits_sensitivity", lambda *a, high=3, **k: [
+        {"low": 1.0, "high": 1.0 - d, "drop": d} for d in drops])
+    monkeypatch.setattr(E, "o_proj_weights", lambda model: [None] * 30)
+    s = object.__new__(E.Setup)
+    s.work, s.info, s.lm, s._captures, s._k_scores = tmp_path, SimpleNamespace(num_layers=30, head_dim=64), \
+        SimpleNamespace(model=None), [], {}
+    monkeypatch.setattr(s, "orthogonal", lambda which: [None] * 30)
+    reg = E.variant_registry()
+    u8 = V.QuantSpec("mse", 0.0, "u8")
+    k3u8, k3log8 = reg["hadamard_mse_u8_k3top6"]["variant"](s), reg["hadamard_mse_log8_k3top6"]["variant"](s)
+    assert k3u8.k_bits == k3log8.k_bits == V.layer_bits(30, (3, 7, 8, 18, 20, 23))
+    assert k3u8.specs(18) == (replace(u8, bits=3), u8) and k3u8.specs(0) == (u8, u8)
+    assert k3u8.bits(64, 32768, 30) == pytest.approx(k3log8.bits(64, 32768, 30), rel=1e-12)
+    plain = reg["hadamard_mse_u8"]["variant"](s)
+    assert plain.k == plain.v == u8 and plain.k_bits is None and (plain.sink, plain.recent) == (64, 256)
