@@ -297,10 +297,6 @@ class Setup:
         f.write_text(json.dumps(self._k_scores[high], indent=2) + "\n")
         return self._k_scores[high]
 
-    def k3_scores(self) -> dict:
-        """:meth:`k_scores` for 3-bit keys (``k3-layer-scores.json``)."""
-        return self.k_scores(3)
-
     def k_layers(self, rule: str, n: int, high: int = 3) -> tuple[int, ...]:
         """``n`` layers for ``high``-bit keys: ``top`` = the largest :meth:`k_scores` drops from 2 to
         ``high`` bits, ``even`` = evenly spaced (the naive control, no data)."""
@@ -309,10 +305,6 @@ class Setup:
         if rule == "even":
             return V.even_layers(self.info.num_layers, n)
         raise ValueError(rule)
-
-    def k3_layers(self, rule: str, n: int) -> tuple[int, ...]:
-        """:meth:`k_layers` for 3-bit keys."""
-        return self.k_layers(rule, n, 3)
 
     # transforms ------------------------------------------------------------------------------------
     def orthogonal(self, which: str) -> list[V.LayerTransform]:
@@ -429,16 +421,12 @@ def variant_registry() -> dict[str, dict]:
     def log8_bits(kb, vb):  # a different split of the code bits between K and V
         return lambda s: V.AttentionVariant(k=replace(MSE_LOG8, bits=kb), v=replace(MSE_LOG8, bits=vb))
 
-    def log8_k3(rule, n, high=3):  # high-bit K in n layers (k_layers), 2-bit K elsewhere, 2-bit V; log8 pairs
-        return lambda s: V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8, k_bits=V.layer_bits(
+    def wide_k(spec, rule, n, high=3):  # high-bit K in n layers (k_layers), 2-bit K elsewhere, 2-bit V; spec's pairs
+        return lambda s: V.AttentionVariant(k=spec, v=spec, k_bits=V.layer_bits(
             s.info.num_layers, s.k_layers(rule, n, high), high=high))
 
     def u8(s):
         return V.AttentionVariant(k=MSE_U8, v=MSE_U8)
-
-    def u8_k3(rule, n, high=3):  # as log8_k3 with the served u8 pairs (the wider K layers keep the u8 pair)
-        return lambda s: V.AttentionVariant(k=MSE_U8, v=MSE_U8, k_bits=V.layer_bits(
-            s.info.num_layers, s.k_layers(rule, n, high), high=high))
 
     def log8_r512(s):
         return V.AttentionVariant(k=MSE_LOG8, v=MSE_LOG8, recent=512)
@@ -526,27 +514,27 @@ def variant_registry() -> dict[str, dict]:
         "hadamard_mse_log8_k3v2": entry("reference point over budget: hadamard_mse_log8 with 3-bit K, 2-bit V "
                                         "(2.5 code bits per element)", orth("hadamard"), log8_bits(3, 2)),
         # 3-bit keys in a few layers (k_bits): the layers chosen on calibration captures only
-        # (Setup.k3_scores) or evenly spaced (control). Bits at 32K for 30 layers, head_dim 64.
+        # (Setup.k_scores(3)) or evenly spaced (control). Bits at 32K for 30 layers, head_dim 64.
         "hadamard_mse_log8_k3top6": entry("hadamard_mse_log8 with 3-bit K in the 6 layers whose calibration proxy "
-                                          "error drops most from 2- to 3-bit keys (Setup.k3_scores; layers in "
+                                          "error drops most from 2- to 3-bit keys (Setup.k_scores(3); layers in "
                                           "config.k_bits), 2-bit K elsewhere (2.483 bits at 32K)",
-                                          orth("hadamard"), log8_k3("top", 6)),
+                                          orth("hadamard"), wide_k(MSE_LOG8, "top", 6)),
         "hadamard_mse_log8_k3even6": entry("control: hadamard_mse_log8 with 3-bit K in 6 evenly spaced layers (2, 7, "
                                            "12, 17, 22, 27) (2.483 bits at 32K)", orth("hadamard"),
-                                           log8_k3("even", 6)),
+                                           wide_k(MSE_LOG8, "even", 6)),
         "hadamard_mse_log8_k3top4": entry("as hadamard_mse_log8_k3top6 with the 4 top layers (2.450 bits at 32K)",
-                                          orth("hadamard"), log8_k3("top", 4)),
+                                          orth("hadamard"), wide_k(MSE_LOG8, "top", 4)),
         "hadamard_mse_log8_k3top8": entry("as hadamard_mse_log8_k3top6 with the 8 top layers (2.516 bits at 32K: "
-                                          "over budget)", orth("hadamard"), log8_k3("top", 8)),
+                                          "over budget)", orth("hadamard"), wide_k(MSE_LOG8, "top", 8)),
         # 4-bit (nibble) keys in fewer layers at the same bits: 4-bit K in 3 layers costs what 3-bit K in 6
         # does. Layers ranked by the proxy drop from 2- to 4-bit keys (Setup.k_scores(4)), calibration only.
         "hadamard_mse_log8_k4top3": entry(
             "hadamard_mse_log8 with 4-bit K in the 3 layers whose calibration proxy error drops most from "
             "2- to 4-bit keys (Setup.k_scores(4); layers in config.k_bits), 2-bit K elsewhere (2.483 bits "
-            "at 32K, as k3top6)", orth("hadamard"), log8_k3("top", 3, 4)),
+            "at 32K, as k3top6)", orth("hadamard"), wide_k(MSE_LOG8, "top", 3, 4)),
         "hadamard_mse_log8_k4top2": entry(
             "as hadamard_mse_log8_k4top3 with the 2 top layers (2.450 bits at 32K, as k3top4)",
-            orth("hadamard"), log8_k3("top", 2, 4)),
+            orth("hadamard"), wide_k(MSE_LOG8, "top", 2, 4)),
         # The served 2-byte pair (params="u8", reference.round_params_u8) instead of log8_i8: 2-bit rows use
         # the store kernel's fit (reference.quantize_int2_mse), i.e. the eval method hadamard_mse_u8.
         "hadamard_mse_u8": entry("the served hadamard_mse_u8 as a variant: Hadamard + the store kernel's MSE grid, "
@@ -554,7 +542,7 @@ def variant_registry() -> dict[str, dict]:
                                  "(2.384 bits at 32K)", orth("hadamard"), u8),
         "hadamard_mse_u8_k3top6": entry("hadamard_mse_u8 with 3-bit K in hadamard_mse_log8_k3top6's 6 layers "
                                         "(Setup.k_layers('top', 6, 3)); the 3-bit rows keep the u8 pair "
-                                        "(2.483 bits at 32K)", orth("hadamard"), u8_k3("top", 6)),
+                                        "(2.483 bits at 32K)", orth("hadamard"), wide_k(MSE_U8, "top", 6)),
         "hadamard_mse_log8_r512": entry("(5) data-free: hadamard_mse_log8 with the saved bits spent on a "
                                         "512-token recent window", orth("hadamard"), log8_r512),
         # Per-channel key groups (KIVI, arXiv 2402.02750): K quantized per channel over 128 (64, 256, 32)

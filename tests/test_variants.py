@@ -1085,7 +1085,7 @@ def test_k4top3_takes_its_layers_from_the_2_to_4_bit_calibration_scores(tmp_path
     assert saved["drop"] == drops[4] and "proxy_k4" in saved and "proxy_k3" not in saved
     assert json.loads((tmp_path / "k3-layer-scores.json").read_text())["drop"] == drops[3]
     s._k_scores = {}  # a new Setup reads the cache instead of scoring again
-    assert s.k_layers("top", 3, 4) == (5, 11, 29) and s.k3_layers("top", 6) == (3, 7, 8, 18, 20, 23)
+    assert s.k_layers("top", 3, 4) == (5, 11, 29) and s.k_layers("top", 6, 3) == (3, 7, 8, 18, 20, 23)
     assert len(calls) == 2
     assert k4top3.bits(64, 32768, 30) == pytest.approx(k3top6.bits(64, 32768, 30), rel=1e-12)
     assert k4top3.bits(64, 32768, 30) <= 2.5
